@@ -1,0 +1,183 @@
+//! How deep a queue is: from the management HTTP API when reachable (ready, unacked, rates), else
+//! from a passive queue declare (ready and consumers only).
+
+use std::time::Duration;
+
+use lapin::Channel;
+use serde::{Deserialize, Serialize};
+
+use crate::error::BrokerError;
+use crate::settings::AmqpSettings;
+use crate::topology;
+
+/// Where a depth figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthSource {
+    /// The management plugin's HTTP API.
+    Management,
+    /// A passive `queue.declare` over AMQP (no unacked count).
+    PassiveDeclare,
+}
+
+/// A snapshot of one queue.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueDepth {
+    /// Queue name.
+    pub queue: String,
+    /// Messages waiting to be delivered.
+    pub ready: u64,
+    /// Messages delivered but not yet acknowledged (in flight); unknown without the API.
+    pub unacked: Option<u64>,
+    /// Consumers attached.
+    pub consumers: u64,
+    /// Publish rate, messages/s (API only).
+    pub publish_rate: Option<f64>,
+    /// Acknowledge rate, messages/s (API only).
+    pub ack_rate: Option<f64>,
+    /// Where the figures came from.
+    pub source: DepthSource,
+}
+
+/// Client of the RabbitMQ management HTTP API.
+#[derive(Clone, Debug)]
+pub struct Management {
+    base: String,
+    user: String,
+    password: String,
+    vhost: String,
+    http: reqwest::Client,
+}
+
+#[derive(Deserialize)]
+struct ApiQueue {
+    #[serde(default)]
+    messages_ready: u64,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+    #[serde(default)]
+    consumers: u64,
+    #[serde(default)]
+    message_stats: Option<ApiStats>,
+}
+
+#[derive(Deserialize)]
+struct ApiStats {
+    publish_details: Option<ApiRate>,
+    ack_details: Option<ApiRate>,
+}
+
+#[derive(Deserialize)]
+struct ApiRate {
+    rate: f64,
+}
+
+impl Management {
+    /// A client for the API at `base` (e.g. `http://127.0.0.1:15672`), or, when `base` is None, at
+    /// port 15672 of the AMQP URL's host; credentials and vhost come from the AMQP settings.
+    pub fn new(base: Option<&str>, settings: &AmqpSettings) -> Result<Self, BrokerError> {
+        let uri = settings.uri()?;
+        let base = match base {
+            Some(b) => b.trim_end_matches('/').to_string(),
+            None => format!("http://{}:15672", uri.authority.host),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| BrokerError::Management {
+                url: base.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Self {
+            base,
+            user: uri.authority.userinfo.username,
+            password: uri.authority.userinfo.password,
+            vhost: uri.vhost,
+            http,
+        })
+    }
+
+    /// Base URL of the API.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Fetches one queue's figures.
+    pub async fn queue(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let url = format!(
+            "{}/api/queues/{}/{}",
+            self.base,
+            encode_path(&self.vhost),
+            encode_path(queue)
+        );
+        let fail = |detail: String| BrokerError::Management {
+            url: self.base.clone(),
+            detail,
+        };
+        let response = self
+            .http
+            .get(&url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => {
+                return Err(BrokerError::QueueNotFound {
+                    queue: queue.to_string(),
+                });
+            }
+            401 | 403 => {
+                return Err(fail(
+                    "credentials refused (the user needs the 'monitoring' or 'management' tag)"
+                        .into(),
+                ));
+            }
+            code => return Err(fail(format!("HTTP {code}"))),
+        }
+        let q: ApiQueue = response
+            .json()
+            .await
+            .map_err(|e| fail(format!("unexpected reply: {e}")))?;
+        let stats = q.message_stats.as_ref();
+        Ok(QueueDepth {
+            queue: queue.to_string(),
+            ready: q.messages_ready,
+            unacked: Some(q.messages_unacknowledged),
+            consumers: q.consumers,
+            publish_rate: stats
+                .and_then(|s| s.publish_details.as_ref())
+                .map(|r| r.rate),
+            ack_rate: stats.and_then(|s| s.ack_details.as_ref()).map(|r| r.rate),
+            source: DepthSource::Management,
+        })
+    }
+}
+
+/// Depth of `queue` through a passive declare on `channel`.
+pub async fn passive_depth(channel: &Channel, queue: &str) -> Result<QueueDepth, BrokerError> {
+    let q = topology::inspect(channel, queue).await?;
+    Ok(QueueDepth {
+        queue: queue.to_string(),
+        ready: u64::from(q.message_count()),
+        unacked: None,
+        consumers: u64::from(q.consumer_count()),
+        publish_rate: None,
+        ack_rate: None,
+        source: DepthSource::PassiveDeclare,
+    })
+}
+
+/// Percent-encodes a path segment (vhost `/` becomes `%2F`).
+fn encode_path(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

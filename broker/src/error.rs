@@ -1,0 +1,141 @@
+//! Errors talking to RabbitMQ, each worded to say what to check.
+
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+/// An error from the broker layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection could not be opened or was lost.
+    #[error(
+        "cannot reach RabbitMQ at {url}: {source}. Check that the broker is running and reachable \
+         from here (host, port, TLS for amqps://), and the --amqp-url / WARREN_AMQP_URL setting"
+    )]
+    Connect {
+        /// The URL, password redacted.
+        url: String,
+        /// What lapin reported.
+        source: lapin::Error,
+    },
+    /// The broker refused the credentials or the virtual host.
+    #[error(
+        "RabbitMQ at {url} refused the login: {detail}. Check the user name and password \
+         (WARREN_AMQP_PASSWORD_FILE if set) and that the user may access the virtual host"
+    )]
+    AccessRefused {
+        /// The URL, password redacted.
+        url: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// A queue exists with other arguments than Warren declares.
+    #[error(
+        "queue '{queue}' exists with different settings than Warren's ({detail}). It was probably \
+         created by another tool or an incompatible Warren version; delete it or use another --queue"
+    )]
+    QueueMismatch {
+        /// Queue name.
+        queue: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// A queue that must exist does not.
+    #[error("queue '{queue}' does not exist (never created, already collected, or expired)")]
+    QueueNotFound {
+        /// Queue name.
+        queue: String,
+    },
+    /// A mandatory publish could not be routed to any queue.
+    #[error(
+        "message to '{routing_key}' was returned by RabbitMQ ({reply}): the queue does not exist"
+    )]
+    Unroutable {
+        /// Routing key (queue name) of the publish.
+        routing_key: String,
+        /// Reply text from the broker.
+        reply: String,
+    },
+    /// The broker refused to take responsibility for a message.
+    #[error(
+        "RabbitMQ did not accept the message to '{routing_key}' (publisher confirm was a nack)"
+    )]
+    Nacked {
+        /// Routing key (queue name) of the publish.
+        routing_key: String,
+    },
+    /// Any other AMQP failure, usually a lost channel or connection.
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Configuration that cannot work (bad URL, unreadable password file).
+    #[error("{0}")]
+    Config(String),
+    /// A value that AMQP cannot carry.
+    #[error("{0}")]
+    Invalid(String),
+    /// The management HTTP API failed.
+    #[error("RabbitMQ management API at {url}: {detail}")]
+    Management {
+        /// Base URL of the API.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+impl BrokerError {
+    /// Whether retrying cannot help: configuration, credentials or topology must be fixed first.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::AccessRefused { .. }
+                | BrokerError::QueueMismatch { .. }
+                | BrokerError::Config(_)
+                | BrokerError::Invalid(_)
+        )
+    }
+
+    /// Maps an error of a queue operation, naming the queue.
+    pub fn from_queue_error(queue: &str, error: lapin::Error) -> Self {
+        match amqp_kind(&error) {
+            Some(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)) => {
+                BrokerError::QueueMismatch {
+                    queue: queue.to_string(),
+                    detail: error.to_string(),
+                }
+            }
+            Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => BrokerError::QueueNotFound {
+                queue: queue.to_string(),
+            },
+            _ => BrokerError::Amqp(error),
+        }
+    }
+
+    /// Maps an error of opening a connection to `url` (already redacted).
+    pub fn from_connect_error(url: &str, error: lapin::Error) -> Self {
+        let text = error.to_string();
+        let refused = matches!(
+            amqp_kind(&error),
+            Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+                | Some(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED))
+        ) || text.contains("ACCESS_REFUSED")
+            || text.contains("NOT_ALLOWED");
+        if refused {
+            BrokerError::AccessRefused {
+                url: url.to_string(),
+                detail: text,
+            }
+        } else {
+            BrokerError::Connect {
+                url: url.to_string(),
+                source: error,
+            }
+        }
+    }
+}
+
+/// The AMQP reply kind inside a lapin error, when the broker sent one.
+pub fn amqp_kind(error: &lapin::Error) -> Option<&AMQPErrorKind> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.kind()),
+        _ => None,
+    }
+}

@@ -1,0 +1,413 @@
+//! The wire format: MessagePack envelopes for tasks, results and batch manifests.
+//!
+//! `docs/protocol.md` is the normative description; this module is its implementation. Every
+//! envelope is a MessagePack *map* with named fields, so clients in other languages can build and
+//! read them with a stock MessagePack library. Unknown fields are ignored (additions are
+//! compatible); a change that breaks old readers bumps [`PROTOCOL_VERSION`].
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Major version of the envelope format. Workers accept exactly this version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// AMQP `content_type` of every Warren message.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+/// AMQP `type` property of a task message.
+pub const MESSAGE_TYPE_TASK: &str = "warren.task";
+/// AMQP `type` property of a result message.
+pub const MESSAGE_TYPE_RESULT: &str = "warren.result";
+/// AMQP `type` property of a batch manifest message.
+pub const MESSAGE_TYPE_MANIFEST: &str = "warren.manifest";
+/// Header carrying the envelope version, so a reader can reject a message before decoding it.
+pub const HEADER_VERSION: &str = "x-warren-version";
+/// Header on a dead-lettered message: why it was dead-lettered (a short machine-readable kind).
+pub const HEADER_DEAD_REASON: &str = "x-warren-dead-reason";
+/// Header on a dead-lettered message: the human-readable detail of the reason.
+pub const HEADER_DEAD_DETAIL: &str = "x-warren-dead-detail";
+/// Header on a dead-lettered message: the queue it was consumed from.
+pub const HEADER_DEAD_QUEUE: &str = "x-warren-dead-queue";
+/// Header on a dead-lettered message: the worker that dead-lettered it.
+pub const HEADER_DEAD_WORKER: &str = "x-warren-dead-worker";
+/// Header RabbitMQ quorum queues set on a redelivered message: how often it was delivered before.
+pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+/// Header carrying a task's `seq`, so a task that cannot be decoded can still be accounted for.
+pub const HEADER_SEQ: &str = "x-warren-seq";
+/// Longest task or batch id accepted: ids travel in AMQP short-string properties (255 bytes).
+pub const MAX_ID_LEN: usize = 200;
+
+/// One unit of work, as published to a task queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEnvelope {
+    /// Envelope version; see [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Task id, unique within its batch (user-given or generated).
+    pub id: String,
+    /// Id of the batch the task belongs to.
+    pub batch: String,
+    /// Position of the task in its batch (0-based), used to track which results are in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// Handler name: `exec`, `echo`, `sleep` or one registered by a custom worker.
+    pub kind: String,
+    /// Handler arguments; their shape is the handler's business.
+    #[serde(default)]
+    pub args: Value,
+    /// Wall-clock limit for one attempt, in seconds; the worker's default applies when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// Free-form labels, copied to the result.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Queue the result is published to (through the default exchange).
+    pub reply_to: String,
+    /// When the task was submitted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+}
+
+/// Outcome of one task attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// The handler finished successfully.
+    Succeeded,
+    /// The handler ran and reported a failure (non-zero exit, missing outputs, ...).
+    Failed,
+    /// The attempt ran past its time limit and was killed.
+    TimedOut,
+    /// The worker refused the task without running it (bad envelope, unknown kind, not allowed).
+    Rejected,
+}
+
+impl TaskStatus {
+    /// The status as written on the wire and in result lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why a task did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// Machine-readable kind, e.g. `exit_status`, `timeout`, `missing_outputs`, `not_allowed`.
+    pub kind: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl TaskError {
+    /// Builds an error of `kind` with `message`.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The result of one task attempt, as published to the batch's result queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultEnvelope {
+    /// Envelope version; see [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Id of the task this is the result of.
+    pub task_id: String,
+    /// Batch id of the task.
+    pub batch: String,
+    /// Position of the task in its batch, when the task carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// Handler name of the task (empty when the task could not be decoded).
+    #[serde(default)]
+    pub kind: String,
+    /// Outcome.
+    pub status: TaskStatus,
+    /// What the handler returned (for `exec`: exit code, captured output, outputs' sizes).
+    #[serde(default)]
+    pub output: Value,
+    /// Why the task did not succeed; absent on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// Name of the worker that ran the attempt.
+    pub worker: String,
+    /// Attempt number, 1 for the first delivery.
+    pub attempt: u32,
+    /// Labels copied from the task.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// When the attempt started (RFC 3339).
+    pub started_at: String,
+    /// When the attempt ended (RFC 3339).
+    pub finished_at: String,
+}
+
+/// Book-keeping for one batch, kept in the batch's manifest queue so that any process can collect
+/// the batch's results later (see `docs/protocol.md`, "Batches").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchManifest {
+    /// Envelope version; see [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Batch id.
+    pub batch: String,
+    /// Number of tasks in the batch; their `seq` run from 0 to `total - 1`.
+    pub total: u32,
+    /// Task queue the batch was submitted to.
+    pub queue: String,
+    /// Generation of this manifest; the highest one in the queue is current.
+    pub generation: u64,
+    /// `seq` ranges (inclusive `[first, last]`) whose results were already written out.
+    #[serde(default)]
+    pub collected: Vec<[u32; 2]>,
+}
+
+/// Why bytes could not be turned into an envelope. Each variant names a dead-letter reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is larger than the reader accepts.
+    #[error("message of {size} bytes is larger than the limit of {limit} bytes")]
+    Oversize {
+        /// Body size in bytes.
+        size: usize,
+        /// Accepted maximum.
+        limit: usize,
+    },
+    /// The envelope names a version this reader does not speak.
+    #[error(
+        "envelope version {found} is not supported (this worker speaks version {PROTOCOL_VERSION})"
+    )]
+    UnsupportedVersion {
+        /// Version found in the header or envelope.
+        found: String,
+    },
+    /// A required field is absent.
+    #[error("envelope is missing a field: {0}")]
+    MissingField(String),
+    /// The bytes are not a MessagePack envelope of the expected shape.
+    #[error("body is not a valid MessagePack envelope: {0}")]
+    Undecodable(String),
+    /// A field is present but its value is not acceptable.
+    #[error("invalid field: {0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    /// Short machine-readable kind, used as error kind and dead-letter reason.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Oversize { .. } => "oversize",
+            DecodeError::UnsupportedVersion { .. } => "unsupported_version",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::Undecodable(_) => "undecodable",
+            DecodeError::Invalid(_) => "invalid_field",
+        }
+    }
+}
+
+/// Encodes an envelope as a MessagePack map.
+pub fn encode<T: Serialize>(envelope: &T) -> Vec<u8> {
+    // Serializing these plain structs to a Vec cannot fail: no maps with non-string keys, no I/O.
+    rmp_serde::to_vec_named(envelope).unwrap_or_default()
+}
+
+/// Decodes a task envelope, checking size and version first so the error names the real cause.
+pub fn decode_task(bytes: &[u8], limit: usize) -> Result<TaskEnvelope, DecodeError> {
+    let task: TaskEnvelope = decode_checked(bytes, limit)?;
+    validate_id("id", &task.id)?;
+    validate_id("batch", &task.batch)?;
+    if task.kind.is_empty() {
+        return Err(DecodeError::Invalid("kind is empty".into()));
+    }
+    if task.reply_to.is_empty() || task.reply_to.len() > MAX_ID_LEN + 32 {
+        return Err(DecodeError::Invalid("reply_to must name a queue".into()));
+    }
+    if let Some(t) = task.timeout_s
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(DecodeError::Invalid(format!(
+            "timeout_s must be a positive number of seconds, got {t}"
+        )));
+    }
+    Ok(task)
+}
+
+/// Decodes a result envelope.
+pub fn decode_result(bytes: &[u8], limit: usize) -> Result<ResultEnvelope, DecodeError> {
+    decode_checked(bytes, limit)
+}
+
+/// Decodes a batch manifest.
+pub fn decode_manifest(bytes: &[u8], limit: usize) -> Result<BatchManifest, DecodeError> {
+    decode_checked(bytes, limit)
+}
+
+/// Checks that `value` can serve as a task or batch id.
+pub fn validate_id(field: &str, value: &str) -> Result<(), DecodeError> {
+    if value.is_empty() {
+        return Err(DecodeError::Invalid(format!("{field} is empty")));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(DecodeError::Invalid(format!(
+            "{field} is {} bytes long; at most {MAX_ID_LEN} are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(DecodeError::Invalid(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Only the version field, read before the whole envelope so a newer envelope whose other fields
+/// changed is reported as a version problem rather than as a confusing shape error.
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: Option<Value>,
+}
+
+fn decode_checked<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, DecodeError> {
+    if bytes.len() > limit {
+        return Err(DecodeError::Oversize {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let probe: VersionProbe =
+        rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    match probe.v {
+        None => return Err(DecodeError::MissingField("v".into())),
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+        Some(other) => {
+            return Err(DecodeError::UnsupportedVersion {
+                found: other.to_string(),
+            });
+        }
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| {
+        let text = e.to_string();
+        match text.strip_prefix("missing field ") {
+            Some(field) => DecodeError::MissingField(field.trim_matches('`').to_string()),
+            None => DecodeError::Undecodable(text),
+        }
+    })
+}
+
+/// Formats a time as RFC 3339 with milliseconds, the format of every timestamp on the wire.
+pub fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// A fresh, time-ordered id for a batch or a task.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskEnvelope {
+        TaskEnvelope {
+            v: PROTOCOL_VERSION,
+            id: "t1".into(),
+            batch: "b1".into(),
+            seq: Some(0),
+            kind: "echo".into(),
+            args: serde_json::json!({"x": [1, 2.5, "s", null, true]}),
+            timeout_s: Some(3.0),
+            labels: BTreeMap::from([("file".into(), "a.tif".into())]),
+            reply_to: "warren.results.b1".into(),
+            submitted_at: None,
+        }
+    }
+
+    #[test]
+    fn task_round_trips() {
+        let t = task();
+        assert_eq!(decode_task(&encode(&t), 1 << 20).unwrap(), t);
+    }
+
+    #[test]
+    fn oversize_is_reported_before_decoding() {
+        let err = decode_task(&encode(&task()), 10).unwrap_err();
+        assert_eq!(err.kind(), "oversize");
+    }
+
+    #[test]
+    fn garbage_is_undecodable() {
+        let err = decode_task(b"\xc1\xc1 not msgpack", 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), "undecodable");
+    }
+
+    #[test]
+    fn newer_version_is_named() {
+        let mut t = task();
+        t.v = 2;
+        let err = decode_task(&encode(&t), 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), "unsupported_version");
+        assert!(err.to_string().contains('2'), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let bytes = rmp_serde::to_vec_named(
+            &serde_json::json!({"v": 1, "id": "x", "batch": "b", "reply_to": "q"}),
+        )
+        .unwrap();
+        let err = decode_task(&bytes, 1 << 20).unwrap_err();
+        assert_eq!(err.kind(), "missing_field");
+        assert!(err.to_string().contains("kind"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let bytes = rmp_serde::to_vec_named(&serde_json::json!({
+            "v": 1, "id": "x", "batch": "b", "kind": "echo", "reply_to": "q", "future_field": 7
+        }))
+        .unwrap();
+        assert_eq!(decode_task(&bytes, 1 << 20).unwrap().kind, "echo");
+    }
+
+    #[test]
+    fn bad_ids_and_timeouts_are_invalid() {
+        let mut t = task();
+        t.id = "x".repeat(MAX_ID_LEN + 1);
+        assert_eq!(
+            decode_task(&encode(&t), 1 << 20).unwrap_err().kind(),
+            "invalid_field"
+        );
+        let mut t = task();
+        t.timeout_s = Some(-1.0);
+        assert_eq!(
+            decode_task(&encode(&t), 1 << 20).unwrap_err().kind(),
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn status_names_match_serde() {
+        for s in [
+            TaskStatus::Succeeded,
+            TaskStatus::Failed,
+            TaskStatus::TimedOut,
+            TaskStatus::Rejected,
+        ] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                Value::String(s.as_str().into())
+            );
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Where the broker is and how to log in: URL, password file, heartbeat.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use lapin::uri::AMQPUri;
+
+use crate::error::BrokerError;
+
+/// Default broker URL: a local RabbitMQ with the guest account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Heartbeat interval asked of the broker unless the URL sets one: a dead peer is noticed within
+/// about two intervals.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Connection settings shared by every Warren process.
+#[derive(Clone, Debug)]
+pub struct AmqpSettings {
+    /// `amqp://` or `amqps://` URL; may carry the password.
+    pub url: String,
+    /// File holding the password (e.g. a mounted Kubernetes Secret); overrides the URL's.
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_AMQP_URL.to_string(),
+            password_file: None,
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// Settings for `url` with no password file.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password_file: None,
+        }
+    }
+
+    /// The URL with its password replaced by `***`, safe to log and to show in errors.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Parses the URL, applies the password file and the default heartbeat.
+    pub fn uri(&self) -> Result<AMQPUri, BrokerError> {
+        let mut uri = AMQPUri::from_str(&self.url).map_err(|e| {
+            BrokerError::Config(format!(
+                "invalid AMQP URL {}: {e}. Expected amqp://user:password@host:5672/vhost \
+                 (use %2f for the default vhost /)",
+                self.redacted_url()
+            ))
+        })?;
+        if let Some(path) = &self.password_file {
+            let password = std::fs::read_to_string(path).map_err(|e| {
+                BrokerError::Config(format!(
+                    "cannot read the AMQP password file {} (WARREN_AMQP_PASSWORD_FILE): {e}",
+                    path.display()
+                ))
+            })?;
+            // Secret files usually end with a newline that is not part of the password.
+            uri.authority.userinfo.password = password.trim_end_matches(['\n', '\r']).to_string();
+        }
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        Ok(uri)
+    }
+}
+
+/// Replaces the password of a URL's user info with `***`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or_default();
+    let shown = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_string()
+    };
+    format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_only_the_password() {
+        assert_eq!(
+            redact("amqp://guest:s3cr%40t@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("amqps://u@host/v"), "amqps://u@host/v");
+        assert_eq!(redact("amqp://host"), "amqp://host");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn password_file_overrides_url_and_heartbeat_defaults() {
+        let dir = std::env::temp_dir().join(format!("warren-pw-{}", std::process::id()));
+        std::fs::write(&dir, "from-file\n").unwrap();
+        let settings = AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            password_file: Some(dir.clone()),
+        };
+        let uri = settings.uri().unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(uri.authority.userinfo.password, "from-file");
+        assert_eq!(uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+    }
+
+    #[test]
+    fn bad_url_and_missing_file_are_config_errors() {
+        let err = AmqpSettings::new("http://x:y@host").uri().unwrap_err();
+        assert!(
+            err.is_fatal() && err.to_string().contains("x:***@host"),
+            "{err}"
+        );
+        let err = AmqpSettings {
+            url: DEFAULT_AMQP_URL.into(),
+            password_file: Some("/nonexistent/pw".into()),
+        }
+        .uri()
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/pw"), "{err}");
+    }
+}

@@ -1,0 +1,127 @@
+//! RabbitMQ topology: queue names and the arguments every Warren queue is declared with.
+//!
+//! All queues hang off the default exchange, so a message's routing key is its queue's name.
+//! The arguments are fixed (not knobs) because RabbitMQ refuses a re-declaration whose arguments
+//! differ: every worker, submitter and third-party client must declare the same ones.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Queue};
+
+use crate::error::BrokerError;
+
+/// Default task queue.
+pub const DEFAULT_TASK_QUEUE: &str = "warren.tasks";
+/// Suffix of a task queue's dead-letter queue.
+pub const DEAD_LETTER_SUFFIX: &str = ".dead";
+/// Prefix of a batch's result queue.
+pub const RESULT_QUEUE_PREFIX: &str = "warren.results.";
+/// Prefix of a batch's manifest queue.
+pub const MANIFEST_QUEUE_PREFIX: &str = "warren.batches.";
+/// Deliveries of one task (first one included) before RabbitMQ dead-letters it. High enough that
+/// worker restarts and scale-downs never exhaust it, low enough that a task which crashes its
+/// worker every time stops circulating.
+pub const DELIVERY_LIMIT: i64 = 10;
+/// Default idle time after which an uncollected batch's queues are deleted by RabbitMQ.
+pub const DEFAULT_RESULT_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The dead-letter queue of `task_queue`.
+pub fn dead_letter_queue(task_queue: &str) -> String {
+    format!("{task_queue}{DEAD_LETTER_SUFFIX}")
+}
+
+/// The result queue of `batch`.
+pub fn result_queue(batch: &str) -> String {
+    format!("{RESULT_QUEUE_PREFIX}{batch}")
+}
+
+/// The manifest queue of `batch`.
+pub fn manifest_queue(batch: &str) -> String {
+    format!("{MANIFEST_QUEUE_PREFIX}{batch}")
+}
+
+/// Converts a queue or routing-key name, refusing ones AMQP cannot carry (over 255 bytes).
+pub fn short(name: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(name).map_err(|_| {
+        BrokerError::Invalid(format!(
+            "name too long for AMQP (over 255 bytes): {name:.60}..."
+        ))
+    })
+}
+
+/// Declares a task queue and its dead-letter queue (both durable quorum queues).
+pub async fn declare_task_queue(channel: &Channel, task_queue: &str) -> Result<Queue, BrokerError> {
+    let dead = dead_letter_queue(task_queue);
+    declare(channel, &dead, quorum()).await?;
+    let mut args = quorum();
+    dead_letter_to(&mut args, &dead);
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    declare(channel, task_queue, args).await
+}
+
+/// Declares the result and manifest queues of a batch; both expire after `expiry` unused.
+/// Results that cannot be read are dead-lettered to the task queue's dead-letter queue.
+pub async fn declare_batch_queues(
+    channel: &Channel,
+    batch: &str,
+    task_queue: &str,
+    expiry: Duration,
+) -> Result<(), BrokerError> {
+    let expires =
+        AMQPValue::LongLongInt(i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX).max(1));
+    let mut results = FieldTable::default();
+    results.insert("x-expires".into(), expires.clone());
+    dead_letter_to(&mut results, &dead_letter_queue(task_queue));
+    declare(channel, &result_queue(batch), results).await?;
+    let mut manifest = FieldTable::default();
+    manifest.insert("x-expires".into(), expires);
+    declare(channel, &manifest_queue(batch), manifest).await?;
+    Ok(())
+}
+
+/// Checks that a queue exists without changing it; returns its ready count and consumers.
+pub async fn inspect(channel: &Channel, queue: &str) -> Result<Queue, BrokerError> {
+    channel
+        .queue_declare(
+            short(queue)?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::from_queue_error(queue, e))
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args
+}
+
+fn dead_letter_to(args: &mut FieldTable, queue: &str) {
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+}
+
+async fn declare(channel: &Channel, queue: &str, args: FieldTable) -> Result<Queue, BrokerError> {
+    channel
+        .queue_declare(short(queue)?, QueueDeclareOptions::durable(), args)
+        .await
+        .map_err(|e| BrokerError::from_queue_error(queue, e))
+}

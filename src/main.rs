@@ -1,0 +1,281 @@
+//! The `warren` command: parses arguments and hands over to the worker and submitter crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use warren_broker::AmqpSettings;
+use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
+use warren_submitter::commands::{
+    self, EXIT_USAGE_OR_CONNECTION, SubmitCommand, TaskSource, WaitCommand,
+};
+use warren_submitter::{SubmitOptions, TaskSpec};
+use warren_worker::{ExecPolicy, Worker, WorkerConfig};
+
+/// Warren: a task worker pool on RabbitMQ.
+#[derive(Parser)]
+#[command(name = "warren", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// RabbitMQ URL (amqp:// or amqps://). The password may instead come from --amqp-password-file.
+    #[arg(long, global = true, env = "WARREN_AMQP_URL", hide_env_values = true,
+          default_value = warren_broker::settings::DEFAULT_AMQP_URL)]
+    amqp_url: String,
+    /// File holding the RabbitMQ password (e.g. a mounted Kubernetes Secret).
+    #[arg(long, global = true, env = "WARREN_AMQP_PASSWORD_FILE")]
+    amqp_password_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WARREN_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a worker: consume tasks and publish their results.
+    Worker(WorkerArgs),
+    /// Submit tasks; prints the batch id.
+    Submit(SubmitArgs),
+    /// Collect the results of a batch submitted earlier.
+    Wait(WaitArgs),
+    /// Show a task queue's depth, consumers and dead letters.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Task queue to consume.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Tasks run at once (also the prefetch).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Program the `exec` handler may run (repeatable); '*' allows any program.
+    #[arg(long = "allow-exec", value_name = "PROGRAM")]
+    allow_exec: Vec<String>,
+    /// Seconds running tasks get to finish after SIGTERM/SIGINT before they are returned to the queue.
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+    /// Time limit in seconds for tasks that set no timeout_s.
+    #[arg(long, default_value_t = warren_worker::DEFAULT_TASK_TIMEOUT.as_secs_f64())]
+    default_timeout: f64,
+    /// Worker name in results and in the broker's connection list (default: pod or host name and pid).
+    #[arg(long, env = "WARREN_WORKER_NAME")]
+    name: Option<String>,
+    /// Largest task message accepted; larger ones are dead-lettered.
+    #[arg(long, default_value_t = warren_worker::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+    /// Bytes of stdout and of stderr kept from each exec task.
+    #[arg(long, default_value_t = warren_worker::handlers::exec::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: usize,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// Task queue to submit to.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// JSON-lines task file, or '-' for stdin.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Wait for the results and write them out.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    collect: CollectArgs,
+    /// Hours an uncollected batch's results are kept after the last activity.
+    #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]
+    result_expiry_hours: f64,
+    #[command(subcommand)]
+    single: Option<SingleTask>,
+}
+
+#[derive(Args)]
+struct CollectArgs {
+    /// File to append result lines to (default: stdout).
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Stop waiting after this many seconds (exit status 3; resume with `warren wait`).
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum SingleTask {
+    /// Submit one exec task: `warren submit exec -- PROGRAM ARGS...`.
+    Exec {
+        /// Time limit in seconds.
+        #[arg(long)]
+        timeout_s: Option<f64>,
+        /// Program and arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct WaitArgs {
+    /// Batch id printed by `warren submit`.
+    batch: String,
+    #[command(flatten)]
+    collect: CollectArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Task queue to show.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Management API base URL (default: port 15672 of the AMQP host).
+    #[arg(long, env = "WARREN_MANAGEMENT_URL")]
+    management_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.log_format);
+    let amqp = AmqpSettings {
+        url: cli.global.amqp_url.clone(),
+        password_file: cli.global.amqp_password_file.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE_OR_CONNECTION);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli.command, amqp)))
+}
+
+async fn run(command: Command, amqp: AmqpSettings) -> u8 {
+    match command {
+        Command::Worker(args) => run_worker(args, amqp).await,
+        Command::Submit(args) => {
+            let source = match (args.single, args.file) {
+                (Some(SingleTask::Exec { timeout_s, argv }), None) => {
+                    TaskSource::Single(TaskSpec {
+                        timeout_s,
+                        ..TaskSpec::exec(argv)
+                    })
+                }
+                (None, Some(file)) => TaskSource::File(file),
+                (Some(_), Some(_)) => {
+                    return usage("give either --file or a single task, not both");
+                }
+                (None, None) => {
+                    return usage(
+                        "nothing to submit: give --file FILE (or - for stdin), or `exec -- PROGRAM ARGS...`",
+                    );
+                }
+            };
+            let Some(expiry) = seconds(args.result_expiry_hours * 3600.0) else {
+                return usage("--result-expiry-hours must be a positive number");
+            };
+            let Ok(wait) = wait_command(args.collect) else {
+                return usage("--timeout must be a positive number of seconds");
+            };
+            let options = SubmitOptions {
+                result_expiry: expiry,
+                ..SubmitOptions::new(args.queue)
+            };
+            commands::submit(SubmitCommand {
+                amqp,
+                options,
+                source,
+                wait: args.wait.then_some(wait),
+            })
+            .await
+        }
+        Command::Wait(args) => match wait_command(args.collect) {
+            Ok(wait) => commands::wait(amqp, &args.batch, &wait).await,
+            Err(()) => usage("--timeout must be a positive number of seconds"),
+        },
+        Command::Status(args) => {
+            commands::status(amqp, args.management_url.as_deref(), &args.queue, args.json).await
+        }
+    }
+}
+
+async fn run_worker(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
+    let (Some(grace), Some(default_timeout)) = (seconds(args.grace), seconds(args.default_timeout))
+    else {
+        return usage("--grace and --default-timeout must be positive numbers of seconds");
+    };
+    let config = WorkerConfig {
+        amqp,
+        queue: args.queue,
+        concurrency: args.concurrency,
+        name: args.name.unwrap_or_else(warren_worker::default_name),
+        grace,
+        default_timeout,
+        max_message_bytes: args.max_message_bytes,
+        ..WorkerConfig::new(DEFAULT_TASK_QUEUE)
+    };
+    let mut worker = Worker::new(config);
+    if !args.allow_exec.is_empty() {
+        worker = worker.with_exec(
+            ExecPolicy::new(args.allow_exec).with_max_output_bytes(args.max_output_bytes),
+        );
+    }
+    match worker.run(warren_worker::shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE_OR_CONNECTION
+        }
+    }
+}
+
+fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
+    let timeout = match args.timeout {
+        Some(t) => Some(seconds(t).ok_or(())?),
+        None => None,
+    };
+    Ok(WaitCommand {
+        output: args.output,
+        timeout,
+    })
+}
+
+fn seconds(value: f64) -> Option<Duration> {
+    (value > 0.0)
+        .then(|| Duration::try_from_secs_f64(value).ok())
+        .flatten()
+}
+
+fn usage(message: &str) -> u8 {
+    eprintln!("error: {message}");
+    EXIT_USAGE_OR_CONNECTION
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

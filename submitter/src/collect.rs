@@ -1,0 +1,403 @@
+//! Collecting a batch's results, safely across processes.
+//!
+//! Results are written to the sink as they arrive, but acknowledged only at checkpoints: the sink
+//! is flushed, a new manifest generation recording every `seq` written so far is published and
+//! confirmed, and only then are the older manifests and the written results acknowledged. Killed
+//! at any point, the next collector finds the newest manifest, skips what it lists, and
+//! collects the rest; at worst a result is written twice, never lost.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tracing::{info, warn};
+use warren_broker::BrokerError;
+use warren_broker::connection::{confirm_channel, consumer_channel, reconnect_delays};
+use warren_broker::protocol::{
+    self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
+};
+use warren_broker::publisher::{Publisher, message_properties};
+use warren_broker::topology::{self, manifest_queue, result_queue, short};
+
+use crate::seqset::SeqSet;
+use crate::submit::Submitter;
+
+/// Largest result message read.
+const MAX_RESULT_BYTES: usize = 64 << 20;
+/// Results delivered ahead of being written.
+const RESULT_PREFETCH: u16 = 1000;
+/// How often written results are checkpointed and acknowledged.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Where collected results go.
+pub trait ResultSink {
+    /// Writes one result. An error stops the collection (nothing more is acknowledged).
+    fn write(&mut self, result: &ResultEnvelope) -> std::io::Result<()>;
+    /// Makes everything written so far durable enough to acknowledge.
+    fn flush(&mut self) -> std::io::Result<()>;
+}
+
+/// Progress as results come in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tasks in the batch, once the manifest is known.
+    pub total: Option<u32>,
+    /// Results written, by any collector (this one and earlier ones).
+    pub done: u64,
+    /// Of `done`, results written by this collector, by status.
+    pub by_status: BTreeMap<&'static str, u64>,
+    /// Results collected by earlier collectors of this batch.
+    pub earlier: u64,
+    /// Results this collector skipped because they were already written.
+    pub duplicates: u64,
+}
+
+impl Counts {
+    /// Results that did not succeed, among those this collector wrote.
+    pub fn failed(&self) -> u64 {
+        self.by_status
+            .iter()
+            .filter(|(s, _)| **s != TaskStatus::Succeeded.as_str())
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Receives progress updates.
+pub trait Progress {
+    /// Called after each result and whenever the total becomes known.
+    fn update(&mut self, counts: &Counts);
+}
+
+impl Progress for () {
+    fn update(&mut self, _: &Counts) {}
+}
+
+/// How a collection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every result of the batch is written; its queues were deleted.
+    Complete(Counts),
+    /// Stopped before the end (deadline or interruption); progress is saved in the manifest.
+    Incomplete(Counts),
+}
+
+/// Why collection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The batch's queues do not exist.
+    #[error("batch '{0}' not found: it was never submitted, was already collected, or expired")]
+    UnknownBatch(String),
+    /// Writing a result failed.
+    #[error("cannot write results: {0}")]
+    Sink(#[from] std::io::Error),
+    /// The broker could not be used, even after retrying.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// Options of a collection.
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    /// Give up (with [`Outcome::Incomplete`]) after this long; None waits forever.
+    pub timeout: Option<Duration>,
+    /// How long to keep retrying a lost connection.
+    pub retry_for: Duration,
+}
+
+impl From<lapin::Error> for CollectError {
+    fn from(e: lapin::Error) -> Self {
+        CollectError::Broker(BrokerError::Amqp(e))
+    }
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        Self {
+            timeout: None,
+            retry_for: Duration::from_secs(20),
+        }
+    }
+}
+
+/// State that survives reconnections.
+struct State {
+    batch: String,
+    manifest: Option<BatchManifest>,
+    written: SeqSet,
+    /// Results without a `seq` (from third-party submitters): written, but not trackable.
+    without_seq: u64,
+    counts: Counts,
+}
+
+impl Submitter {
+    /// Collects the results of `batch` into `sink` until all are in, the timeout passes or
+    /// `interrupt` completes. Lost connections are retried for `options.retry_for`.
+    pub async fn collect(
+        &mut self,
+        batch: &str,
+        sink: &mut dyn ResultSink,
+        progress: &mut dyn Progress,
+        options: &CollectOptions,
+        interrupt: impl std::future::Future<Output = ()>,
+    ) -> Result<Outcome, CollectError> {
+        let mut state = State {
+            batch: batch.to_string(),
+            manifest: None,
+            written: SeqSet::default(),
+            without_seq: 0,
+            counts: Counts::default(),
+        };
+        let deadline = options.timeout.map(|t| Instant::now() + t);
+        let mut delays = reconnect_delays(Duration::from_secs(3));
+        tokio::pin!(interrupt);
+        let mut retry_until = Instant::now() + options.retry_for;
+        loop {
+            let attempt = async {
+                let (connection, _) = self.connection().await?;
+                collect_session(
+                    connection,
+                    &mut state,
+                    sink,
+                    progress,
+                    deadline,
+                    &mut interrupt,
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(outcome) => return Ok(outcome),
+                Err(CollectError::Broker(e)) if !e.is_fatal() && Instant::now() < retry_until => {
+                    warn!("collecting interrupted ({e}); reconnecting");
+                    self.reset();
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+            // A session that made progress earns a fresh retry budget.
+            if !state.written.is_empty() {
+                retry_until = Instant::now() + options.retry_for;
+            }
+        }
+    }
+}
+
+async fn collect_session(
+    connection: &Connection,
+    state: &mut State,
+    sink: &mut dyn ResultSink,
+    progress: &mut dyn Progress,
+    deadline: Option<Instant>,
+    interrupt: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<Outcome, CollectError> {
+    let results_queue = result_queue(&state.batch);
+    let manifests = Publisher::new(confirm_channel(connection).await?);
+    let results = consumer_channel(connection, RESULT_PREFETCH).await?;
+    match topology::inspect(&results, &results_queue).await {
+        Err(BrokerError::QueueNotFound { .. }) => {
+            return Err(CollectError::UnknownBatch(state.batch.clone()));
+        }
+        other => {
+            other?;
+        }
+    }
+    // Deliveries of a lost connection come back; what this process wrote is skipped by `written`.
+    checkpoint(&manifests, state, None).await?;
+    let mut consumer = results
+        .basic_consume(
+            short(&results_queue)?,
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    progress.update(&state.counts);
+    let mut unacked: Option<u64> = None;
+    let mut ticker = tokio::time::interval(CHECKPOINT_EVERY);
+    let sleep_until_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep_until_deadline);
+    loop {
+        if let Some(m) = &state.manifest
+            && state.written.covers(m.total)
+        {
+            sink.flush()?;
+            if let Some(tag) = unacked {
+                results
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await?;
+            }
+            finish(&results, &state.batch).await;
+            return Ok(Outcome::Complete(state.counts.clone()));
+        }
+        tokio::select! {
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let tag = delivery.delivery_tag;
+                    if take_result(&results, delivery, state, sink).await? {
+                        progress.update(&state.counts);
+                    }
+                    unacked = Some(tag);
+                }
+                Some(Err(e)) => return Err(BrokerError::Amqp(e).into()),
+                None => return Err(BrokerError::Invalid("the result consumer was cancelled (queue deleted?)".into()).into()),
+            },
+            _ = ticker.tick() => {
+                let known = state.manifest.is_some();
+                if unacked.is_some() || !known {
+                    sink.flush()?;
+                    // Until the manifest is known nothing can be recorded, so nothing is acked.
+                    let ack = if known { unacked.take() } else { None };
+                    checkpoint(&manifests, state, ack.map(|tag| (&results, tag))).await?;
+                    if !known && state.manifest.is_some() {
+                        progress.update(&state.counts);
+                    }
+                }
+            }
+            () = &mut sleep_until_deadline => break,
+            () = interrupt.as_mut() => break,
+        }
+    }
+    sink.flush()?;
+    if state.manifest.is_some() {
+        checkpoint(&manifests, state, unacked.take().map(|tag| (&results, tag))).await?;
+    }
+    Ok(Outcome::Incomplete(state.counts.clone()))
+}
+
+/// Writes a result unless it was written before; returns whether it was written. A message that
+/// is not a result is rejected, which dead-letters it to the task queue's dead-letter queue.
+async fn take_result(
+    channel: &Channel,
+    delivery: Delivery,
+    state: &mut State,
+    sink: &mut dyn ResultSink,
+) -> Result<bool, CollectError> {
+    let result = match protocol::decode_result(&delivery.data, MAX_RESULT_BYTES) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(batch = %state.batch, "dead-lettering an unreadable message in the result queue: {e}");
+            channel
+                .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                .await?;
+            return Ok(false);
+        }
+    };
+    let fresh = match result.seq {
+        Some(seq) => state.written.insert(seq),
+        None => true,
+    };
+    if !fresh {
+        state.counts.duplicates += 1;
+        return Ok(false);
+    }
+    sink.write(&result)?;
+    if result.seq.is_none() {
+        state.without_seq += 1;
+    }
+    state.counts.done = state.written.len() + state.without_seq;
+    *state
+        .counts
+        .by_status
+        .entry(result.status.as_str())
+        .or_default() += 1;
+    Ok(true)
+}
+
+/// Records progress: takes every manifest in the batch's manifest queue, publishes the next
+/// generation (merged with what this process wrote), then acknowledges the old manifests and,
+/// when given, the results up to `ack` (which the caller flushed to the sink first).
+async fn checkpoint(
+    manifests: &Publisher,
+    state: &mut State,
+    ack: Option<(&Channel, u64)>,
+) -> Result<(), CollectError> {
+    let queue = manifest_queue(&state.batch);
+    let channel = manifests.channel();
+    let first_sight = state.manifest.is_none();
+    let mut recorded = SeqSet::default();
+    let mut taken = Vec::new();
+    while let Some(message) = channel
+        .basic_get(short(&queue)?, BasicGetOptions::default())
+        .await?
+    {
+        let delivery = message.delivery;
+        match protocol::decode_manifest(&delivery.data, MAX_RESULT_BYTES) {
+            Ok(m) if m.batch == state.batch => {
+                recorded.extend(&SeqSet::from_ranges(&m.collected));
+                if state
+                    .manifest
+                    .as_ref()
+                    .is_none_or(|cur| m.generation >= cur.generation)
+                {
+                    state.counts.total = Some(m.total);
+                    state.manifest = Some(m);
+                }
+            }
+            Ok(_) | Err(_) => {
+                warn!(batch = %state.batch, "ignoring an unreadable message in the manifest queue")
+            }
+        }
+        taken.push(delivery.delivery_tag);
+    }
+    if first_sight {
+        state.counts.earlier = recorded.len();
+    }
+    state.written.extend(&recorded);
+    state.counts.done = state.written.len() + state.without_seq;
+    let Some(current) = &state.manifest else {
+        // The submitter has not published the manifest yet.
+        return Ok(());
+    };
+    if ack.is_none() && taken.is_empty() {
+        return Ok(());
+    }
+    let next = BatchManifest {
+        v: PROTOCOL_VERSION,
+        generation: current.generation + 1,
+        collected: state.written.to_ranges(),
+        ..current.clone()
+    };
+    manifests
+        .publish(
+            &queue,
+            &protocol::encode(&next),
+            message_properties(MESSAGE_TYPE_MANIFEST),
+        )
+        .await?;
+    state.manifest = Some(next);
+    if let Some(last) = taken.iter().max() {
+        channel
+            .basic_ack(*last, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    if let Some((results, tag)) = ack {
+        results
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the batch's queues once every result is written; failures only leave them to expire.
+async fn finish(channel: &Channel, batch: &str) {
+    for queue in [result_queue(batch), manifest_queue(batch)] {
+        if let Ok(name) = short(&queue)
+            && let Err(e) = channel
+                .queue_delete(name, QueueDeleteOptions::default())
+                .await
+        {
+            info!("could not delete {queue} ({e}); it expires on its own");
+        }
+    }
+}

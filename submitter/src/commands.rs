@@ -1,0 +1,200 @@
+//! The `submit`, `wait` and `status` commands, as the CLI runs them: inputs, outputs, summary
+//! and exit status.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use warren_broker::AmqpSettings;
+
+use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
+use crate::output::{JsonLines, StderrProgress};
+use crate::spec::{TaskSpec, read_specs};
+use crate::status::{queue_status, render};
+use crate::submit::{SubmitOptions, Submitter};
+
+/// Exit status: every task succeeded.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: at least one task failed, timed out or was rejected.
+pub const EXIT_TASK_FAILED: u8 = 1;
+/// Exit status: bad usage or input, or the broker could not be used.
+pub const EXIT_USAGE_OR_CONNECTION: u8 = 2;
+/// Exit status: stopped waiting before every result was in (timeout or Ctrl-C).
+pub const EXIT_INCOMPLETE: u8 = 3;
+
+/// Where the tasks of `warren submit` come from.
+#[derive(Debug, Clone)]
+pub enum TaskSource {
+    /// A JSON-lines file, or `-` for stdin.
+    File(PathBuf),
+    /// One task given on the command line.
+    Single(TaskSpec),
+}
+
+/// Options of `warren submit`.
+#[derive(Debug, Clone)]
+pub struct SubmitCommand {
+    /// Broker connection.
+    pub amqp: AmqpSettings,
+    /// How to submit.
+    pub options: SubmitOptions,
+    /// The tasks.
+    pub source: TaskSource,
+    /// Wait for the results after submitting.
+    pub wait: Option<WaitCommand>,
+}
+
+/// Options of `warren wait` (and of `submit --wait`).
+#[derive(Debug, Clone)]
+pub struct WaitCommand {
+    /// Where result lines go; stdout when None. Files are appended to, never truncated, so a
+    /// resumed wait adds to what an interrupted one wrote.
+    pub output: Option<PathBuf>,
+    /// Stop waiting after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Runs `warren submit`; returns the process exit status.
+pub async fn submit(cmd: SubmitCommand) -> u8 {
+    let specs = match &cmd.source {
+        TaskSource::Single(spec) => vec![spec.clone()],
+        TaskSource::File(path) => match read_task_file(path) {
+            Ok(specs) => specs,
+            Err(message) => return fail(&message),
+        },
+    };
+    let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
+    let receipt = match submitter.submit(&specs, &cmd.options).await {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("nothing usable was submitted: {e}")),
+    };
+    println!("{}", receipt.batch);
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "submitted {} task(s) to '{}' as batch {}",
+        receipt.total, cmd.options.queue, receipt.batch
+    );
+    match &cmd.wait {
+        None => EXIT_OK,
+        Some(wait) => collect(&mut submitter, &receipt.batch, wait).await,
+    }
+}
+
+/// Runs `warren wait`; returns the process exit status.
+pub async fn wait(amqp: AmqpSettings, batch: &str, cmd: &WaitCommand) -> u8 {
+    let mut submitter = Submitter::new(amqp, connection_name("wait"));
+    collect(&mut submitter, batch, cmd).await
+}
+
+/// Runs `warren status`; returns the process exit status.
+pub async fn status(
+    amqp: AmqpSettings,
+    management_url: Option<&str>,
+    queue: &str,
+    json: bool,
+) -> u8 {
+    match queue_status(&amqp, management_url, queue).await {
+        Ok(status) if json => match serde_json::to_string_pretty(&status) {
+            Ok(text) => {
+                println!("{text}");
+                EXIT_OK
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        Ok(status) => {
+            print!("{}", render(&status));
+            EXIT_OK
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) -> u8 {
+    let started = Instant::now();
+    let mut sink: JsonLines<Box<dyn Write>> = match &cmd.output {
+        None => JsonLines::new(Box::new(std::io::stdout())),
+        Some(path) => match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(file) => JsonLines::new(Box::new(file)),
+            Err(e) => return fail(&format!("cannot open output file {}: {e}", path.display())),
+        },
+    };
+    let mut progress = StderrProgress::for_stderr(batch);
+    let options = CollectOptions {
+        timeout: cmd.timeout,
+        ..CollectOptions::default()
+    };
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let outcome = submitter
+        .collect(batch, &mut sink, &mut progress, &options, interrupt)
+        .await;
+    progress.finish();
+    match outcome {
+        Ok(Outcome::Complete(counts)) => {
+            eprintln!("{}", summary(batch, &counts, started.elapsed()));
+            if counts.failed() == 0 {
+                EXIT_OK
+            } else {
+                EXIT_TASK_FAILED
+            }
+        }
+        Ok(Outcome::Incomplete(counts)) => {
+            eprintln!("{}", summary(batch, &counts, started.elapsed()));
+            eprintln!(
+                "stopped before every result was in; collect the rest with: warren wait {batch}"
+            );
+            EXIT_INCOMPLETE
+        }
+        Err(CollectError::Sink(e)) => fail(&format!("cannot write results: {e}")),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// The one-line summary printed at the end of a wait.
+pub fn summary(batch: &str, counts: &Counts, elapsed: Duration) -> String {
+    let total = counts.total.map_or("?".to_string(), |t| t.to_string());
+    let statuses: Vec<String> = counts
+        .by_status
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    let fresh = counts.done - counts.earlier;
+    let rate = fresh as f64 / elapsed.as_secs_f64().max(0.001);
+    let mut line = format!(
+        "batch {batch}: {}/{total} results; {} in {:.1}s ({rate:.0}/s)",
+        counts.done,
+        if statuses.is_empty() {
+            "none new".to_string()
+        } else {
+            statuses.join(", ")
+        },
+        elapsed.as_secs_f64()
+    );
+    if counts.earlier > 0 {
+        line += &format!("; {} collected earlier by another wait", counts.earlier);
+    }
+    line
+}
+
+fn read_task_file(path: &PathBuf) -> Result<Vec<TaskSpec>, String> {
+    if path.as_os_str() == "-" {
+        let stdin = std::io::stdin();
+        return read_specs(stdin.lock(), "stdin").map_err(|e| e.to_string());
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open task file {}: {e}", path.display()))?;
+    let reader: Box<dyn BufRead> = Box::new(BufReader::new(file));
+    read_specs(reader, &path.display().to_string()).map_err(|e| e.to_string())
+}
+
+fn connection_name(role: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("warren-{role}@{host}-{}", std::process::id())
+}
+
+fn fail(message: &str) -> u8 {
+    eprintln!("error: {message}");
+    EXIT_USAGE_OR_CONNECTION
+}

@@ -1,0 +1,27 @@
+//! Warren's client library: submit batches of tasks, follow them, and collect their results.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use warren_submitter::{Submitter, SubmitOptions, TaskSpec, CollectOptions, JsonLines};
+//! let mut submitter = Submitter::new(Default::default(), "my-script");
+//! let tasks = vec![TaskSpec::exec(vec!["sha256sum".into(), "/data/in.tif".into()])];
+//! let receipt = submitter.submit(&tasks, &SubmitOptions::new("warren.tasks")).await?;
+//! let mut out = JsonLines::new(std::io::stdout());
+//! submitter
+//!     .collect(&receipt.batch, &mut out, &mut (), &CollectOptions::default(), std::future::pending())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+pub mod collect;
+pub mod commands;
+pub mod output;
+pub mod seqset;
+pub mod spec;
+pub mod status;
+pub mod submit;
+
+pub use collect::{CollectError, CollectOptions, Counts, Outcome, Progress, ResultSink};
+pub use output::JsonLines;
+pub use spec::TaskSpec;
+pub use submit::{BatchReceipt, SubmitError, SubmitOptions, Submitter};

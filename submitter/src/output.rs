@@ -1,0 +1,112 @@
+//! Writing results as JSON lines, and showing progress on stderr.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use warren_broker::protocol::ResultEnvelope;
+
+use crate::collect::{Counts, Progress, ResultSink};
+
+/// Writes one JSON object per result, one per line.
+pub struct JsonLines<W: Write> {
+    out: std::io::BufWriter<W>,
+}
+
+impl<W: Write> JsonLines<W> {
+    /// Wraps a writer.
+    pub fn new(out: W) -> Self {
+        Self {
+            out: std::io::BufWriter::new(out),
+        }
+    }
+}
+
+impl<W: Write> ResultSink for JsonLines<W> {
+    fn write(&mut self, result: &ResultEnvelope) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, result)?;
+        self.out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, a plain line every few seconds otherwise.
+pub enum StderrProgress {
+    /// Interactive bar.
+    Bar(ProgressBar),
+    /// One line per interval, for logs.
+    Lines {
+        /// Batch id shown in each line.
+        batch: String,
+        /// When the last line was printed.
+        last: Instant,
+        /// Interval between lines.
+        every: Duration,
+        /// When collection started, for the rate.
+        started: Instant,
+    },
+}
+
+impl StderrProgress {
+    /// Picks the bar when stderr is a terminal.
+    pub fn for_stderr(batch: &str) -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} {per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            Self::Bar(bar)
+        } else {
+            Self::Lines {
+                batch: batch.to_string(),
+                last: Instant::now(),
+                every: Duration::from_secs(5),
+                started: Instant::now(),
+            }
+        }
+    }
+
+    /// Removes the bar before the summary is printed.
+    pub fn finish(&self) {
+        if let Self::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for StderrProgress {
+    fn update(&mut self, counts: &Counts) {
+        match self {
+            Self::Bar(bar) => {
+                if let Some(total) = counts.total {
+                    bar.set_length(u64::from(total));
+                }
+                bar.set_position(counts.done);
+                bar.set_message(format!("done, {} failed", counts.failed()));
+            }
+            Self::Lines {
+                batch,
+                last,
+                every,
+                started,
+            } => {
+                if last.elapsed() >= *every {
+                    *last = Instant::now();
+                    let total = counts.total.map_or("?".to_string(), |t| t.to_string());
+                    let rate = counts.done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    eprintln!(
+                        "batch {batch}: {}/{total} done, {} failed, {rate:.1}/s",
+                        counts.done,
+                        counts.failed()
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Task lines: the JSON a user or script writes to describe one task, and their validation.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::BufRead;
+
+use serde::Deserialize;
+use serde_json::Value;
+use warren_broker::protocol::validate_id;
+
+/// One task as submitted: a JSON object per line of a tasks file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Handler name: `exec`, `echo`, `sleep`, or one of a custom worker's.
+    pub kind: String,
+    /// Arguments for the handler.
+    #[serde(default)]
+    pub args: Value,
+    /// Time limit of one attempt, in seconds.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Task id; generated when absent. Must be unique within the batch.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Free-form labels, copied to the result.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A task line that cannot be used, with where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name} line {line}: {message}")]
+pub struct SpecError {
+    /// File name, or `stdin`.
+    pub source_name: String,
+    /// 1-based line number (0 when the problem is the input as a whole).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl TaskSpec {
+    /// An `exec` task running `argv`.
+    pub fn exec(argv: Vec<String>) -> Self {
+        Self {
+            kind: "exec".into(),
+            args: serde_json::json!({ "argv": argv }),
+            timeout_s: None,
+            id: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.kind.trim().is_empty() {
+            return Err("\"kind\" is empty".into());
+        }
+        if let Some(id) = &self.id {
+            validate_id("id", id).map_err(|e| e.to_string())?;
+        }
+        if let Some(t) = self.timeout_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(format!(
+                "\"timeout_s\" must be a positive number of seconds, got {t}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads every task line of `input` (blank lines and lines starting with `#` are skipped), and
+/// checks them all before anything is sent, so a bad line never leaves half a batch behind.
+pub fn read_specs(input: impl BufRead, source_name: &str) -> Result<Vec<TaskSpec>, SpecError> {
+    let error = |line: usize, message: String| SpecError {
+        source_name: source_name.to_string(),
+        line,
+        message,
+    };
+    let mut specs = Vec::new();
+    let mut ids = HashSet::new();
+    for (index, line) in input.lines().enumerate() {
+        let number = index + 1;
+        let line = line.map_err(|e| error(number, format!("cannot read: {e}")))?;
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let spec: TaskSpec = serde_json::from_str(text).map_err(|e| {
+            error(
+                number,
+                format!("not a valid task ({e}); expected {{\"kind\": \"exec\", \"args\": {{\"argv\": [...]}}}}"),
+            )
+        })?;
+        spec.check().map_err(|m| error(number, m))?;
+        if let Some(id) = &spec.id
+            && !ids.insert(id.clone())
+        {
+            return Err(error(
+                number,
+                format!("task id '{id}' is used twice in this batch"),
+            ));
+        }
+        specs.push(spec);
+    }
+    if specs.is_empty() {
+        return Err(error(
+            0,
+            "no tasks found (expected one JSON object per line)".into(),
+        ));
+    }
+    if u32::try_from(specs.len()).is_err() {
+        return Err(error(0, "too many tasks for one batch".into()));
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<Vec<TaskSpec>, SpecError> {
+        read_specs(text.as_bytes(), "tasks.jsonl")
+    }
+
+    #[test]
+    fn reads_lines_skipping_blanks_and_comments() {
+        let specs = read("# comment\n{\"kind\":\"echo\",\"args\":{\"x\":1}}\n\n{\"kind\":\"sleep\",\"args\":{\"ms\":5},\"id\":\"a\",\"timeout_s\":2}\n").unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_problem() {
+        let err = read("{\"kind\":\"echo\"}\n{\"kind\":\"echo\",\"argz\":1}\n").unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.to_string().contains("argz"), "{err}");
+        let err = read("{\"kind\":\"echo\"}\nnot json\n").unwrap_err();
+        assert!(err.to_string().starts_with("tasks.jsonl line 2:"), "{err}");
+        let err = read("{\"kind\":\"echo\",\"timeout_s\":0}\n").unwrap_err();
+        assert!(err.message.contains("timeout_s"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_empty_input_are_refused() {
+        let err = read("{\"kind\":\"echo\",\"id\":\"x\"}\n{\"kind\":\"echo\",\"id\":\"x\"}\n")
+            .unwrap_err();
+        assert!(err.message.contains("used twice"), "{err}");
+        assert!(
+            read("\n# nothing\n")
+                .unwrap_err()
+                .message
+                .contains("no tasks")
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Submitting a batch: every task is published persistent, `mandatory`, and counted as sent only
+//! when RabbitMQ confirms it. A lost connection is retried briefly, republishing what was not yet
+//! confirmed; then the batch manifest is published so any process can collect the results.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::{BasicProperties, Connection};
+use tracing::warn;
+use warren_broker::connection::{confirm_channel, connect, reconnect_delays};
+use warren_broker::protocol::{
+    self, BatchManifest, HEADER_SEQ, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
+    TaskEnvelope,
+};
+use warren_broker::publisher::{Publisher, message_properties};
+use warren_broker::topology::{self, manifest_queue, result_queue};
+use warren_broker::{AmqpSettings, BrokerError};
+
+use crate::spec::TaskSpec;
+
+/// Publishes in flight at once before waiting for confirms.
+const CONFIRM_WINDOW: usize = 1024;
+
+/// How a batch is submitted.
+#[derive(Debug, Clone)]
+pub struct SubmitOptions {
+    /// Task queue.
+    pub queue: String,
+    /// Idle time after which RabbitMQ deletes an uncollected batch's queues.
+    pub result_expiry: Duration,
+    /// How long to keep retrying a lost connection before giving up.
+    pub retry_for: Duration,
+    /// Largest encoded task accepted (workers dead-letter larger ones).
+    pub max_message_bytes: usize,
+}
+
+impl SubmitOptions {
+    /// Defaults for submitting to `queue`.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            result_expiry: topology::DEFAULT_RESULT_EXPIRY,
+            retry_for: Duration::from_secs(20),
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// What a submitted batch is known by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchReceipt {
+    /// Batch id, for `warren wait`.
+    pub batch: String,
+    /// Number of tasks.
+    pub total: u32,
+}
+
+/// Why a submission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// A task cannot be sent as given.
+    #[error("task {index} (id '{id}'): {message}")]
+    Task {
+        /// 0-based position in the batch.
+        index: usize,
+        /// Task id.
+        id: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The broker could not be used, even after retrying.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// A connection to the broker for submitting and collecting.
+pub struct Submitter {
+    settings: AmqpSettings,
+    name: String,
+    connection: Option<(Connection, Publisher)>,
+}
+
+impl Submitter {
+    /// A submitter that connects lazily with `settings`, naming its connection `name`.
+    pub fn new(settings: AmqpSettings, name: impl Into<String>) -> Self {
+        Self {
+            settings,
+            name: name.into(),
+            connection: None,
+        }
+    }
+
+    /// The broker settings.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.settings
+    }
+
+    /// The open connection and its confirm-mode publisher, opening them if needed.
+    pub async fn connection(&mut self) -> Result<&(Connection, Publisher), BrokerError> {
+        let usable = self
+            .connection
+            .as_ref()
+            .is_some_and(|(c, p)| c.status().connected() && p.channel().status().connected());
+        if !usable {
+            let connection = connect(&self.settings, &self.name).await?;
+            let publisher = Publisher::new(confirm_channel(&connection).await?);
+            self.connection = Some((connection, publisher));
+        }
+        self.connection
+            .as_ref()
+            .ok_or_else(|| BrokerError::Invalid("connection vanished".into()))
+    }
+
+    /// Forgets the current connection (after an error), so the next use reconnects.
+    pub fn reset(&mut self) {
+        self.connection = None;
+    }
+
+    /// Submits `specs` as one batch and returns its id once every task and the manifest are
+    /// confirmed by the broker.
+    pub async fn submit(
+        &mut self,
+        specs: &[TaskSpec],
+        options: &SubmitOptions,
+    ) -> Result<BatchReceipt, SubmitError> {
+        let batch = protocol::new_id();
+        let total = u32::try_from(specs.len()).map_err(|_| SubmitError::Task {
+            index: specs.len(),
+            id: String::new(),
+            message: "too many tasks for one batch".into(),
+        })?;
+        let messages = encode_batch(specs, &batch, options)?;
+        let mut confirmed = vec![false; messages.len()];
+        let deadline = Instant::now() + options.retry_for;
+        let mut delays = reconnect_delays(Duration::from_secs(3));
+        loop {
+            match self
+                .publish_pass(&batch, &messages, &mut confirmed, options)
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if e.is_fatal() || Instant::now() >= deadline => return Err(e.into()),
+                Err(e) => {
+                    let left = confirmed.iter().filter(|c| !**c).count();
+                    warn!(
+                        "publishing interrupted ({e}); retrying, {left} task(s) not yet confirmed"
+                    );
+                    self.reset();
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+            }
+        }
+        let manifest = BatchManifest {
+            v: PROTOCOL_VERSION,
+            batch: batch.clone(),
+            total,
+            queue: options.queue.clone(),
+            generation: 0,
+            collected: Vec::new(),
+        };
+        loop {
+            let result = async {
+                let (_, publisher) = self.connection().await?;
+                publisher
+                    .publish(
+                        &manifest_queue(&batch),
+                        &protocol::encode(&manifest),
+                        message_properties(MESSAGE_TYPE_MANIFEST),
+                    )
+                    .await
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(BatchReceipt { batch, total }),
+                Err(e) if e.is_fatal() || Instant::now() >= deadline => return Err(e.into()),
+                Err(e) => {
+                    warn!("publishing the batch manifest failed ({e}); retrying");
+                    self.reset();
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+            }
+        }
+    }
+
+    /// Declares the topology and publishes every unconfirmed task, keeping a window of
+    /// confirms in flight.
+    async fn publish_pass(
+        &mut self,
+        batch: &str,
+        messages: &[(Vec<u8>, BasicProperties)],
+        confirmed: &mut [bool],
+        options: &SubmitOptions,
+    ) -> Result<(), BrokerError> {
+        let (_, publisher) = self.connection().await?;
+        let publisher = publisher.clone();
+        topology::declare_task_queue(publisher.channel(), &options.queue).await?;
+        topology::declare_batch_queues(
+            publisher.channel(),
+            batch,
+            &options.queue,
+            options.result_expiry,
+        )
+        .await?;
+        let mut in_flight = VecDeque::with_capacity(CONFIRM_WINDOW);
+        for (index, (body, properties)) in messages.iter().enumerate() {
+            if confirmed[index] {
+                continue;
+            }
+            if in_flight.len() >= CONFIRM_WINDOW {
+                let (done, pending): (usize, warren_broker::publisher::PendingConfirm) = in_flight
+                    .pop_front()
+                    .ok_or_else(|| BrokerError::Invalid("empty window".into()))?;
+                pending.confirmed().await?;
+                confirmed[done] = true;
+            }
+            in_flight.push_back((
+                index,
+                publisher
+                    .send(&options.queue, body, properties.clone())
+                    .await?,
+            ));
+        }
+        for (done, pending) in in_flight {
+            pending.confirmed().await?;
+            confirmed[done] = true;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes every task of the batch with its AMQP properties, refusing oversize ones up front.
+fn encode_batch(
+    specs: &[TaskSpec],
+    batch: &str,
+    options: &SubmitOptions,
+) -> Result<Vec<(Vec<u8>, BasicProperties)>, SubmitError> {
+    let reply_to = result_queue(batch);
+    let submitted_at = protocol::timestamp(SystemTime::now());
+    let mut messages = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        let seq = u32::try_from(index).unwrap_or(u32::MAX);
+        let task = TaskEnvelope {
+            v: PROTOCOL_VERSION,
+            id: spec.id.clone().unwrap_or_else(protocol::new_id),
+            batch: batch.to_string(),
+            seq: Some(seq),
+            kind: spec.kind.clone(),
+            args: spec.args.clone(),
+            timeout_s: spec.timeout_s,
+            labels: spec.labels.clone(),
+            reply_to: reply_to.clone(),
+            submitted_at: Some(submitted_at.clone()),
+        };
+        let body = protocol::encode(&task);
+        let fail = |message: String| SubmitError::Task {
+            index,
+            id: task.id.clone(),
+            message,
+        };
+        if body.len() > options.max_message_bytes {
+            return Err(fail(format!(
+                "encoded task is {} bytes, over the {} byte limit; pass large data as files on a shared volume",
+                body.len(),
+                options.max_message_bytes
+            )));
+        }
+        let short = |s: &str| {
+            ShortString::try_new(s).map_err(|_| fail(format!("'{s:.40}…' is too long for AMQP")))
+        };
+        let mut properties = message_properties(MESSAGE_TYPE_TASK)
+            .with_message_id(short(&task.id)?)
+            .with_correlation_id(short(batch)?)
+            .with_reply_to(short(&reply_to)?);
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(HEADER_SEQ.into(), AMQPValue::LongUInt(seq));
+        headers.insert(
+            "x-warren-kind".into(),
+            AMQPValue::LongString(LongString::from(task.kind.as_str())),
+        );
+        properties = properties.with_headers(headers);
+        messages.push((body, properties));
+    }
+    Ok(messages)
+}

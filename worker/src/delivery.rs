@@ -1,0 +1,304 @@
+//! Handling one delivery: decode, run, publish the result, and only then acknowledge. Bad
+//! messages get a `rejected` result where the task is identifiable, and are dead-lettered with
+//! the reason in a header; nothing here can stop the worker.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info, warn};
+use warren_broker::BrokerError;
+use warren_broker::protocol::{
+    self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_SEQ, MESSAGE_TYPE_RESULT, PROTOCOL_VERSION,
+    ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+};
+use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
+use warren_broker::topology::dead_letter_queue;
+
+use crate::handler::{Registry, Task, TaskFailure};
+
+/// What every delivery of a session shares.
+pub(crate) struct Context {
+    pub worker: String,
+    pub queue: String,
+    pub registry: Registry,
+    pub publisher: Publisher,
+    pub default_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
+/// unfinished (shutdown grace exceeded, or the connection it came on is gone).
+pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: CancellationToken) {
+    let attempt = header_value(&delivery.properties, HEADER_DELIVERY_COUNT)
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or(1, |n| n.saturating_add(1));
+    let task = match protocol::decode_task(&delivery.data, ctx.max_message_bytes) {
+        Ok(task) => task,
+        Err(error) => return reject_malformed(&ctx, delivery, &error, attempt).await,
+    };
+    let Some(handler) = ctx.registry.get(&task.kind) else {
+        let error = TaskError::new(
+            "unknown_kind",
+            format!(
+                "no handler for kind '{}' on this worker (it has: {})",
+                task.kind,
+                ctx.registry.kinds().join(", ")
+            ),
+        );
+        let result = result_of(
+            &ctx,
+            &task,
+            attempt,
+            SystemTime::now(),
+            TaskStatus::Rejected,
+            Value::Null,
+            Some(error.clone()),
+        );
+        return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
+    };
+
+    let timeout = task
+        .timeout_s
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(ctx.default_timeout);
+    let started_at = SystemTime::now();
+    info!(task_id = %task.id, batch = %task.batch, kind = %task.kind, attempt, "task started");
+    let handler_task = Task {
+        id: task.id.clone(),
+        batch: task.batch.clone(),
+        kind: task.kind.clone(),
+        args: task.args.clone(),
+        attempt,
+        labels: task.labels.clone(),
+        timeout,
+    };
+    // The handler runs as its own task so that a panic in user code becomes a failed result
+    // instead of a message that is never acknowledged; dropping the handle aborts it.
+    let running = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(timeout, running) => outcome,
+        () = abandon.cancelled() => {
+            info!(task_id = %task.id, batch = %task.batch, "task abandoned unfinished; returning it to the queue");
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return;
+        }
+    };
+    let (status, output, error) = match outcome {
+        Ok(Ok(Ok(output))) => (TaskStatus::Succeeded, output, None),
+        Ok(Ok(Err(TaskFailure {
+            status,
+            error,
+            output,
+        }))) => (status, output, Some(error)),
+        Ok(Err(join_error)) => (
+            TaskStatus::Failed,
+            Value::Null,
+            Some(TaskError::new(
+                "handler_panicked",
+                format!("the '{}' handler panicked: {join_error}", task.kind),
+            )),
+        ),
+        Err(_) => (
+            TaskStatus::TimedOut,
+            Value::Null,
+            Some(TaskError::new(
+                "timeout",
+                format!("task ran longer than its limit of {timeout:?} and was killed"),
+            )),
+        ),
+    };
+    let result = result_of(&ctx, &task, attempt, started_at, status, output, error);
+    info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
+    tokio::select! {
+        () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
+        () = abandon.cancelled() => {}
+    }
+}
+
+/// Publishes a result, then acknowledges the task. A result whose queue is gone (expired batch) is
+/// dead-lettered instead, so it is not lost either.
+async fn deliver_result(
+    ctx: &Context,
+    delivery: &Delivery,
+    result: &ResultEnvelope,
+    reply_to: &str,
+) {
+    let body = protocol::encode(result);
+    match ctx
+        .publisher
+        .publish(reply_to, &body, result_properties(result))
+        .await
+    {
+        Ok(()) => {}
+        Err(BrokerError::Unroutable { .. }) => {
+            let detail =
+                format!("result queue '{reply_to}' does not exist (batch expired or deleted)");
+            warn!(task_id = %result.task_id, batch = %result.batch, "{detail}; dead-lettering the result");
+            let props = dead_letter_properties(
+                ctx,
+                result_properties(result),
+                "result_queue_missing",
+                &detail,
+            );
+            if let Err(e) = ctx
+                .publisher
+                .publish(&dead_letter_queue(&ctx.queue), &body, props)
+                .await
+            {
+                return warn!(task_id = %result.task_id, "cannot dead-letter the result ({e}); the task will be redelivered");
+            }
+        }
+        Err(e) => {
+            return warn!(task_id = %result.task_id, "cannot publish the result ({e}); the task will be redelivered");
+        }
+    }
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        warn!(task_id = %result.task_id, "result published but the ack failed ({e}); the task may run again");
+    }
+}
+
+/// A message that is not a valid task: answer it if it can be identified, then dead-letter it.
+async fn reject_malformed(ctx: &Context, delivery: Delivery, error: &DecodeError, attempt: u32) {
+    let props = &delivery.properties;
+    let identity = props
+        .message_id()
+        .as_ref()
+        .zip(props.reply_to().as_ref())
+        .map(|(id, reply)| (id.to_string(), reply.to_string()));
+    let task_error = TaskError::new(error.kind(), error.to_string());
+    let (result, reply_to) = match identity {
+        Some((task_id, reply_to)) => {
+            let batch = props
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            let now = protocol::timestamp(SystemTime::now());
+            let result = ResultEnvelope {
+                v: PROTOCOL_VERSION,
+                task_id,
+                batch,
+                seq: header_value(props, HEADER_SEQ).and_then(|s| s.parse().ok()),
+                kind: props
+                    .kind()
+                    .as_ref()
+                    .map(|k| k.to_string())
+                    .unwrap_or_default(),
+                status: TaskStatus::Rejected,
+                output: Value::Null,
+                error: Some(task_error.clone()),
+                worker: ctx.worker.clone(),
+                attempt,
+                labels: Default::default(),
+                started_at: now.clone(),
+                finished_at: now,
+            };
+            (Some(result), reply_to)
+        }
+        None => (None, String::new()),
+    };
+    reject_with_result(ctx, delivery, result, &reply_to, &task_error).await;
+}
+
+/// Publishes the rejection result (when there is one), dead-letters the original message with the
+/// reason, and acknowledges it only once the dead letter is confirmed.
+async fn reject_with_result(
+    ctx: &Context,
+    delivery: Delivery,
+    result: Option<ResultEnvelope>,
+    reply_to: &str,
+    error: &TaskError,
+) {
+    warn!(reason = %error.kind, "dead-lettering a message: {}", error.message);
+    if let Some(result) = &result {
+        match ctx
+            .publisher
+            .publish(
+                reply_to,
+                &protocol::encode(result),
+                result_properties(result),
+            )
+            .await
+        {
+            // The dead letter below keeps the message; a missing result queue is not a reason to wait.
+            Ok(()) | Err(BrokerError::Unroutable { .. }) => {}
+            Err(e) => {
+                return warn!("cannot publish the rejection ({e}); the message will be redelivered");
+            }
+        }
+    }
+    let props = dead_letter_properties(
+        ctx,
+        delivery.properties.clone(),
+        &error.kind,
+        &error.message,
+    );
+    match ctx
+        .publisher
+        .publish(&dead_letter_queue(&ctx.queue), &delivery.data, props)
+        .await
+    {
+        Ok(()) => {
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                debug!("ack after dead-lettering failed ({e}); it will be dead-lettered again");
+            }
+        }
+        Err(e) => warn!("cannot dead-letter the message ({e}); it will be redelivered"),
+    }
+}
+
+fn dead_letter_properties(
+    ctx: &Context,
+    props: BasicProperties,
+    reason: &str,
+    detail: &str,
+) -> BasicProperties {
+    let props = with_header(props, HEADER_DEAD_REASON, reason);
+    let props = with_header(props, HEADER_DEAD_DETAIL, detail);
+    let props = with_header(props, HEADER_DEAD_QUEUE, &ctx.queue);
+    with_header(props, HEADER_DEAD_WORKER, &ctx.worker).with_delivery_mode(2)
+}
+
+fn result_properties(result: &ResultEnvelope) -> BasicProperties {
+    let props = message_properties(MESSAGE_TYPE_RESULT);
+    match (
+        lapin::types::ShortString::try_new(result.task_id.as_str()),
+        lapin::types::ShortString::try_new(result.batch.as_str()),
+    ) {
+        (Ok(id), Ok(batch)) => props.with_message_id(id).with_correlation_id(batch),
+        _ => props,
+    }
+}
+
+fn result_of(
+    ctx: &Context,
+    task: &TaskEnvelope,
+    attempt: u32,
+    started_at: SystemTime,
+    status: TaskStatus,
+    output: Value,
+    error: Option<TaskError>,
+) -> ResultEnvelope {
+    ResultEnvelope {
+        v: PROTOCOL_VERSION,
+        task_id: task.id.clone(),
+        batch: task.batch.clone(),
+        seq: task.seq,
+        kind: task.kind.clone(),
+        status,
+        output,
+        error,
+        worker: ctx.worker.clone(),
+        attempt,
+        labels: task.labels.clone(),
+        started_at: protocol::timestamp(started_at),
+        finished_at: protocol::timestamp(SystemTime::now()),
+    }
+}

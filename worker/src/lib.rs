@@ -1,0 +1,19 @@
+//! Warren's worker: consumes tasks from a RabbitMQ queue with manual acknowledgements, runs them
+//! with registered handlers (external commands or Rust functions) and publishes each result
+//! before acknowledging its task.
+//!
+//! Build a worker binary of your own with [`Worker::new`], [`Worker::handler`] and
+//! [`Worker::run`]; see `examples/custom_worker.rs`.
+
+mod delivery;
+pub mod handler;
+pub mod handlers;
+mod runtime;
+
+pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};
+pub use handlers::exec::ExecPolicy;
+pub use runtime::{
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TASK_TIMEOUT, Worker, WorkerConfig, WorkerError,
+    default_name, shutdown_signal,
+};
+pub use warren_broker::AmqpSettings;

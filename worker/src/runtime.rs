@@ -1,0 +1,260 @@
+//! The worker loop: connect, declare, consume with manual acks, and on a lost connection
+//! reconnect with capped, jittered backoff and start over. On shutdown it stops taking tasks,
+//! lets running ones finish within the grace period, and returns the rest to the queue.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+use warren_broker::connection::{confirm_channel, connect, consumer_channel, reconnect_delays};
+use warren_broker::publisher::Publisher;
+use warren_broker::topology::{self, short};
+use warren_broker::{AmqpSettings, BrokerError};
+
+use crate::delivery::{self, Context};
+use crate::handler::{Handler, Registry};
+use crate::handlers::{self, exec::ExecPolicy};
+
+/// Default task time limit when a task does not set `timeout_s`.
+pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default largest task message accepted.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker connection.
+    pub amqp: AmqpSettings,
+    /// Task queue to consume.
+    pub queue: String,
+    /// Tasks run at once; also the prefetch, so the worker never holds tasks it has not started.
+    pub concurrency: u16,
+    /// Name in results, logs and the broker's connection list (the pod name on Kubernetes).
+    pub name: String,
+    /// How long running tasks may take to finish after a shutdown signal.
+    pub grace: Duration,
+    /// Time limit of tasks that set none.
+    pub default_timeout: Duration,
+    /// Largest task message accepted; larger ones are dead-lettered.
+    pub max_message_bytes: usize,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_cap: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for consuming `queue` on a local broker.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            amqp: AmqpSettings::default(),
+            queue: queue.into(),
+            concurrency: 4,
+            name: default_name(),
+            grace: Duration::from_secs(30),
+            default_timeout: DEFAULT_TASK_TIMEOUT,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            reconnect_cap: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `POD_NAME`, else `HOSTNAME`, else `worker`, followed by the process id.
+pub fn default_name() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A worker: a configuration and the handlers it runs.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), warren_worker::WorkerError> {
+/// use warren_worker::{Worker, WorkerConfig, Task, HandlerResult};
+/// let worker = Worker::new(WorkerConfig::new("warren.tasks"))
+///     .handler("double", |task: Task| async move {
+///         let n: i64 = task.args_as()?;
+///         HandlerResult::Ok(serde_json::json!(n * 2))
+///     });
+/// worker.run(warren_worker::shutdown_signal()).await
+/// # }
+/// ```
+pub struct Worker {
+    config: WorkerConfig,
+    registry: Registry,
+}
+
+/// Why a worker stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Configuration, credentials or topology are wrong; retrying cannot help.
+    #[error("{0}")]
+    Fatal(#[from] BrokerError),
+    /// The worker was built wrongly.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Worker {
+    /// A worker with the `echo` and `sleep` handlers and no `exec`.
+    pub fn new(config: WorkerConfig) -> Self {
+        let mut registry = Registry::default();
+        registry.insert("echo", handlers::echo);
+        registry.insert("sleep", handlers::sleep);
+        Self { config, registry }
+    }
+
+    /// Adds the `exec` handler with `policy`.
+    pub fn with_exec(self, policy: ExecPolicy) -> Self {
+        self.handler("exec", handlers::exec::handler(policy))
+    }
+
+    /// Registers `handler` for tasks of `kind`.
+    pub fn handler(mut self, kind: &str, handler: impl Handler) -> Self {
+        self.registry.insert(kind, handler);
+        self
+    }
+
+    /// Runs until `shutdown` completes, then drains and returns Ok. Returns an error only for
+    /// problems that retrying cannot fix (refused credentials, a queue declared differently).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        if self.config.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        short(&self.config.queue)?;
+        let stop = CancellationToken::new();
+        let stop_on_signal = stop.clone();
+        let main = async {
+            let mut delays = reconnect_delays(self.config.reconnect_cap);
+            loop {
+                match self.session(&stop).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.is_fatal() => {
+                        error!("{e}");
+                        return Err(WorkerError::Fatal(e));
+                    }
+                    Err(e) => {
+                        let delay = delays.next().unwrap_or(self.config.reconnect_cap);
+                        warn!("broker connection lost: {e}; reconnecting in {delay:.1?}");
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = stop.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+            }
+        };
+        tokio::pin!(main);
+        tokio::select! {
+            result = &mut main => result,
+            () = shutdown => {
+                info!("shutdown requested: no new tasks; running ones have {:?} to finish", self.config.grace);
+                stop_on_signal.cancel();
+                main.await
+            }
+        }
+    }
+
+    /// One connection's life. Ok(()) after a requested shutdown; Err when the connection failed.
+    async fn session(&self, stop: &CancellationToken) -> Result<(), BrokerError> {
+        let cfg = &self.config;
+        let connection = connect(&cfg.amqp, &cfg.name).await?;
+        let publisher = Publisher::new(confirm_channel(&connection).await?);
+        let channel = consumer_channel(&connection, cfg.concurrency).await?;
+        topology::declare_task_queue(&channel, &cfg.queue).await?;
+        let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
+        let mut consumer = channel
+            .basic_consume(
+                short(&cfg.queue)?,
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
+        info!(queue = %cfg.queue, concurrency = cfg.concurrency, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
+        let ctx = Arc::new(Context {
+            worker: cfg.name.clone(),
+            queue: cfg.queue.clone(),
+            registry: self.registry.clone(),
+            publisher,
+            default_timeout: cfg.default_timeout,
+            max_message_bytes: cfg.max_message_bytes,
+        });
+        let abandon = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let lost = loop {
+            tokio::select! {
+                () = stop.cancelled() => break None,
+                next = consumer.next() => match next {
+                    Some(Ok(d)) => { tracker.spawn(delivery::process(Arc::clone(&ctx), d, abandon.clone())); }
+                    Some(Err(e)) => break Some(BrokerError::Amqp(e)),
+                    None => break Some(BrokerError::Invalid("the broker cancelled the consumer (queue deleted?)".into())),
+                },
+            }
+        };
+        if let Some(error) = lost {
+            // The broker requeues everything unacknowledged on this connection; running copies
+            // could never be acknowledged, so stop them.
+            abandon.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return Err(error);
+        }
+        // Shutdown: stop deliveries, then start whatever was already on the wire.
+        let _ = channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await;
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            tracker.spawn(delivery::process(Arc::clone(&ctx), d, abandon.clone()));
+        }
+        tracker.close();
+        if tokio::time::timeout(cfg.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "grace period over: returning {} unfinished task(s) to the queue",
+                tracker.len()
+            );
+            abandon.cancel();
+            tracker.wait().await;
+        }
+        let _ = connection.close(200, "worker shutting down".into()).await;
+        info!("worker stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
