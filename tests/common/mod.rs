@@ -1,0 +1,195 @@
+//! Shared helpers for the end-to-end tests: the real `warren` binary against the real RabbitMQ
+//! on 127.0.0.1:5672 (guest/guest). Every test uses queues of its own, so tests run in parallel.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::{Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The `warren` binary under test.
+pub fn warren() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
+    cmd.env("WARREN_AMQP_URL", AMQP_URL).env("WARREN_LOG", "info,lapin=warn").kill_on_drop(true);
+    cmd
+}
+
+/// A queue name no other test uses.
+pub fn unique_queue(test: &str) -> String {
+    format!("test.{test}.{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-test-{test}-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A running `warren worker`, with its stderr going to a log file the test can watch.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `warren worker --queue QUEUE EXTRA...`.
+    pub fn start(queue: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(queue, dir, extra, &[])
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with(queue: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let log = dir.join(format!("worker-{}.log", uuid::Uuid::now_v7().simple()));
+        let file = std::fs::File::create(&log).expect("worker log");
+        let mut cmd = warren();
+        cmd.args(["worker", "--queue", queue]).args(extra).stdout(Stdio::null()).stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start warren worker");
+        Self { child, log }
+    }
+
+    /// The worker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub async fn wait_for_log(&self, needle: &str, count: usize, within: Duration) {
+        let until = Instant::now() + within;
+        while self.log_text().matches(needle).count() < count {
+            assert!(Instant::now() < until, "worker log never showed {count}x '{needle}':\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal to the worker.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("worker pid") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal worker");
+    }
+
+    /// Waits for the worker to exit and returns its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("worker did not exit in time")
+            .expect("wait for worker");
+        status.code()
+    }
+}
+
+/// Output of a finished `warren` command.
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `warren ARGS` with `stdin`, failing the test if it takes longer than `within`.
+pub async fn run_warren(args: &[&str], stdin: Option<&str>, within: Duration) -> Finished {
+    let mut cmd = warren();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().expect("start warren");
+    if let Some(text) = stdin {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(text.as_bytes()).await.expect("write stdin");
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("warren {args:?} did not finish within {within:?}"))
+        .expect("warren output");
+    Finished {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes task lines to a file.
+pub fn write_tasks(path: &Path, tasks: &[Value]) {
+    let text: String = tasks.iter().map(|t| format!("{t}\n")).collect();
+    std::fs::write(path, text).expect("write tasks");
+}
+
+/// Parses result lines.
+pub fn read_results(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad result line {l}: {e}")))
+        .collect()
+}
+
+/// A raw AMQP channel for publishing hand-made messages and inspecting queues.
+pub async fn raw_channel() -> (Connection, Channel) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    (conn, channel)
+}
+
+/// Takes every message from `queue` (acking them).
+pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
+    let mut out = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic_get")
+    {
+        out.push(m.delivery);
+    }
+    out
+}
+
+/// Deletes a task queue and its dead-letter queue.
+pub async fn delete_queues(queue: &str) {
+    let (conn, channel) = raw_channel().await;
+    for q in [queue.to_string(), format!("{queue}.dead")] {
+        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Reads a string header.
+pub fn header(delivery: &lapin::message::Delivery, name: &str) -> Option<String> {
+    warren_header(&delivery.properties, name)
+}
+
+fn warren_header(props: &lapin::BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Polls `check` until it returns Some, failing after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
