@@ -1,1 +1,366 @@
-fn main() {}
+//! `cargo bench --bench pipeline`: Warren against a raw-lapin ceiling, same broker, same run.
+//!
+//! (a) Ceiling: tasks published with confirms to a quorum queue; a consumer with manual acks
+//!     publishes a reply with confirms and then acks; the client consumes the replies. No framework.
+//! (b) Warren: one `warren worker` process; `echo` tasks submitted and collected through the
+//!     submitter library (batch path for throughput, open-batch path for latency).
+//!
+//! Prints tasks/s, their ratio, round-trip latency p50/p99 of single sequential tasks, and the
+//! worker's idle resident memory. Environment: BENCH_TASKS (default 20000), BENCH_ROUNDS (500),
+//! BENCH_CONCURRENCY (64).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+use warren_broker::protocol::ResultEnvelope;
+use warren_broker::topology::declare_task_queue;
+use warren_submitter::{CollectOptions, Outcome, ResultSink, SubmitOptions, Submitter, TaskSpec};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Raw lapin: the echo "worker" of the ceiling.
+async fn raw_worker(conn: &Connection, queue: &str, prefetch: u16) -> lapin::Result<()> {
+    let consume = conn.create_channel().await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let publish = conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = consume
+        .basic_consume(
+            queue.into(),
+            "raw-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let publish = publish.clone();
+            tokio::spawn(async move {
+                let reply_to = delivery.properties.reply_to().clone().unwrap_or_default();
+                let persistent = BasicProperties::default().with_delivery_mode(2);
+                let options = BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                };
+                let confirm = publish
+                    .basic_publish("".into(), reply_to, options, &delivery.data, persistent)
+                    .await;
+                if let Ok(confirm) = confirm
+                    && confirm.await.is_ok()
+                {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn declare_reply_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Raw lapin: publish `n` tasks with confirms (1024 in flight) while consuming the replies.
+async fn raw_throughput(
+    client: &Connection,
+    queue: &str,
+    replies: &str,
+    n: usize,
+) -> lapin::Result<Duration> {
+    let publish = client.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = client.create_channel().await?;
+    consume.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume(
+            replies.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_reply_to(replies.into());
+    let body = br#"{"i":1}"#;
+    let publisher = tokio::spawn(async move {
+        let mut window = std::collections::VecDeque::new();
+        for _ in 0..n {
+            if window.len() >= 1024 {
+                let c: lapin::PublisherConfirm = window.pop_front().expect("window");
+                c.await?;
+            }
+            let options = BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            window.push_back(
+                publish
+                    .basic_publish("".into(), queue_name(), options, body, props.clone())
+                    .await?,
+            );
+        }
+        for c in window {
+            c.await?;
+        }
+        lapin::Result::Ok(())
+    });
+    let mut received = 0;
+    while received < n {
+        let delivery = consumer.next().await.expect("reply stream")?;
+        received += 1;
+        delivery.ack(BasicAckOptions { multiple: false }).await?;
+    }
+    publisher.await.expect("publisher task")?;
+    let _ = queue;
+    Ok(started.elapsed())
+}
+
+static QUEUE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+fn queue_name() -> lapin::types::ShortString {
+    QUEUE_NAME.get().expect("queue name set").as_str().into()
+}
+
+/// Raw lapin: one task at a time, publish-with-confirm to reply consumed.
+async fn raw_latency(
+    client: &Connection,
+    replies: &str,
+    rounds: usize,
+) -> lapin::Result<Vec<Duration>> {
+    let publish = client.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = client.create_channel().await?;
+    let mut consumer = consume
+        .basic_consume(
+            replies.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_reply_to(replies.into());
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        publish
+            .basic_publish(
+                "".into(),
+                queue_name(),
+                options,
+                br#"{"i":1}"#,
+                props.clone(),
+            )
+            .await?
+            .await?;
+        let delivery = consumer.next().await.expect("reply")?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+struct Discard(usize);
+
+impl ResultSink for Discard {
+    fn write(&mut self, _: &ResultEnvelope) -> std::io::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tasks = env_or("BENCH_TASKS", 20_000);
+    let rounds = env_or("BENCH_ROUNDS", 500);
+    let concurrency = env_or("BENCH_CONCURRENCY", 64);
+    let tag = std::process::id();
+    println!(
+        "pipeline benchmark: {tasks} echo tasks, {rounds} sequential round trips, concurrency {concurrency}"
+    );
+
+    // (a) the raw-lapin ceiling
+    let raw_queue = format!("bench.raw.{tag}");
+    let raw_replies = format!("bench.raw.{tag}.replies");
+    QUEUE_NAME.set(raw_queue.clone()).ok();
+    let worker_conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+    let client = Connection::connect(URL, ConnectionProperties::default()).await?;
+    let setup = client.create_channel().await?;
+    declare_task_queue(&setup, &raw_queue).await?;
+    declare_reply_queue(&setup, &raw_replies).await?;
+    raw_worker(&worker_conn, &raw_queue, concurrency as u16).await?;
+    raw_throughput(&client, &raw_queue, &raw_replies, 1000).await?; // warm-up
+    let raw_time = raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?;
+    let mut raw_lat = raw_latency(&client, &raw_replies, rounds).await?;
+    raw_lat.sort();
+    for q in [&raw_queue, &raw_replies, &format!("{raw_queue}.dead")] {
+        let _ = setup
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = worker_conn.close(200, "done".into()).await;
+
+    // (b) Warren: the real worker binary, the submitter library
+    let queue = format!("bench.warren.{tag}");
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args([
+            "worker",
+            "--queue",
+            &queue,
+            "--concurrency",
+            &concurrency.to_string(),
+        ])
+        .env("WARREN_AMQP_URL", URL)
+        .env(
+            "WARREN_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info,lapin=warn".into()),
+        )
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let worker_pid = worker.id().unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_rss = rss_kib(worker_pid);
+    let mut submitter = Submitter::new(Default::default(), "bench");
+    let options = SubmitOptions::new(queue.clone());
+    let specs: Vec<TaskSpec> = (0..tasks)
+        .map(|i| TaskSpec {
+            kind: "echo".into(),
+            args: json!({ "i": i }),
+            timeout_s: None,
+            id: None,
+            labels: Default::default(),
+        })
+        .collect();
+    let mut run_batch = async |specs: &[TaskSpec]| -> Result<Duration, Box<dyn std::error::Error>> {
+        let started = Instant::now();
+        let receipt = submitter.submit(specs, &options).await?;
+        let mut sink = Discard(0);
+        let outcome = submitter
+            .collect(
+                &receipt.batch,
+                &mut sink,
+                &mut (),
+                &CollectOptions::default(),
+                std::future::pending(),
+            )
+            .await?;
+        assert!(matches!(outcome, Outcome::Complete(_)) && sink.0 == specs.len());
+        Ok(started.elapsed())
+    };
+    run_batch(&specs[..1000]).await?; // warm-up
+    let warren_time = run_batch(&specs).await?;
+    let busy_rss = rss_kib(worker_pid);
+    let mut open = submitter.open_batch(&options).await?;
+    let mut warren_lat = Vec::with_capacity(rounds);
+    for spec in specs.iter().take(rounds) {
+        let started = Instant::now();
+        let seq = open.submit(spec).await?;
+        let result = open.next_result().await?;
+        assert_eq!(result.seq, Some(seq));
+        warren_lat.push(started.elapsed());
+    }
+    open.close().await?;
+    warren_lat.sort();
+    let _ = worker.start_kill();
+    let _ = worker.wait().await;
+    let (conn, ch) = (
+        Connection::connect(URL, ConnectionProperties::default()).await?,
+        None::<Channel>,
+    );
+    let cleanup = conn.create_channel().await?;
+    for q in [queue.clone(), format!("{queue}.dead")] {
+        let _ = cleanup
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    drop(ch);
+
+    let raw_rate = tasks as f64 / raw_time.as_secs_f64();
+    let warren_rate = tasks as f64 / warren_time.as_secs_f64();
+    println!();
+    println!(
+        "{:<28} {:>12} {:>10} {:>10}",
+        "", "tasks/s", "p50 ms", "p99 ms"
+    );
+    println!(
+        "{:<28} {:>12.0} {:>10.2} {:>10.2}",
+        "raw lapin ceiling",
+        raw_rate,
+        ms(percentile(&raw_lat, 0.5)),
+        ms(percentile(&raw_lat, 0.99))
+    );
+    println!(
+        "{:<28} {:>12.0} {:>10.2} {:>10.2}",
+        "warren",
+        warren_rate,
+        ms(percentile(&warren_lat, 0.5)),
+        ms(percentile(&warren_lat, 0.99))
+    );
+    println!(
+        "warren/ceiling: throughput {:.2}x (target >= 0.8), p50 latency {:.2}x (target <= 1.5)",
+        warren_rate / raw_rate,
+        percentile(&warren_lat, 0.5).as_secs_f64() / percentile(&raw_lat, 0.5).as_secs_f64()
+    );
+    let kib = |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    println!(
+        "warren worker resident memory: idle {} (target <= 15 MiB), after the batch {}",
+        kib(idle_rss),
+        kib(busy_rss)
+    );
+    Ok(())
+}

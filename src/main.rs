@@ -111,6 +111,9 @@ struct CollectArgs {
     /// Stop waiting after this many seconds (exit status 3; resume with `warren wait`).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Seconds to keep retrying while the broker is unreachable before giving up (exit status 2).
+    #[arg(long, default_value_t = 15.0)]
+    retry_for: f64,
 }
 
 #[derive(Subcommand)]
@@ -192,12 +195,14 @@ async fn run(command: Command, amqp: AmqpSettings) -> u8 {
                 return usage("--result-expiry-hours must be a positive number");
             };
             let Ok(wait) = wait_command(args.collect) else {
-                return usage("--timeout must be a positive number of seconds");
+                return usage("--timeout and --retry-for must be positive numbers of seconds");
             };
             let options = SubmitOptions {
                 result_expiry: expiry,
+                retry_for: wait.retry_for,
                 ..SubmitOptions::new(args.queue)
             };
+
             commands::submit(SubmitCommand {
                 amqp,
                 options,
@@ -208,7 +213,7 @@ async fn run(command: Command, amqp: AmqpSettings) -> u8 {
         }
         Command::Wait(args) => match wait_command(args.collect) {
             Ok(wait) => commands::wait(amqp, &args.batch, &wait).await,
-            Err(()) => usage("--timeout must be a positive number of seconds"),
+            Err(()) => usage("--timeout and --retry-for must be positive numbers of seconds"),
         },
         Command::Status(args) => {
             commands::status(amqp, args.management_url.as_deref(), &args.queue, args.json).await
@@ -251,9 +256,11 @@ fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
         Some(t) => Some(seconds(t).ok_or(())?),
         None => None,
     };
+    let retry_for = seconds(args.retry_for).ok_or(())?;
     Ok(WaitCommand {
         output: args.output,
         timeout,
+        retry_for,
     })
 }
 

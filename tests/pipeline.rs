@@ -6,9 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use common::*;
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::BasicProperties;
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -18,12 +18,23 @@ async fn a_batch_of_1000_echo_tasks_returns_1000_matching_results() {
     let queue = unique_queue("batch1000");
     let dir = scratch("batch1000");
     let _worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "8"]);
-    let tasks: Vec<Value> = (0..1000).map(|i| json!({"kind": "echo", "args": {"i": i}, "labels": {"n": i.to_string()}})).collect();
+    let tasks: Vec<Value> = (0..1000)
+        .map(|i| json!({"kind": "echo", "args": {"i": i}, "labels": {"n": i.to_string()}}))
+        .collect();
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);
     let out = dir.join("results.jsonl");
     let done = run_warren(
-        &["submit", "--queue", &queue, "--file", file.to_str().unwrap(), "--wait", "--output", out.to_str().unwrap()],
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+            "--output",
+            out.to_str().unwrap(),
+        ],
         None,
         MINUTE,
     )
@@ -41,7 +52,11 @@ async fn a_batch_of_1000_echo_tasks_returns_1000_matching_results() {
         assert_eq!(r["labels"]["n"], i.to_string());
         assert!(seen.insert(i), "duplicate result for {i}");
     }
-    assert!(done.stderr.contains("1000/1000 results"), "summary: {}", done.stderr);
+    assert!(
+        done.stderr.contains("1000/1000 results"),
+        "summary: {}",
+        done.stderr
+    );
     delete_queues(&queue).await;
 }
 
@@ -50,8 +65,15 @@ async fn tasks_on_stdin_and_results_on_stdout() {
     let queue = unique_queue("stdin");
     let dir = scratch("stdin");
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let input: String = (0..50).map(|i| format!("{{\"kind\":\"echo\",\"args\":[{i}],\"id\":\"task-{i}\"}}\n")).collect();
-    let done = run_warren(&["submit", "--queue", &queue, "--file", "-", "--wait"], Some(&input), MINUTE).await;
+    let input: String = (0..50)
+        .map(|i| format!("{{\"kind\":\"echo\",\"args\":[{i}],\"id\":\"task-{i}\"}}\n"))
+        .collect();
+    let done = run_warren(
+        &["submit", "--queue", &queue, "--file", "-", "--wait"],
+        Some(&input),
+        MINUTE,
+    )
+    .await;
     assert_eq!(done.code, Some(0), "stderr: {}", done.stderr);
     let mut lines = done.stdout.lines();
     let batch = lines.next().expect("batch id first");
@@ -71,7 +93,14 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     let _worker = WorkerProcess::start(
         &queue,
         &dir,
-        &["--allow-exec", "sha256sum", "--allow-exec", "sh", "--allow-exec", "sleep"],
+        &[
+            "--allow-exec",
+            "sha256sum",
+            "--allow-exec",
+            "sh",
+            "--allow-exec",
+            "sleep",
+        ],
     );
     let data = dir.join("in.tif");
     std::fs::write(&data, b"pretend raster").unwrap();
@@ -85,23 +114,57 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     ];
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);
-    let done = run_warren(&["submit", "--queue", &queue, "--file", file.to_str().unwrap(), "--wait"], None, MINUTE).await;
-    assert_eq!(done.code, Some(1), "some tasks failed, so exit 1; stderr: {}", done.stderr);
+    let done = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(
+        done.code,
+        Some(1),
+        "some tasks failed, so exit 1; stderr: {}",
+        done.stderr
+    );
     let results: HashMap<String, Value> = read_results(done.stdout.split_once('\n').unwrap().1)
         .into_iter()
         .map(|r| (r["task_id"].as_str().unwrap().to_string(), r))
         .collect();
     let hash = &results["hash"];
     assert_eq!(hash["status"], "succeeded");
-    assert!(hash["output"]["stdout"].as_str().unwrap().starts_with("67d2cda12678002c"), "{hash}");
+    assert!(
+        hash["output"]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("67d2cda12678002c"),
+        "{hash}"
+    );
     let exit3 = &results["exit3"];
-    assert_eq!((exit3["status"].as_str(), exit3["output"]["exit_code"].as_i64()), (Some("failed"), Some(3)));
+    assert_eq!(
+        (
+            exit3["status"].as_str(),
+            exit3["output"]["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some(3))
+    );
     assert_eq!(exit3["output"]["stderr"], "bad input\n");
     assert_eq!(results["slow"]["status"], "timed_out");
     assert_eq!(results["rm"]["status"], "rejected");
     assert_eq!(results["rm"]["error"]["kind"], "not_allowed");
     assert_eq!(results["outputs"]["error"]["kind"], "missing_outputs");
-    assert!(results["outputs"]["error"]["message"].as_str().unwrap().contains("never.tif"));
+    assert!(
+        results["outputs"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never.tif")
+    );
     assert_eq!(results["made"]["output"]["outputs"][0]["size"], 4);
     assert!(!dir.join("nothing").exists());
     delete_queues(&queue).await;
@@ -114,11 +177,29 @@ async fn a_single_exec_task_from_the_command_line_then_wait() {
     let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sha256sum"]);
     let data = dir.join("in.tif");
     std::fs::write(&data, b"pretend raster").unwrap();
-    let submitted = run_warren(&["submit", "--queue", &queue, "exec", "--", "sha256sum", data.to_str().unwrap()], None, MINUTE).await;
+    let submitted = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "exec",
+            "--",
+            "sha256sum",
+            data.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
     let batch = submitted.stdout.trim();
     let out = dir.join("r.jsonl");
-    let waited = run_warren(&["wait", batch, "--output", out.to_str().unwrap()], None, MINUTE).await;
+    let waited = run_warren(
+        &["wait", batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(waited.code, Some(0), "{}", waited.stderr);
     let results = read_results(&std::fs::read_to_string(&out).unwrap());
     assert_eq!(results.len(), 1);
@@ -133,7 +214,13 @@ async fn a_single_exec_task_from_the_command_line_then_wait() {
 /// Publishes a hand-made message to `queue`.
 async fn publish_raw(channel: &lapin::Channel, queue: &str, body: &[u8], props: BasicProperties) {
     channel
-        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props)
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
         .await
         .expect("publish")
         .await
@@ -162,7 +249,11 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     let (conn, channel) = raw_channel().await;
     channel.confirm_select(Default::default()).await.unwrap();
     channel
-        .queue_declare(replies.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .queue_declare(
+            replies.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
 
@@ -173,18 +264,36 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     future["v"] = json!(99);
     let big = envelope("big", "echo", &replies, json!("x".repeat(5000)));
     let cases: Vec<(&str, Vec<u8>, BasicProperties)> = vec![
-        ("garbage", b"\xc1 this is not msgpack".to_vec(), identified("garbage", &replies)),
+        (
+            "garbage",
+            b"\xc1 this is not msgpack".to_vec(),
+            identified("garbage", &replies),
+        ),
         ("future", pack(&future), identified("future", &replies)),
         ("missing", pack(&no_kind), identified("missing", &replies)),
         ("big", pack(&big), identified("big", &replies)),
-        ("unknown", pack(&envelope("unknown", "frobnicate", &replies, json!({}))), identified("unknown", &replies)),
-        ("anonymous", b"\x00\x01".to_vec(), BasicProperties::default()),
+        (
+            "unknown",
+            pack(&envelope("unknown", "frobnicate", &replies, json!({}))),
+            identified("unknown", &replies),
+        ),
+        (
+            "anonymous",
+            b"\x00\x01".to_vec(),
+            BasicProperties::default(),
+        ),
     ];
     for (_, body, props) in &cases {
         publish_raw(&channel, &queue, body, props.clone()).await;
     }
     // The worker is still serving: a good task after all the bad ones succeeds.
-    publish_raw(&channel, &queue, &pack(&envelope("good", "echo", &replies, json!({"ok": true}))), identified("good", &replies)).await;
+    publish_raw(
+        &channel,
+        &queue,
+        &pack(&envelope("good", "echo", &replies, json!({"ok": true}))),
+        identified("good", &replies),
+    )
+    .await;
 
     let results: HashMap<String, Value> = eventually(MINUTE, "6 replies", || async {
         let got = drain(&channel, &replies).await;
@@ -205,7 +314,13 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
             results.insert(r["task_id"].as_str().unwrap().to_string(), r);
         }
     }
-    let expected = [("garbage", "undecodable"), ("future", "unsupported_version"), ("missing", "missing_field"), ("big", "oversize"), ("unknown", "unknown_kind")];
+    let expected = [
+        ("garbage", "undecodable"),
+        ("future", "unsupported_version"),
+        ("missing", "missing_field"),
+        ("big", "oversize"),
+        ("unknown", "unknown_kind"),
+    ];
     for (id, kind) in expected {
         let r = &results[id];
         assert_eq!(r["status"], "rejected", "{id}: {r}");
@@ -224,16 +339,39 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         dead.extend(drain(&channel, &format!("{queue}.dead")).await);
     }
-    let reasons: BTreeSet<String> = dead.iter().map(|d| header(d, "x-warren-dead-reason").expect("reason header")).collect();
-    let want: BTreeSet<String> = ["undecodable", "unsupported_version", "missing_field", "oversize", "unknown_kind"].map(String::from).into();
+    let reasons: BTreeSet<String> = dead
+        .iter()
+        .map(|d| header(d, "x-warren-dead-reason").expect("reason header"))
+        .collect();
+    let want: BTreeSet<String> = [
+        "undecodable",
+        "unsupported_version",
+        "missing_field",
+        "oversize",
+        "unknown_kind",
+    ]
+    .map(String::from)
+    .into();
     assert_eq!(reasons, want);
-    assert_eq!(dead.len(), 6, "every bad message is dead-lettered exactly once");
-    let anonymous = dead.iter().find(|d| d.data == b"\x00\x01").expect("anonymous message kept");
-    assert_eq!(header(anonymous, "x-warren-dead-queue").as_deref(), Some(queue.as_str()));
+    assert_eq!(
+        dead.len(),
+        6,
+        "every bad message is dead-lettered exactly once"
+    );
+    let anonymous = dead
+        .iter()
+        .find(|d| d.data == b"\x00\x01")
+        .expect("anonymous message kept");
+    assert_eq!(
+        header(anonymous, "x-warren-dead-queue").as_deref(),
+        Some(queue.as_str())
+    );
     assert!(header(anonymous, "x-warren-dead-detail").is_some());
     assert!(worker.log_text().contains("dead-lettering"));
 
-    let _ = channel.queue_delete(replies.as_str().into(), Default::default()).await;
+    let _ = channel
+        .queue_delete(replies.as_str().into(), Default::default())
+        .await;
     let _ = conn.close(200, "bye".into()).await;
     delete_queues(&queue).await;
 }

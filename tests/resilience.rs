@@ -15,19 +15,29 @@ use tokio::io::AsyncBufReadExt;
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn sleep_tasks(n: usize, ms: u64) -> Vec<Value> {
-    (0..n).map(|_| json!({"kind": "sleep", "args": {"ms": ms}})).collect()
+    (0..n)
+        .map(|_| json!({"kind": "sleep", "args": {"ms": ms}}))
+        .collect()
 }
 
 async fn submit_only(queue: &str, dir: &std::path::Path, tasks: &[Value]) -> String {
     let file = dir.join(format!("tasks-{}.jsonl", uuid::Uuid::now_v7().simple()));
     write_tasks(&file, tasks);
-    let done = run_warren(&["submit", "--queue", queue, "--file", file.to_str().unwrap()], None, MINUTE).await;
+    let done = run_warren(
+        &["submit", "--queue", queue, "--file", file.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     done.stdout.trim().to_string()
 }
 
 fn seqs(results: &[Value]) -> BTreeSet<u64> {
-    results.iter().map(|r| r["seq"].as_u64().expect("seq")).collect()
+    results
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +56,11 @@ async fn a_worker_killed_mid_task_loses_nothing() {
     assert_eq!(results.len(), 4);
     assert!(results.iter().all(|r| r["status"] == "succeeded"));
     let retried: Vec<&Value> = results.iter().filter(|r| r["attempt"] == 2).collect();
-    assert_eq!(retried.len(), 2, "the two killed tasks ran again, as attempt 2: {results:?}");
+    assert_eq!(
+        retried.len(),
+        2,
+        "the two killed tasks ran again, as attempt 2: {results:?}"
+    );
     assert!(second.log_text().contains("attempt=2"));
     delete_queues(&queue).await;
 }
@@ -56,23 +70,45 @@ async fn results_outlive_a_killed_submitter_and_wait_collects_them() {
     let queue = unique_queue("subkill");
     let dir = scratch("subkill");
     let file = dir.join("tasks.jsonl");
-    let tasks: Vec<Value> = (0..100).map(|i| json!({"kind": "echo", "args": {"i": i}})).collect();
+    let tasks: Vec<Value> = (0..100)
+        .map(|i| json!({"kind": "echo", "args": {"i": i}}))
+        .collect();
     write_tasks(&file, &tasks);
     // No worker yet: the submitter publishes, prints the batch id and waits...
     let mut submitter = warren()
-        .args(["submit", "--queue", &queue, "--file", file.to_str().unwrap(), "--wait"])
+        .args([
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(submitter.stdout.take().unwrap()).lines();
-    let batch = tokio::time::timeout(MINUTE, lines.next_line()).await.unwrap().unwrap().expect("batch id");
+    let batch = tokio::time::timeout(MINUTE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("batch id");
     // ...and dies.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(submitter.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(submitter.id().unwrap() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
     let _ = submitter.wait().await;
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
     let out = dir.join("later.jsonl");
-    let waited = run_warren(&["wait", &batch, "--output", out.to_str().unwrap()], None, MINUTE).await;
+    let waited = run_warren(
+        &["wait", &batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(waited.code, Some(0), "{}", waited.stderr);
     let results = read_results(&std::fs::read_to_string(&out).unwrap());
     assert_eq!(seqs(&results), (0..100).collect());
@@ -87,11 +123,36 @@ async fn interrupted_and_killed_waits_leave_the_rest_for_the_next_one() {
     let _worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "2"]);
     // A wait that gives up: its results are recorded as collected.
     let first = dir.join("first.jsonl");
-    let stopped = run_warren(&["wait", &batch, "--timeout", "0.8", "--output", first.to_str().unwrap()], None, MINUTE).await;
-    assert_eq!(stopped.code, Some(3), "incomplete wait exits 3: {}", stopped.stderr);
-    assert!(stopped.stderr.contains(&format!("warren wait {batch}")), "{}", stopped.stderr);
+    let stopped = run_warren(
+        &[
+            "wait",
+            &batch,
+            "--timeout",
+            "0.8",
+            "--output",
+            first.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(
+        stopped.code,
+        Some(3),
+        "incomplete wait exits 3: {}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains(&format!("warren wait {batch}")),
+        "{}",
+        stopped.stderr
+    );
     let first = read_results(&std::fs::read_to_string(&first).unwrap());
-    assert!(!first.is_empty() && first.len() < 200, "partial: {}", first.len());
+    assert!(
+        !first.is_empty() && first.len() < 200,
+        "partial: {}",
+        first.len()
+    );
     // A wait that is killed outright.
     let second_path = dir.join("second.jsonl");
     let mut killed = warren()
@@ -106,13 +167,25 @@ async fn interrupted_and_killed_waits_leave_the_rest_for_the_next_one() {
     let second = read_results(&std::fs::read_to_string(&second_path).unwrap_or_default());
     // The last wait collects everything else.
     let third_path = dir.join("third.jsonl");
-    let last = run_warren(&["wait", &batch, "--output", third_path.to_str().unwrap()], None, MINUTE).await;
+    let last = run_warren(
+        &["wait", &batch, "--output", third_path.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(last.code, Some(0), "{}", last.stderr);
     let third = read_results(&std::fs::read_to_string(&third_path).unwrap());
     let (s1, s2, s3) = (seqs(&first), seqs(&second), seqs(&third));
     let all: BTreeSet<u64> = s1.iter().chain(&s2).chain(&s3).copied().collect();
-    assert_eq!(all, (0..200).collect(), "every result was written by some wait");
-    assert!(s1.is_disjoint(&s3), "what a cleanly stopped wait wrote is not written again");
+    assert_eq!(
+        all,
+        (0..200).collect(),
+        "every result was written by some wait"
+    );
+    assert!(
+        s1.is_disjoint(&s3),
+        "what a cleanly stopped wait wrote is not written again"
+    );
     assert_eq!(first.len(), s1.len(), "no duplicates within one wait");
     delete_queues(&queue).await;
 }
@@ -122,7 +195,12 @@ async fn a_worker_survives_cut_connections_and_a_broker_outage() {
     let queue = unique_queue("cut");
     let dir = scratch("cut");
     let proxy = Proxy::start("127.0.0.1:5672").await;
-    let worker = WorkerProcess::start_with(&queue, &dir, &["--concurrency", "4"], &[("WARREN_AMQP_URL", proxy.url().as_str())]);
+    let worker = WorkerProcess::start_with(
+        &queue,
+        &dir,
+        &["--concurrency", "4"],
+        &[("WARREN_AMQP_URL", proxy.url().as_str())],
+    );
     worker.wait_for_log("consuming", 1, MINUTE).await;
     let batch = submit_only(&queue, &dir, &sleep_tasks(60, 100)).await;
     worker.wait_for_log("task finished", 8, MINUTE).await;
@@ -153,13 +231,35 @@ async fn sigterm_lets_running_tasks_finish() {
     worker.wait_for_log("task started", 1, MINUTE).await;
     worker.signal(Signal::SIGTERM);
     assert_eq!(worker.exit_code(MINUTE).await, Some(0));
-    assert_eq!(worker.log_text().matches("task finished").count(), 1, "the running task finished, no new one started");
+    assert_eq!(
+        worker.log_text().matches("task finished").count(),
+        1,
+        "the running task finished, no new one started"
+    );
     let out = dir.join("r.jsonl");
-    let partial = run_warren(&["wait", &batch, "--timeout", "1", "--output", out.to_str().unwrap()], None, MINUTE).await;
+    let partial = run_warren(
+        &[
+            "wait",
+            &batch,
+            "--timeout",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
     assert_eq!(partial.code, Some(3));
     let results = read_results(&std::fs::read_to_string(&out).unwrap());
     assert_eq!(results.len(), 1);
-    assert_eq!((results[0]["status"].as_str(), results[0]["attempt"].as_u64()), (Some("succeeded"), Some(1)));
+    assert_eq!(
+        (
+            results[0]["status"].as_str(),
+            results[0]["attempt"].as_u64()
+        ),
+        (Some("succeeded"), Some(1))
+    );
     delete_queues(&queue).await;
 }
 

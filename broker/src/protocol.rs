@@ -35,6 +35,8 @@ pub const HEADER_DEAD_WORKER: &str = "x-warren-dead-worker";
 pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 /// Header carrying a task's `seq`, so a task that cannot be decoded can still be accounted for.
 pub const HEADER_SEQ: &str = "x-warren-seq";
+/// Header carrying a task's `kind`, so a task that cannot be decoded is reported with its kind.
+pub const HEADER_KIND: &str = "x-warren-kind";
 /// Longest task or batch id accepted: ids travel in AMQP short-string properties (255 bytes).
 pub const MAX_ID_LEN: usize = 200;
 

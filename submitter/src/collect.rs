@@ -34,6 +34,8 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 const RESULT_PREFETCH: u16 = 1000;
 /// How often written results are checkpointed and acknowledged.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Unacknowledged results that trigger a checkpoint before the next tick.
+const CHECKPOINT_AFTER: u16 = RESULT_PREFETCH / 2;
 
 /// Where collected results go.
 pub trait ResultSink {
@@ -219,6 +221,7 @@ async fn collect_session(
         .await?;
     progress.update(&state.counts);
     let mut unacked: Option<u64> = None;
+    let mut pending = 0u16;
     let mut ticker = tokio::time::interval(CHECKPOINT_EVERY);
     let sleep_until_deadline = async {
         match deadline {
@@ -248,6 +251,13 @@ async fn collect_session(
                         progress.update(&state.counts);
                     }
                     unacked = Some(tag);
+                    pending += 1;
+                    // A full prefetch window would stall deliveries until the next tick.
+                    if pending >= CHECKPOINT_AFTER && state.manifest.is_some() {
+                        sink.flush()?;
+                        checkpoint(&manifests, state, unacked.take().map(|tag| (&results, tag))).await?;
+                        pending = 0;
+                    }
                 }
                 Some(Err(e)) => return Err(BrokerError::Amqp(e).into()),
                 None => return Err(BrokerError::Invalid("the result consumer was cancelled (queue deleted?)".into()).into()),
@@ -257,7 +267,7 @@ async fn collect_session(
                 if unacked.is_some() || !known {
                     sink.flush()?;
                     // Until the manifest is known nothing can be recorded, so nothing is acked.
-                    let ack = if known { unacked.take() } else { None };
+                    let ack = if known { pending = 0; unacked.take() } else { None };
                     checkpoint(&manifests, state, ack.map(|tag| (&results, tag))).await?;
                     if !known && state.manifest.is_some() {
                         progress.update(&state.counts);

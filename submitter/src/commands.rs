@@ -53,6 +53,8 @@ pub struct WaitCommand {
     pub output: Option<PathBuf>,
     /// Stop waiting after this long.
     pub timeout: Option<Duration>,
+    /// How long to keep retrying an unreachable broker.
+    pub retry_for: Duration,
 }
 
 /// Runs `warren submit`; returns the process exit status.
@@ -122,8 +124,9 @@ async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) -> u
     let mut progress = StderrProgress::for_stderr(batch);
     let options = CollectOptions {
         timeout: cmd.timeout,
-        ..CollectOptions::default()
+        retry_for: cmd.retry_for,
     };
+
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -19,9 +19,11 @@ pub mod output;
 pub mod seqset;
 pub mod spec;
 pub mod status;
+pub mod stream;
 pub mod submit;
 
 pub use collect::{CollectError, CollectOptions, Counts, Outcome, Progress, ResultSink};
 pub use output::JsonLines;
 pub use spec::TaskSpec;
+pub use stream::OpenBatch;
 pub use submit::{BatchReceipt, SubmitError, SubmitOptions, Submitter};

@@ -10,8 +10,8 @@ use lapin::{BasicProperties, Connection};
 use tracing::warn;
 use warren_broker::connection::{confirm_channel, connect, reconnect_delays};
 use warren_broker::protocol::{
-    self, BatchManifest, HEADER_SEQ, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
-    TaskEnvelope,
+    self, BatchManifest, HEADER_KIND, HEADER_SEQ, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK,
+    PROTOCOL_VERSION, TaskEnvelope,
 };
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
@@ -235,51 +235,60 @@ fn encode_batch(
     batch: &str,
     options: &SubmitOptions,
 ) -> Result<Vec<(Vec<u8>, BasicProperties)>, SubmitError> {
-    let reply_to = result_queue(batch);
     let submitted_at = protocol::timestamp(SystemTime::now());
-    let mut messages = Vec::with_capacity(specs.len());
-    for (index, spec) in specs.iter().enumerate() {
-        let seq = u32::try_from(index).unwrap_or(u32::MAX);
-        let task = TaskEnvelope {
-            v: PROTOCOL_VERSION,
-            id: spec.id.clone().unwrap_or_else(protocol::new_id),
-            batch: batch.to_string(),
-            seq: Some(seq),
-            kind: spec.kind.clone(),
-            args: spec.args.clone(),
-            timeout_s: spec.timeout_s,
-            labels: spec.labels.clone(),
-            reply_to: reply_to.clone(),
-            submitted_at: Some(submitted_at.clone()),
-        };
-        let body = protocol::encode(&task);
-        let fail = |message: String| SubmitError::Task {
-            index,
-            id: task.id.clone(),
-            message,
-        };
-        if body.len() > options.max_message_bytes {
-            return Err(fail(format!(
-                "encoded task is {} bytes, over the {} byte limit; pass large data as files on a shared volume",
-                body.len(),
-                options.max_message_bytes
-            )));
-        }
-        let short = |s: &str| {
-            ShortString::try_new(s).map_err(|_| fail(format!("'{s:.40}…' is too long for AMQP")))
-        };
-        let mut properties = message_properties(MESSAGE_TYPE_TASK)
-            .with_message_id(short(&task.id)?)
-            .with_correlation_id(short(batch)?)
-            .with_reply_to(short(&reply_to)?);
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.insert(HEADER_SEQ.into(), AMQPValue::LongUInt(seq));
-        headers.insert(
-            "x-warren-kind".into(),
-            AMQPValue::LongString(LongString::from(task.kind.as_str())),
-        );
-        properties = properties.with_headers(headers);
-        messages.push((body, properties));
+    (0..)
+        .zip(specs)
+        .map(|(seq, spec)| encode_task(spec, batch, seq, &submitted_at, options))
+        .collect()
+}
+
+/// Encodes task `seq` of `batch` with its AMQP properties: the identifying properties and headers
+/// let a worker answer even a task it cannot decode.
+pub(crate) fn encode_task(
+    spec: &TaskSpec,
+    batch: &str,
+    seq: u32,
+    submitted_at: &str,
+    options: &SubmitOptions,
+) -> Result<(Vec<u8>, BasicProperties), SubmitError> {
+    let reply_to = result_queue(batch);
+    let task = TaskEnvelope {
+        v: PROTOCOL_VERSION,
+        id: spec.id.clone().unwrap_or_else(protocol::new_id),
+        batch: batch.to_string(),
+        seq: Some(seq),
+        kind: spec.kind.clone(),
+        args: spec.args.clone(),
+        timeout_s: spec.timeout_s,
+        labels: spec.labels.clone(),
+        reply_to: reply_to.clone(),
+        submitted_at: Some(submitted_at.to_string()),
+    };
+    let body = protocol::encode(&task);
+    let fail = |message: String| SubmitError::Task {
+        index: seq as usize,
+        id: task.id.clone(),
+        message,
+    };
+    if body.len() > options.max_message_bytes {
+        return Err(fail(format!(
+            "encoded task is {} bytes, over the {} byte limit; pass large data as files on a shared volume",
+            body.len(),
+            options.max_message_bytes
+        )));
     }
-    Ok(messages)
+    let short = |s: &str| {
+        ShortString::try_new(s).map_err(|_| fail(format!("'{s:.40}…' is too long for AMQP")))
+    };
+    let properties = message_properties(MESSAGE_TYPE_TASK)
+        .with_message_id(short(&task.id)?)
+        .with_correlation_id(short(batch)?)
+        .with_reply_to(short(&reply_to)?);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(HEADER_SEQ.into(), AMQPValue::LongUInt(seq));
+    headers.insert(
+        HEADER_KIND.into(),
+        AMQPValue::LongString(LongString::from(task.kind.as_str())),
+    );
+    Ok((body, properties.with_headers(headers)))
 }

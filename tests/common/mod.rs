@@ -19,7 +19,9 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The `warren` binary under test.
 pub fn warren() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
-    cmd.env("WARREN_AMQP_URL", AMQP_URL).env("WARREN_LOG", "info,lapin=warn").kill_on_drop(true);
+    cmd.env("WARREN_AMQP_URL", AMQP_URL)
+        .env("WARREN_LOG", "info,lapin=warn")
+        .kill_on_drop(true);
     cmd
 }
 
@@ -30,7 +32,10 @@ pub fn unique_queue(test: &str) -> String {
 
 /// A scratch directory for one test.
 pub fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warren-test-{test}-{}", uuid::Uuid::now_v7().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "warren-test-{test}-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
@@ -52,7 +57,10 @@ impl WorkerProcess {
         let log = dir.join(format!("worker-{}.log", uuid::Uuid::now_v7().simple()));
         let file = std::fs::File::create(&log).expect("worker log");
         let mut cmd = warren();
-        cmd.args(["worker", "--queue", queue]).args(extra).stdout(Stdio::null()).stderr(file);
+        cmd.args(["worker", "--queue", queue])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(file);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -69,7 +77,11 @@ impl WorkerProcess {
     pub async fn wait_for_log(&self, needle: &str, count: usize, within: Duration) {
         let until = Instant::now() + within;
         while self.log_text().matches(needle).count() < count {
-            assert!(Instant::now() < until, "worker log never showed {count}x '{needle}':\n{}", self.log_text());
+            assert!(
+                Instant::now() < until,
+                "worker log never showed {count}x '{needle}':\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -100,11 +112,14 @@ pub struct Finished {
 /// Runs `warren ARGS` with `stdin`, failing the test if it takes longer than `within`.
 pub async fn run_warren(args: &[&str], stdin: Option<&str>, within: Duration) -> Finished {
     let mut cmd = warren();
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
     let mut child = cmd.spawn().expect("start warren");
     if let Some(text) = stdin {
         use tokio::io::AsyncWriteExt;
@@ -139,7 +154,9 @@ pub fn read_results(text: &str) -> Vec<Value> {
 
 /// A raw AMQP channel for publishing hand-made messages and inspecting queues.
 pub async fn raw_channel() -> (Connection, Channel) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("connect");
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("connect");
     let channel = conn.create_channel().await.expect("channel");
     (conn, channel)
 }
@@ -161,7 +178,9 @@ pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delive
 pub async fn delete_queues(queue: &str) {
     let (conn, channel) = raw_channel().await;
     for q in [queue.to_string(), format!("{queue}.dead")] {
-        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     let _ = conn.close(200, "bye".into()).await;
 }

@@ -29,7 +29,9 @@ impl Proxy {
                 }
                 let mut cut = cut_tx.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else { return };
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = cut.recv() => {}
@@ -37,7 +39,12 @@ impl Proxy {
                 });
             }
         });
-        Self { port, cut, refusing, task }
+        Self {
+            port,
+            cut,
+            refusing,
+            task,
+        }
     }
 
     /// The AMQP URL that goes through the proxy.

@@ -15,8 +15,8 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
     self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_SEQ, MESSAGE_TYPE_RESULT, PROTOCOL_VERSION,
-    ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_SEQ, MESSAGE_TYPE_RESULT,
+    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
 use warren_broker::topology::dead_letter_queue;
@@ -186,11 +186,7 @@ async fn reject_malformed(ctx: &Context, delivery: Delivery, error: &DecodeError
                 task_id,
                 batch,
                 seq: header_value(props, HEADER_SEQ).and_then(|s| s.parse().ok()),
-                kind: props
-                    .kind()
-                    .as_ref()
-                    .map(|k| k.to_string())
-                    .unwrap_or_default(),
+                kind: header_value(props, HEADER_KIND).unwrap_or_default(),
                 status: TaskStatus::Rejected,
                 output: Value::Null,
                 error: Some(task_error.clone()),
@@ -230,7 +226,9 @@ async fn reject_with_result(
             // The dead letter below keeps the message; a missing result queue is not a reason to wait.
             Ok(()) | Err(BrokerError::Unroutable { .. }) => {}
             Err(e) => {
-                return warn!("cannot publish the rejection ({e}); the message will be redelivered");
+                return warn!(
+                    "cannot publish the rejection ({e}); the message will be redelivered"
+                );
             }
         }
     }

@@ -1,0 +1,135 @@
+//! An open batch: tasks added one at a time and results read as they come, for programs that
+//! react to each result (interactive use, pipelines whose next step depends on the last).
+
+use std::time::SystemTime;
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use warren_broker::BrokerError;
+use warren_broker::connection::consumer_channel;
+use warren_broker::protocol::{self, ResultEnvelope};
+use warren_broker::publisher::Publisher;
+use warren_broker::topology::{self, manifest_queue, result_queue, short};
+
+use crate::spec::TaskSpec;
+use crate::submit::{SubmitError, SubmitOptions, Submitter, encode_task};
+
+/// Largest result message read.
+const MAX_RESULT_BYTES: usize = 64 << 20;
+
+/// A batch that stays open: [`OpenBatch::submit`] adds a task, [`OpenBatch::next_result`] reads a
+/// result. A result is acknowledged when the next one is requested or the batch is closed, so
+/// handle it before asking for the next; one not yet acknowledged is redelivered if the process
+/// dies. Results come at least once: compare `seq` to drop a repeat.
+pub struct OpenBatch {
+    batch: String,
+    options: SubmitOptions,
+    publisher: Publisher,
+    results: Channel,
+    consumer: Consumer,
+    next_seq: u32,
+    unacked: Option<Delivery>,
+}
+
+impl Submitter {
+    /// Opens a batch on this submitter's connection.
+    pub async fn open_batch(&mut self, options: &SubmitOptions) -> Result<OpenBatch, SubmitError> {
+        let batch = protocol::new_id();
+        let (connection, publisher) = self.connection().await?;
+        let publisher = publisher.clone();
+        topology::declare_task_queue(publisher.channel(), &options.queue).await?;
+        topology::declare_batch_queues(
+            publisher.channel(),
+            &batch,
+            &options.queue,
+            options.result_expiry,
+        )
+        .await?;
+        let results = consumer_channel(connection, 256).await?;
+        let consumer = results
+            .basic_consume(
+                short(&result_queue(&batch))?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::from)?;
+        Ok(OpenBatch {
+            batch,
+            options: options.clone(),
+            publisher,
+            results,
+            consumer,
+            next_seq: 0,
+            unacked: None,
+        })
+    }
+}
+
+impl OpenBatch {
+    /// The batch id.
+    pub fn id(&self) -> &str {
+        &self.batch
+    }
+
+    /// Publishes one task and waits for the broker's confirm; returns its `seq`.
+    pub async fn submit(&mut self, spec: &TaskSpec) -> Result<u32, SubmitError> {
+        let seq = self.next_seq;
+        let submitted_at = protocol::timestamp(SystemTime::now());
+        let (body, properties) = encode_task(spec, &self.batch, seq, &submitted_at, &self.options)?;
+        self.publisher
+            .publish(&self.options.queue, &body, properties)
+            .await?;
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Waits for the next result, acknowledging the previous one.
+    pub async fn next_result(&mut self) -> Result<ResultEnvelope, BrokerError> {
+        self.ack_previous().await?;
+        loop {
+            let delivery = match self.consumer.next().await {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(BrokerError::Invalid(format!(
+                        "the result queue of batch {} was deleted",
+                        self.batch
+                    )));
+                }
+            };
+            match protocol::decode_result(&delivery.data, MAX_RESULT_BYTES) {
+                Ok(result) => {
+                    self.unacked = Some(delivery);
+                    return Ok(result);
+                }
+                Err(e) => {
+                    tracing::warn!(batch = %self.batch, "skipping an unreadable message in the result queue: {e}");
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+            }
+        }
+    }
+
+    /// Acknowledges the last result and deletes the batch's queues.
+    pub async fn close(mut self) -> Result<(), BrokerError> {
+        self.ack_previous().await?;
+        for queue in [result_queue(&self.batch), manifest_queue(&self.batch)] {
+            self.results
+                .queue_delete(short(&queue)?, QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn ack_previous(&mut self) -> Result<(), BrokerError> {
+        if let Some(previous) = self.unacked.take() {
+            previous.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! End-to-end: what users see when input or configuration is wrong, and `warren status`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_bad_task_line_is_named_and_nothing_is_submitted() {
+    let queue = unique_queue("badline");
+    let dir = scratch("badline");
+    let file = dir.join("tasks.jsonl");
+    std::fs::write(
+        &file,
+        "{\"kind\":\"echo\"}\n{\"kind\":\"echo\",\"arg\":{}}\n",
+    )
+    .unwrap();
+    let done = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(2));
+    assert!(
+        done.stderr.contains("line 2") && done.stderr.contains("arg"),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stdout.is_empty(), "no batch id for a refused batch");
+    let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+    assert_eq!(
+        status.code,
+        Some(2),
+        "the queue was never created: {}",
+        status.stdout
+    );
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    let done = run_warren(&["submit"], None, MINUTE).await;
+    assert_eq!(done.code, Some(2));
+    assert!(done.stderr.contains("nothing to submit"), "{}", done.stderr);
+    let done = run_warren(&["worker", "--concurrency", "0"], None, MINUTE).await;
+    assert_eq!(done.code, Some(2));
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_named_without_the_password() {
+    let mut cmd = warren();
+    cmd.env("WARREN_AMQP_URL", "amqp://guest:topsecret@127.0.0.1:1/%2f");
+    let out = cmd
+        .args(["submit", "--retry-for", "1", "exec", "--", "true"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("amqp://guest:***@127.0.0.1:1/%2f"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Check that the broker is running"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("topsecret"), "password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn refused_credentials_fail_fast_for_submitters_and_workers() {
+    for args in [vec!["submit", "exec", "--", "true"], vec!["worker"]] {
+        let mut cmd = warren();
+        cmd.env("WARREN_AMQP_URL", "amqp://guest:wrong@127.0.0.1:5672/%2f");
+        let out = tokio::time::timeout(MINUTE, cmd.args(&args).output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("refused the login"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("wrong"), "password leaked: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_password_can_come_from_a_file() {
+    let queue = unique_queue("pwfile");
+    let dir = scratch("pwfile");
+    let secret = dir.join("password");
+    std::fs::write(&secret, "guest\n").unwrap();
+    let mut cmd = warren();
+    cmd.env("WARREN_AMQP_URL", "amqp://guest@127.0.0.1:5672/%2f")
+        .env("WARREN_AMQP_PASSWORD_FILE", &secret);
+    let out = cmd
+        .args(["submit", "--queue", &queue, "exec", "--", "true"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn a_queue_with_other_settings_is_a_clear_fatal_error() {
+    let queue = unique_queue("classic");
+    let (conn, channel) = raw_channel().await;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let done = run_warren(&["worker", "--queue", &queue], None, MINUTE).await;
+    assert_eq!(done.code, Some(2));
+    assert!(
+        done.stderr
+            .contains(&format!("queue '{queue}' exists with different settings")),
+        "{}",
+        done.stderr
+    );
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn status_shows_depth_and_dead_letters() {
+    let queue = unique_queue("status");
+    let dir = scratch("status");
+    let file = dir.join("t.jsonl");
+    write_tasks(
+        &file,
+        &[
+            serde_json::json!({"kind": "echo"}),
+            serde_json::json!({"kind": "echo"}),
+            serde_json::json!({"kind": "echo"}),
+        ],
+    );
+    let done = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    // The management API refreshes its figures every few seconds.
+    let status: Value = eventually(MINUTE, "status shows 3 ready tasks", || async {
+        let out = run_warren(&["status", "--queue", &queue, "--json"], None, MINUTE).await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        let v: Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        (v["tasks"]["ready"] == 3).then_some(v)
+    })
+    .await;
+    assert_eq!(status["tasks"]["source"], "management");
+    assert_eq!(status["tasks"]["unacked"], 0);
+    assert_eq!(status["dead_letters"]["queue"], format!("{queue}.dead"));
+    let table = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+    assert!(
+        table.stdout.contains("READY") && table.stdout.contains(&format!("{queue}.dead")),
+        "{}",
+        table.stdout
+    );
+    delete_queues(&queue).await;
+}

@@ -1,0 +1,138 @@
+//! The worker and submitter libraries used from Rust, against the real broker: custom handlers,
+//! and a panicking handler that must become a failed result rather than a stuck task.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use warren_broker::protocol::ResultEnvelope;
+use warren_submitter::{CollectOptions, Outcome, ResultSink, SubmitOptions, Submitter, TaskSpec};
+use warren_worker::{HandlerResult, Task, TaskFailure, Worker, WorkerConfig};
+
+#[derive(Default)]
+struct Collected(Vec<ResultEnvelope>);
+
+impl ResultSink for Collected {
+    fn write(&mut self, result: &ResultEnvelope) -> std::io::Result<()> {
+        self.0.push(result.clone());
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn spec(kind: &str, args: Value) -> TaskSpec {
+    TaskSpec {
+        kind: kind.into(),
+        args,
+        timeout_s: None,
+        id: Some(kind.into()),
+        labels: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_handlers_run_and_a_panic_is_a_failed_result() {
+    let queue = format!("test.library.{}", uuid_like());
+    let worker = Worker::new(WorkerConfig {
+        concurrency: 2,
+        ..WorkerConfig::new(queue.clone())
+    })
+    .handler("double", |task: Task| async move {
+        let n: i64 = task.args_as()?;
+        HandlerResult::Ok(json!(n * 2))
+    })
+    .handler("refuse", |_task: Task| async move {
+        HandlerResult::Err(TaskFailure::failed("nope", "refused on purpose"))
+    })
+    .handler("panic", |_task: Task| async move {
+        if true {
+            panic!("handler bug");
+        }
+        HandlerResult::Ok(Value::Null)
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut submitter = Submitter::new(Default::default(), "library-test");
+    let tasks = vec![
+        spec("double", json!(21)),
+        spec("refuse", Value::Null),
+        spec("panic", Value::Null),
+        spec("double", json!("x")).with_id("bad-args"),
+    ];
+    let receipt = submitter
+        .submit(&tasks, &SubmitOptions::new(queue.clone()))
+        .await
+        .expect("submit");
+    let mut sink = Collected::default();
+    let options = CollectOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let outcome = submitter
+        .collect(
+            &receipt.batch,
+            &mut sink,
+            &mut (),
+            &options,
+            std::future::pending(),
+        )
+        .await
+        .expect("collect");
+    assert!(matches!(outcome, Outcome::Complete(_)), "{outcome:?}");
+    let by_id = |id: &str| sink.0.iter().find(|r| r.task_id == id).cloned().expect(id);
+    assert_eq!(by_id("double").output, json!(42));
+    assert_eq!(by_id("refuse").error.unwrap().kind, "nope");
+    let panicked = by_id("panic");
+    assert_eq!(
+        (
+            panicked.status.as_str(),
+            panicked.error.unwrap().kind.as_str()
+        ),
+        ("failed", "handler_panicked")
+    );
+    let bad = by_id("bad-args");
+    assert_eq!(
+        (bad.status.as_str(), bad.error.unwrap().kind.as_str()),
+        ("rejected", "invalid_args")
+    );
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("worker stops")
+        .expect("join")
+        .expect("clean exit");
+    let (connection, _) = submitter.connection().await.expect("connection");
+    let channel = connection.create_channel().await.expect("channel");
+    for q in [queue.clone(), format!("{queue}.dead")] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+trait WithId {
+    fn with_id(self, id: &str) -> Self;
+}
+
+impl WithId for TaskSpec {
+    fn with_id(mut self, id: &str) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
