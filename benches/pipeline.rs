@@ -95,6 +95,51 @@ async fn declare_reply_queue(channel: &Channel, name: &str) -> lapin::Result<()>
     Ok(())
 }
 
+/// The client side of the ceiling: a confirm-mode publishing channel, a consumer of the replies,
+/// and the properties every task carries.
+async fn raw_client(
+    client: &Connection,
+    replies: &str,
+    prefetch: u16,
+) -> lapin::Result<(Channel, lapin::Consumer, BasicProperties)> {
+    let publish = client.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = client.create_channel().await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = consume
+        .basic_consume(
+            replies.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_reply_to(replies.into());
+    Ok((publish, consumer, props))
+}
+
+const RAW_BODY: &[u8] = br#"{"i":1}"#;
+
+async fn raw_publish(
+    channel: &Channel,
+    queue: &str,
+    props: &BasicProperties,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    channel
+        .basic_publish("".into(), queue.into(), options, RAW_BODY, props.clone())
+        .await
+}
+
 /// Raw lapin: publish `n` tasks with confirms (1024 in flight) while consuming the replies.
 async fn raw_throughput(
     client: &Connection,
@@ -102,102 +147,43 @@ async fn raw_throughput(
     replies: &str,
     n: usize,
 ) -> lapin::Result<Duration> {
-    let publish = client.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let consume = client.create_channel().await?;
-    consume.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = consume
-        .basic_consume(
-            replies.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (publish, mut consumer, props) = raw_client(client, replies, 1000).await?;
     let started = Instant::now();
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_reply_to(replies.into());
-    let body = br#"{"i":1}"#;
+    let queue = queue.to_string();
     let publisher = tokio::spawn(async move {
         let mut window = std::collections::VecDeque::new();
         for _ in 0..n {
             if window.len() >= 1024 {
-                let c: lapin::PublisherConfirm = window.pop_front().expect("window");
-                c.await?;
+                let confirm: lapin::PublisherConfirm = window.pop_front().expect("window");
+                confirm.await?;
             }
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            };
-            window.push_back(
-                publish
-                    .basic_publish("".into(), queue_name(), options, body, props.clone())
-                    .await?,
-            );
+            window.push_back(raw_publish(&publish, &queue, &props).await?);
         }
-        for c in window {
-            c.await?;
+        for confirm in window {
+            confirm.await?;
         }
         lapin::Result::Ok(())
     });
-    let mut received = 0;
-    while received < n {
+    for _ in 0..n {
         let delivery = consumer.next().await.expect("reply stream")?;
-        received += 1;
-        delivery.ack(BasicAckOptions { multiple: false }).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
     }
     publisher.await.expect("publisher task")?;
-    let _ = queue;
     Ok(started.elapsed())
-}
-
-static QUEUE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-fn queue_name() -> lapin::types::ShortString {
-    QUEUE_NAME.get().expect("queue name set").as_str().into()
 }
 
 /// Raw lapin: one task at a time, publish-with-confirm to reply consumed.
 async fn raw_latency(
     client: &Connection,
+    queue: &str,
     replies: &str,
     rounds: usize,
 ) -> lapin::Result<Vec<Duration>> {
-    let publish = client.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let consume = client.create_channel().await?;
-    let mut consumer = consume
-        .basic_consume(
-            replies.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_reply_to(replies.into());
+    let (publish, mut consumer, props) = raw_client(client, replies, 1).await?;
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let started = Instant::now();
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        publish
-            .basic_publish(
-                "".into(),
-                queue_name(),
-                options,
-                br#"{"i":1}"#,
-                props.clone(),
-            )
-            .await?
-            .await?;
+        raw_publish(&publish, queue, &props).await?.await?;
         let delivery = consumer.next().await.expect("reply")?;
         delivery.ack(BasicAckOptions::default()).await?;
         samples.push(started.elapsed());
@@ -223,38 +209,35 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Median of three or more durations.
+fn median(mut runs: Vec<Duration>) -> Duration {
+    runs.sort();
+    runs[runs.len() / 2]
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks = env_or("BENCH_TASKS", 20_000);
     let rounds = env_or("BENCH_ROUNDS", 500);
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
+    let repeats = env_or("BENCH_REPEATS", 3).max(1);
     let tag = std::process::id();
     println!(
-        "pipeline benchmark: {tasks} echo tasks, {rounds} sequential round trips, concurrency {concurrency}"
+        "pipeline benchmark: {tasks} echo tasks x {repeats} interleaved runs (median), \
+         {rounds} sequential round trips, concurrency {concurrency}"
     );
 
-    // (a) the raw-lapin ceiling
+    // (a) the raw-lapin ceiling: its worker runs in this process, on its own connection.
     let raw_queue = format!("bench.raw.{tag}");
     let raw_replies = format!("bench.raw.{tag}.replies");
-    QUEUE_NAME.set(raw_queue.clone()).ok();
     let worker_conn = Connection::connect(URL, ConnectionProperties::default()).await?;
     let client = Connection::connect(URL, ConnectionProperties::default()).await?;
     let setup = client.create_channel().await?;
     declare_task_queue(&setup, &raw_queue).await?;
     declare_reply_queue(&setup, &raw_replies).await?;
     raw_worker(&worker_conn, &raw_queue, concurrency as u16).await?;
-    raw_throughput(&client, &raw_queue, &raw_replies, 1000).await?; // warm-up
-    let raw_time = raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?;
-    let mut raw_lat = raw_latency(&client, &raw_replies, rounds).await?;
-    raw_lat.sort();
-    for q in [&raw_queue, &raw_replies, &format!("{raw_queue}.dead")] {
-        let _ = setup
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = worker_conn.close(200, "done".into()).await;
 
-    // (b) Warren: the real worker binary, the submitter library
+    // (b) Warren: the real worker binary; tasks through the submitter library.
     let queue = format!("bench.warren.{tag}");
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren"))
         .args([
@@ -302,9 +285,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert!(matches!(outcome, Outcome::Complete(_)) && sink.0 == specs.len());
         Ok(started.elapsed())
     };
-    run_batch(&specs[..1000]).await?; // warm-up
-    let warren_time = run_batch(&specs).await?;
+
+    // Throughput, interleaved so both see the same broker state.
+    raw_throughput(&client, &raw_queue, &raw_replies, 1000).await?;
+    run_batch(&specs[..1000]).await?;
+    let (mut raw_runs, mut warren_runs) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        raw_runs.push(raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?);
+        warren_runs.push(run_batch(&specs).await?);
+    }
     let busy_rss = rss_kib(worker_pid);
+    let raw_rate = tasks as f64 / median(raw_runs.clone()).as_secs_f64();
+    let warren_rate = tasks as f64 / median(warren_runs.clone()).as_secs_f64();
+
+    // Latency of single sequential tasks.
+    let mut raw_lat = raw_latency(&client, &raw_queue, &raw_replies, rounds).await?;
+    raw_lat.sort();
     let mut open = submitter.open_batch(&options).await?;
     let mut warren_lat = Vec::with_capacity(rounds);
     for spec in specs.iter().take(rounds) {
@@ -316,51 +312,56 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     open.close().await?;
     warren_lat.sort();
+
     let _ = worker.start_kill();
     let _ = worker.wait().await;
-    let (conn, ch) = (
-        Connection::connect(URL, ConnectionProperties::default()).await?,
-        None::<Channel>,
-    );
-    let cleanup = conn.create_channel().await?;
-    for q in [queue.clone(), format!("{queue}.dead")] {
-        let _ = cleanup
+    let _ = worker_conn.close(200, "done".into()).await;
+    for q in [
+        &raw_queue,
+        &raw_replies,
+        &format!("{raw_queue}.dead"),
+        &queue,
+        &format!("{queue}.dead"),
+    ] {
+        let _ = setup
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    drop(ch);
 
-    let raw_rate = tasks as f64 / raw_time.as_secs_f64();
-    let warren_rate = tasks as f64 / warren_time.as_secs_f64();
+    let rates = |runs: &[Duration]| {
+        runs.iter()
+            .map(|d| format!("{:.0}", tasks as f64 / d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!();
     println!(
-        "{:<28} {:>12} {:>10} {:>10}",
+        "{:<20} {:>12} {:>10} {:>10}   runs (tasks/s)",
         "", "tasks/s", "p50 ms", "p99 ms"
     );
-    println!(
-        "{:<28} {:>12.0} {:>10.2} {:>10.2}",
-        "raw lapin ceiling",
-        raw_rate,
-        ms(percentile(&raw_lat, 0.5)),
-        ms(percentile(&raw_lat, 0.99))
-    );
-    println!(
-        "{:<28} {:>12.0} {:>10.2} {:>10.2}",
-        "warren",
-        warren_rate,
-        ms(percentile(&warren_lat, 0.5)),
-        ms(percentile(&warren_lat, 0.99))
-    );
+    for (name, rate, latencies, runs) in [
+        ("raw lapin ceiling", raw_rate, &raw_lat, &raw_runs),
+        ("warren", warren_rate, &warren_lat, &warren_runs),
+    ] {
+        let (p50, p99) = (
+            ms(percentile(latencies, 0.5)),
+            ms(percentile(latencies, 0.99)),
+        );
+        println!(
+            "{name:<20} {rate:>12.0} {p50:>10.2} {p99:>10.2}   {}",
+            rates(runs)
+        );
+    }
     println!(
         "warren/ceiling: throughput {:.2}x (target >= 0.8), p50 latency {:.2}x (target <= 1.5)",
         warren_rate / raw_rate,
         percentile(&warren_lat, 0.5).as_secs_f64() / percentile(&raw_lat, 0.5).as_secs_f64()
     );
-    let kib = |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    let mib = |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     println!(
-        "warren worker resident memory: idle {} (target <= 15 MiB), after the batch {}",
-        kib(idle_rss),
-        kib(busy_rss)
+        "warren worker resident memory: idle {} (target <= 15 MiB), after the runs {}",
+        mib(idle_rss),
+        mib(busy_rss)
     );
     Ok(())
 }

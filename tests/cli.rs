@@ -5,8 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::Value;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -21,18 +19,7 @@ async fn a_bad_task_line_is_named_and_nothing_is_submitted() {
         "{\"kind\":\"echo\"}\n{\"kind\":\"echo\",\"arg\":{}}\n",
     )
     .unwrap();
-    let done = run_warren(
-        &[
-            "submit",
-            "--queue",
-            &queue,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        None,
-        MINUTE,
-    )
-    .await;
+    let done = submit_file(&queue, &file, &[]).await;
     assert_eq!(done.code, Some(2));
     assert!(
         done.stderr.contains("line 2") && done.stderr.contains("arg"),
@@ -123,14 +110,7 @@ async fn the_password_can_come_from_a_file() {
 async fn a_queue_with_other_settings_is_a_clear_fatal_error() {
     let queue = unique_queue("classic");
     let (conn, channel) = raw_channel().await;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_classic(&channel, &queue).await;
     let done = run_warren(&["worker", "--queue", &queue], None, MINUTE).await;
     assert_eq!(done.code, Some(2));
     assert!(
@@ -159,18 +139,7 @@ async fn status_shows_depth_and_dead_letters() {
             serde_json::json!({"kind": "echo"}),
         ],
     );
-    let done = run_warren(
-        &[
-            "submit",
-            "--queue",
-            &queue,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        None,
-        MINUTE,
-    )
-    .await;
+    let done = submit_file(&queue, &file, &[]).await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     // The management API refreshes its figures every few seconds.
     let status: Value = eventually(MINUTE, "status shows 3 ready tasks", || async {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -24,19 +24,10 @@ async fn a_batch_of_1000_echo_tasks_returns_1000_matching_results() {
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);
     let out = dir.join("results.jsonl");
-    let done = run_warren(
-        &[
-            "submit",
-            "--queue",
-            &queue,
-            "--file",
-            file.to_str().unwrap(),
-            "--wait",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        None,
-        MINUTE,
+    let done = submit_file(
+        &queue,
+        &file,
+        &["--wait", "--output", out.to_str().unwrap()],
     )
     .await;
     assert_eq!(done.code, Some(0), "stderr: {}", done.stderr);
@@ -114,19 +105,7 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     ];
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);
-    let done = run_warren(
-        &[
-            "submit",
-            "--queue",
-            &queue,
-            "--file",
-            file.to_str().unwrap(),
-            "--wait",
-        ],
-        None,
-        MINUTE,
-    )
-    .await;
+    let done = submit_file(&queue, &file, &["--wait"]).await;
     assert_eq!(
         done.code,
         Some(1),
@@ -248,14 +227,7 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     worker.wait_for_log("consuming", 1, MINUTE).await;
     let (conn, channel) = raw_channel().await;
     channel.confirm_select(Default::default()).await.unwrap();
-    channel
-        .queue_declare(
-            replies.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_classic(&channel, &replies).await;
 
     let pack = |v: &Value| rmp_serde::to_vec_named(v).unwrap();
     let mut no_kind = envelope("missing", "echo", &replies, json!(null));

@@ -23,12 +23,7 @@ fn sleep_tasks(n: usize, ms: u64) -> Vec<Value> {
 async fn submit_only(queue: &str, dir: &std::path::Path, tasks: &[Value]) -> String {
     let file = dir.join(format!("tasks-{}.jsonl", uuid::Uuid::now_v7().simple()));
     write_tasks(&file, tasks);
-    let done = run_warren(
-        &["submit", "--queue", queue, "--file", file.to_str().unwrap()],
-        None,
-        MINUTE,
-    )
-    .await;
+    let done = submit_file(queue, &file, &[]).await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     done.stdout.trim().to_string()
 }

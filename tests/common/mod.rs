@@ -212,3 +212,23 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `warren submit --queue QUEUE --file FILE EXTRA...`.
+pub async fn submit_file(queue: &str, file: &Path, extra: &[&str]) -> Finished {
+    let file = file.to_str().expect("utf-8 path");
+    let mut args = vec!["submit", "--queue", queue, "--file", file];
+    args.extend_from_slice(extra);
+    run_warren(&args, None, Duration::from_secs(60)).await
+}
+
+/// Declares a durable classic queue, as another tool might.
+pub async fn declare_classic(channel: &Channel, queue: &str) {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions::durable(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare classic queue");
+}
