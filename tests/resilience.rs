@@ -276,3 +276,55 @@ async fn tasks_past_the_grace_period_go_back_to_the_queue() {
     assert_eq!(results[0]["attempt"], 2);
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_whose_connection_drops_republishes_what_was_unconfirmed() {
+    let queue = unique_queue("subcut");
+    let dir = scratch("subcut");
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..5000)
+            .map(|i| json!({"kind": "echo", "args": {"i": i}}))
+            .collect::<Vec<_>>(),
+    );
+    // Cut the submitter's connection part-way through publishing the batch.
+    proxy.cut_after_upstream_bytes(300_000);
+    let submitted = warren()
+        .env("WARREN_AMQP_URL", proxy.url())
+        .args([
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&submitted.stderr);
+    assert_eq!(submitted.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("publishing interrupted"),
+        "the cut happened mid-batch: {stderr}"
+    );
+    let batch = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    let _worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
+    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let results = read_results(&waited.stdout);
+    assert_eq!(
+        seqs(&results),
+        (0..5000).collect(),
+        "every task arrived despite the cut"
+    );
+    assert_eq!(
+        results.len(),
+        5000,
+        "duplicates from republishing are written once"
+    );
+    delete_queues(&queue).await;
+}

@@ -1,9 +1,10 @@
-//! A TCP proxy the tests control, standing between a worker and RabbitMQ so a test can cut the
-//! worker's connections without touching the shared broker.
+//! A TCP proxy the tests control, standing between a Warren process and RabbitMQ so a test can
+//! cut connections without touching the shared broker.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
@@ -11,6 +12,7 @@ pub struct Proxy {
     pub port: u16,
     cut: broadcast::Sender<()>,
     refusing: Arc<AtomicBool>,
+    cut_after: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -21,28 +23,22 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let (cut, _) = broadcast::channel(4);
         let refusing = Arc::new(AtomicBool::new(false));
-        let (cut_tx, refuse) = (cut.clone(), Arc::clone(&refusing));
+        let cut_after = Arc::new(AtomicU64::new(0));
+        let (cut_tx, refuse, limit) = (cut.clone(), Arc::clone(&refusing), Arc::clone(&cut_after));
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
                     continue; // dropped: the connection is closed at once
                 }
-                let mut cut = cut_tx.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.recv() => {}
-                    }
-                });
+                let cut = cut_tx.subscribe();
+                tokio::spawn(forward(client, target, cut, Arc::clone(&limit)));
             }
         });
         Self {
             port,
             cut,
             refusing,
+            cut_after,
             task,
         }
     }
@@ -60,6 +56,48 @@ impl Proxy {
     /// While true, new connections are closed as soon as they are accepted (broker "down").
     pub fn refuse(&self, refuse: bool) {
         self.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Cuts the next connection once it has sent `bytes` towards the broker (once).
+    pub fn cut_after_upstream_bytes(&self, bytes: u64) {
+        self.cut_after.store(bytes, Ordering::SeqCst);
+    }
+}
+
+async fn forward(
+    client: TcpStream,
+    target: &str,
+    mut cut: broadcast::Receiver<()>,
+    limit: Arc<AtomicU64>,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async {
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            sent += n as u64;
+            let armed = limit.load(Ordering::SeqCst);
+            if armed > 0 && sent >= armed && limit.swap(0, Ordering::SeqCst) > 0 {
+                return; // mid-stream cut: both sockets close when this task ends
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = tokio::io::copy(&mut server_read, &mut client_write);
+    tokio::select! {
+        () = upstream => {}
+        _ = downstream => {}
+        _ = cut.recv() => {}
     }
 }
 
