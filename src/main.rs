@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use warren_broker::AmqpSettings;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
+use warren_deploy::config;
+use warren_deploy::run::{AutoscaleOptions, autoscale};
 use warren_submitter::commands::{
     self, EXIT_USAGE_OR_CONNECTION, SubmitCommand, TaskSource, WaitCommand,
 };
@@ -53,6 +55,75 @@ enum Command {
     Wait(WaitArgs),
     /// Show a task queue's depth, consumers and dead letters.
     Status(StatusArgs),
+    /// Size worker pools by queue depth: a Kubernetes Deployment, or local worker processes.
+    Autoscale(AutoscaleArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Local,
+    Kubernetes,
+}
+
+#[derive(Args)]
+struct AutoscaleArgs {
+    /// Pools file (TOML) describing several queue → pool pairs; replaces the one-pool flags.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Task queue whose depth sizes the pool.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Where the workers run.
+    #[arg(long, value_enum, default_value_t = BackendArg::Local)]
+    backend: BackendArg,
+    /// Namespace of the worker Deployment (kubernetes backend).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Name of the worker Deployment (kubernetes backend).
+    #[arg(long)]
+    deployment: Option<String>,
+    /// Kubeconfig context (kubernetes backend outside a cluster; inside a pod the service account is used).
+    #[arg(long)]
+    context: Option<String>,
+    /// Fewest workers.
+    #[arg(long, default_value_t = 0)]
+    min: u32,
+    /// Most workers.
+    #[arg(long, default_value_t = 10)]
+    max: u32,
+    /// Backlog (ready + running tasks) each worker should carry; usually the worker's --concurrency.
+    #[arg(long, default_value_t = 4)]
+    tasks_per_worker: u32,
+    /// Backlog needed to start workers when there are none.
+    #[arg(long, default_value_t = 1)]
+    activation: u64,
+    /// Seconds between polls of the queue.
+    #[arg(long, default_value_t = 2.0)]
+    poll: f64,
+    /// Seconds the wanted size must stay lower before workers are stopped.
+    #[arg(long, default_value_t = 60.0)]
+    scale_down_window: f64,
+    /// Seconds the queue must stay empty before the last worker is stopped.
+    #[arg(long, default_value_t = 120.0)]
+    idle_to_zero: f64,
+    /// Size to fall back to when the queue cannot be probed three times in a row.
+    #[arg(long)]
+    fallback_replicas: Option<u32>,
+    /// Observe and log decisions; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9478")]
+    metrics_addr: std::net::SocketAddr,
+    /// Management API base URL (default: port 15672 of the AMQP host).
+    #[arg(long, env = "WARREN_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    /// Seconds local workers get to finish their tasks when the autoscaler stops.
+    #[arg(long, default_value_t = 60.0)]
+    stop_grace: f64,
+    /// Worker command for the local backend, after `--`.
+    #[arg(last = true, value_name = "WORKER COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -218,6 +289,53 @@ async fn run(command: Command, amqp: AmqpSettings) -> u8 {
         Command::Status(args) => {
             commands::status(amqp, args.management_url.as_deref(), &args.queue, args.json).await
         }
+        Command::Autoscale(args) => run_autoscaler(args, amqp).await,
+    }
+}
+
+async fn run_autoscaler(args: AutoscaleArgs, amqp: AmqpSettings) -> u8 {
+    let pools = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match config::parse(&text) {
+                Ok(file) => file.pools,
+                Err(e) => return usage(&format!("{}: {e}", path.display())),
+            },
+            Err(e) => return usage(&format!("cannot read {}: {e}", path.display())),
+        },
+        None => vec![config::PoolEntry {
+            queue: args.queue,
+            backend: match args.backend {
+                BackendArg::Local => config::BackendKind::Local,
+                BackendArg::Kubernetes => config::BackendKind::Kubernetes,
+            },
+            namespace: args.namespace,
+            deployment: args.deployment,
+            context: args.context,
+            command: args.command,
+            min: args.min,
+            max: args.max,
+            tasks_per_worker: args.tasks_per_worker,
+            activation: args.activation,
+            poll_s: args.poll,
+            scale_down_window_s: args.scale_down_window,
+            idle_to_zero_s: args.idle_to_zero,
+            fallback_replicas: args.fallback_replicas,
+        }],
+    };
+    let Some(stop_grace) = seconds(args.stop_grace) else {
+        return usage("--stop-grace must be a positive number of seconds");
+    };
+    let options = AutoscaleOptions {
+        amqp,
+        management_url: args.management_url,
+        metrics_addr: Some(args.metrics_addr),
+        dry_run: args.dry_run,
+        stop_grace,
+        not_ready_after: Duration::from_secs(300),
+    };
+    match autoscale(pools, options, warren_worker::shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(e) => usage(&e),
     }
 }
 

@@ -61,6 +61,34 @@ struct ApiQueue {
     message_stats: Option<ApiStats>,
 }
 
+/// How busy one worker is, from the management API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerLoad {
+    /// The worker's name (its consumer tag).
+    pub name: String,
+    /// Tasks it holds unacknowledged (running).
+    pub unacked: u64,
+}
+
+#[derive(Deserialize)]
+struct ApiConsumer {
+    queue: ApiName,
+    consumer_tag: String,
+    channel_details: ApiName,
+}
+
+#[derive(Deserialize)]
+struct ApiName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ApiChannel {
+    name: String,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+}
+
 #[derive(Deserialize)]
 struct ApiStats {
     publish_details: Option<ApiRate>,
@@ -102,44 +130,48 @@ impl Management {
         &self.base
     }
 
+    /// How many tasks each consumer of `queue` holds, by worker name (the consumer tag). The API
+    /// refreshes these figures every few seconds, so they are a hint, not a guarantee.
+    pub async fn worker_loads(&self, queue: &str) -> Result<Vec<WorkerLoad>, BrokerError> {
+        let vhost = encode_path(&self.vhost);
+        let consumers: Vec<ApiConsumer> = self.get_json(&format!("/api/consumers/{vhost}")).await?;
+        let channels: Vec<ApiChannel> = self
+            .get_json(&format!(
+                "/api/vhosts/{vhost}/channels?columns=name,messages_unacknowledged"
+            ))
+            .await?;
+        let unacked: std::collections::HashMap<&str, u64> = channels
+            .iter()
+            .map(|c| (c.name.as_str(), c.messages_unacknowledged))
+            .collect();
+        Ok(consumers
+            .iter()
+            .filter(|c| c.queue.name == queue)
+            .map(|c| WorkerLoad {
+                name: c.consumer_tag.clone(),
+                unacked: unacked
+                    .get(c.channel_details.name.as_str())
+                    .copied()
+                    .unwrap_or(0),
+            })
+            .collect())
+    }
+
     /// Fetches one queue's figures.
     pub async fn queue(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
-        let url = format!(
-            "{}/api/queues/{}/{}",
-            self.base,
+        let path = format!(
+            "/api/queues/{}/{}",
             encode_path(&self.vhost),
             encode_path(queue)
         );
-        let fail = |detail: String| BrokerError::Management {
-            url: self.base.clone(),
-            detail,
-        };
-        let response = self
-            .http
-            .get(&url)
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        match response.status().as_u16() {
-            200 => {}
-            404 => {
+        let q: ApiQueue = match self.get_json(&path).await {
+            Err(BrokerError::Management { detail, .. }) if detail.starts_with("HTTP 404") => {
                 return Err(BrokerError::QueueNotFound {
                     queue: queue.to_string(),
                 });
             }
-            401 | 403 => {
-                return Err(fail(
-                    "credentials refused (the user needs the 'monitoring' or 'management' tag)"
-                        .into(),
-                ));
-            }
-            code => return Err(fail(format!("HTTP {code}"))),
-        }
-        let q: ApiQueue = response
-            .json()
-            .await
-            .map_err(|e| fail(format!("unexpected reply: {e}")))?;
+            other => other?,
+        };
         let stats = q.message_stats.as_ref();
         Ok(QueueDepth {
             queue: queue.to_string(),
@@ -152,6 +184,30 @@ impl Management {
             ack_rate: stats.and_then(|s| s.ack_details.as_ref()).map(|r| r.rate),
             source: DepthSource::Management,
         })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, BrokerError> {
+        let fail = |detail: String| BrokerError::Management {
+            url: self.base.clone(),
+            detail,
+        };
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match response.status().as_u16() {
+            200 => response
+                .json()
+                .await
+                .map_err(|e| fail(format!("unexpected reply from {path}: {e}"))),
+            401 | 403 => Err(fail(
+                "credentials refused (the user needs the 'monitoring' or 'management' tag)".into(),
+            )),
+            code => Err(fail(format!("HTTP {code} from {path}"))),
+        }
     }
 }
 

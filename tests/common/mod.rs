@@ -54,18 +54,35 @@ impl WorkerProcess {
 
     /// Like `start`, with extra environment variables.
     pub fn start_with(queue: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let log = dir.join(format!("worker-{}.log", uuid::Uuid::now_v7().simple()));
-        let file = std::fs::File::create(&log).expect("worker log");
+        let mut args = vec!["worker", "--queue", queue];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, dir, env)
+    }
+
+    /// Starts `warren ARGS...` in the background with its stderr in a log file.
+    pub fn spawn(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        let log = dir.join(format!("{}-{}.log", args[0], uuid::Uuid::now_v7().simple()));
+        let file = std::fs::File::create(&log).expect("process log");
         let mut cmd = warren();
-        cmd.args(["worker", "--queue", queue])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(file);
+        cmd.args(args).stdout(Stdio::null()).stderr(file);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start warren worker");
+        let child = cmd.spawn().expect("start warren");
         Self { child, log }
+    }
+
+    /// The metrics URL the process logged (`metrics on http://ADDR/metrics`).
+    pub async fn metrics_url(&self) -> String {
+        self.wait_for_log("metrics on http://", 1, Duration::from_secs(30))
+            .await;
+        let log = self.log_text();
+        let start = log.find("metrics on http://").expect("metrics line") + "metrics on ".len();
+        log[start..]
+            .split_whitespace()
+            .next()
+            .expect("url")
+            .to_string()
     }
 
     /// The worker's log so far.
@@ -231,4 +248,22 @@ pub async fn declare_classic(channel: &Channel, queue: &str) {
         )
         .await
         .expect("declare classic queue");
+}
+
+/// Fetches a Prometheus text page.
+pub async fn scrape(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text page (labels as written, sorted).
+pub fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

@@ -1,0 +1,213 @@
+//! The control loop of one pool: probe the queue, read the pool, ask the policy, apply the answer.
+//! All judgement is in `policy::decide`; this loop only talks to the outside world.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::policy::{Decision, Depth, Input, PolicyConfig, PolicyState, Reason, decide};
+use crate::probe::DepthProbe;
+
+/// One pool: a queue, its policy, and how often to look.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// Task queue whose depth sizes the pool (also the metrics' `pool` label).
+    pub queue: String,
+    /// The policy's knobs.
+    pub policy: PolicyConfig,
+    /// Time between polls.
+    pub poll: Duration,
+    /// Observe and log decisions, change nothing.
+    pub dry_run: bool,
+}
+
+/// Runs the loop for one pool until `stop` is cancelled, then shuts the backend down.
+pub async fn run_pool<B: Backend>(
+    spec: PoolSpec,
+    mut backend: B,
+    mut probe: DepthProbe,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let pool = spec.queue.as_str();
+    info!(pool, backend = %backend.describe(), min = spec.policy.min, max = spec.policy.max, dry_run = spec.dry_run, "autoscaling");
+    let started = Instant::now();
+    let mut state = PolicyState::default();
+    let mut last_reason = None;
+    let mut woke_at: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(spec.poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let depth = match probe.depth(pool).await {
+            Ok(d) => {
+                metrics.ready.with_label_values(&[pool]).set(d.ready as f64);
+                metrics
+                    .unacked
+                    .with_label_values(&[pool])
+                    .set(d.unacked.unwrap_or(0) as f64);
+                metrics
+                    .consumers
+                    .with_label_values(&[pool])
+                    .set(d.consumers as f64);
+                for source in ["management", "passive_declare"] {
+                    let using = matches!(
+                        (source, d.source),
+                        ("management", warren_broker::depth::DepthSource::Management)
+                            | (
+                                "passive_declare",
+                                warren_broker::depth::DepthSource::PassiveDeclare
+                            )
+                    );
+                    metrics
+                        .probe_source
+                        .with_label_values(&[pool, source])
+                        .set(if using { 1.0 } else { 0.0 });
+                }
+                Some(Depth {
+                    ready: d.ready,
+                    unacked: d.unacked,
+                })
+            }
+            Err(e) => {
+                warn!(pool, "cannot read the queue depth: {e}");
+                metrics.errors.with_label_values(&[pool, "probe"]).inc();
+                None
+            }
+        };
+        let status = match backend.status().await {
+            Ok(s) => s,
+            Err(e) => {
+                error!(pool, "{e}");
+                metrics
+                    .errors
+                    .with_label_values(&[pool, e.kind.as_str()])
+                    .inc();
+                continue;
+            }
+        };
+        metrics
+            .current
+            .with_label_values(&[pool])
+            .set(f64::from(status.replicas));
+        metrics
+            .stalled
+            .with_label_values(&[pool])
+            .set(f64::from(status.stalled));
+        if let Some(at) = woke_at
+            && status.ready > 0
+        {
+            metrics
+                .backlog_to_ready
+                .with_label_values(&[pool])
+                .observe(at.elapsed().as_secs_f64());
+            info!(
+                pool,
+                seconds = format!("{:.1}", at.elapsed().as_secs_f64()),
+                "first worker ready after waking from zero"
+            );
+            woke_at = None;
+        }
+        let input = Input {
+            now: started.elapsed(),
+            depth,
+            current: status.replicas,
+            stalled: status.stalled,
+        };
+        let (decision, next) = decide(&spec.policy, &state, &input);
+        state = next;
+        metrics
+            .desired
+            .with_label_values(&[pool])
+            .set(f64::from(decision.desired));
+        metrics.unhealthy.with_label_values(&[pool]).set(
+            if decision.reason == Reason::PoolUnhealthy {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        metrics.set_ready(true);
+        log_decision(
+            pool,
+            &decision,
+            &input,
+            status.stalled_detail.as_deref(),
+            &mut last_reason,
+        );
+        if decision.desired == status.replicas || spec.dry_run {
+            continue;
+        }
+        let shrinking = decision.desired < status.replicas;
+        let loads = if shrinking {
+            probe.worker_loads(pool).await
+        } else {
+            Vec::new()
+        };
+        match backend.scale(decision.desired, &loads).await {
+            Ok(()) => {
+                let direction = if shrinking { "down" } else { "up" };
+                metrics
+                    .scale_events
+                    .with_label_values(&[pool, direction])
+                    .inc();
+                if status.replicas == 0 {
+                    woke_at = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                error!(pool, "{e}");
+                metrics
+                    .errors
+                    .with_label_values(&[pool, e.kind.as_str()])
+                    .inc();
+            }
+        }
+    }
+    info!(pool, "autoscaler stopping");
+    if !spec.dry_run {
+        backend.shutdown().await;
+    }
+}
+
+fn log_decision(
+    pool: &str,
+    decision: &Decision,
+    input: &Input,
+    stalled: Option<&str>,
+    last: &mut Option<Reason>,
+) {
+    let (ready, unacked) = input
+        .depth
+        .map_or((None, None), |d| (Some(d.ready), d.unacked));
+    let changed = decision.desired != input.current;
+    if changed || *last != Some(decision.reason) {
+        match decision.reason {
+            Reason::PoolUnhealthy => warn!(
+                pool,
+                current = input.current,
+                ready,
+                unacked,
+                "not growing the pool: workers are not starting ({})",
+                stalled.unwrap_or("unknown reason")
+            ),
+            reason => info!(
+                pool,
+                current = input.current,
+                desired = decision.desired,
+                ready,
+                unacked,
+                reason = reason.as_str(),
+                "{}",
+                if changed { "scaling" } else { "holding" }
+            ),
+        }
+    }
+    *last = Some(decision.reason);
+}

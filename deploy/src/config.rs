@@ -1,0 +1,210 @@
+//! `pools.toml`: several queue → pool pairs served by one autoscaler, each with its own knobs.
+//!
+//! ```toml
+//! [[pool]]
+//! queue = "gdal"
+//! backend = "kubernetes"
+//! namespace = "pipelines"
+//! deployment = "warren-gdal"
+//! max = 20
+//! tasks_per_worker = 1
+//!
+//! [[pool]]
+//! queue = "downloads"
+//! backend = "local"
+//! command = ["warren", "worker", "--queue", "downloads", "--allow-exec", "curl"]
+//! max = 4
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::PolicyConfig;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsFile {
+    /// One entry per pool.
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolEntry>,
+}
+
+/// Where a pool's workers run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Worker processes on this machine.
+    Local,
+    /// A Kubernetes Deployment.
+    Kubernetes,
+}
+
+/// One pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    /// Task queue.
+    pub queue: String,
+    /// Backend.
+    pub backend: BackendKind,
+    /// Kubernetes namespace (kubernetes backend).
+    pub namespace: Option<String>,
+    /// Deployment name (kubernetes backend).
+    pub deployment: Option<String>,
+    /// Kubeconfig context (kubernetes backend, outside a cluster).
+    pub context: Option<String>,
+    /// Worker command line (local backend).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Fewest workers.
+    #[serde(default)]
+    pub min: u32,
+    /// Most workers.
+    pub max: u32,
+    /// Backlog per worker (default 4, the worker's default concurrency).
+    #[serde(default = "default_tasks_per_worker")]
+    pub tasks_per_worker: u32,
+    /// Backlog that wakes the pool from zero.
+    #[serde(default = "default_activation")]
+    pub activation: u64,
+    /// Seconds between polls.
+    #[serde(default = "default_poll")]
+    pub poll_s: f64,
+    /// Seconds the target must stay lower before shrinking.
+    #[serde(default = "default_window")]
+    pub scale_down_window_s: f64,
+    /// Seconds the queue must stay empty before the last worker stops.
+    #[serde(default = "default_idle")]
+    pub idle_to_zero_s: f64,
+    /// Size after repeated probe failures.
+    pub fallback_replicas: Option<u32>,
+}
+
+fn default_tasks_per_worker() -> u32 {
+    4
+}
+fn default_activation() -> u64 {
+    1
+}
+fn default_poll() -> f64 {
+    2.0
+}
+fn default_window() -> f64 {
+    60.0
+}
+fn default_idle() -> f64 {
+    120.0
+}
+
+fn seconds(field: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero() || field != "poll_s")
+        .ok_or_else(|| format!("{field} must be a non-negative number of seconds, got {value}"))
+}
+
+impl PoolEntry {
+    /// The policy knobs, checked.
+    pub fn policy(&self) -> Result<PolicyConfig, String> {
+        let config = PolicyConfig {
+            min: self.min,
+            max: self.max,
+            tasks_per_worker: self.tasks_per_worker,
+            activation: self.activation,
+            scale_down_window: seconds("scale_down_window_s", self.scale_down_window_s)?,
+            idle_to_zero: seconds("idle_to_zero_s", self.idle_to_zero_s)?,
+            fallback_replicas: self.fallback_replicas,
+            probe_failures_before_fallback: 3,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Poll interval, checked.
+    pub fn poll(&self) -> Result<Duration, String> {
+        seconds("poll_s", self.poll_s)
+    }
+
+    /// Checks that the backend has what it needs.
+    pub fn check_backend(&self) -> Result<(), String> {
+        match self.backend {
+            BackendKind::Kubernetes if self.namespace.is_none() || self.deployment.is_none() => {
+                Err(format!(
+                    "pool '{}': the kubernetes backend needs namespace and deployment",
+                    self.queue
+                ))
+            }
+            BackendKind::Local if self.command.is_empty() => Err(format!(
+                "pool '{}': the local backend needs command = [\"warren\", \"worker\", ...]",
+                self.queue
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Parses and checks a pools file; errors name the pool and the field.
+pub fn parse(text: &str) -> Result<PoolsFile, String> {
+    let file: PoolsFile = toml::from_str(text).map_err(|e| format!("invalid pools file: {e}"))?;
+    if file.pools.is_empty() {
+        return Err("the pools file has no [[pool]] entries".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for pool in &file.pools {
+        if !seen.insert(&pool.queue) {
+            return Err(format!("queue '{}' appears in two pools", pool.queue));
+        }
+        pool.check_backend()?;
+        pool.policy()
+            .map_err(|e| format!("pool '{}': {e}", pool.queue))?;
+        pool.poll()
+            .map_err(|e| format!("pool '{}': {e}", pool.queue))?;
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_two_pools_with_defaults() {
+        let file = parse(include_str!("../examples/pools.toml")).unwrap();
+        assert_eq!(file.pools.len(), 2);
+        let gdal = &file.pools[0];
+        assert_eq!(
+            (gdal.backend.clone(), gdal.max, gdal.tasks_per_worker),
+            (BackendKind::Kubernetes, 20, 1)
+        );
+        let downloads = &file.pools[1];
+        assert_eq!(
+            downloads.policy().unwrap().idle_to_zero,
+            Duration::from_secs(120)
+        );
+        assert_eq!(downloads.poll().unwrap(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err =
+            parse("[[pool]]\nqueue = \"q\"\nbackend = \"kubernetes\"\nmax = 3\n").unwrap_err();
+        assert!(err.contains("namespace and deployment"), "{err}");
+        let err = parse(
+            "[[pool]]\nqueue = \"q\"\nbackend = \"local\"\ncommand = [\"w\"]\nmin = 4\nmax = 3\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("pool 'q'") && err.contains("below min"),
+            "{err}"
+        );
+        let err = parse(
+            "[[pool]]\nqueue = \"q\"\nbackend = \"local\"\ncommand = [\"w\"]\nmax = 3\nmaxx = 4\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("maxx"), "{err}");
+        let err = parse("[[pool]]\nqueue = \"q\"\nbackend = \"docker\"\nmax = 3\n").unwrap_err();
+        assert!(err.contains("docker"), "{err}");
+    }
+}

@@ -1,0 +1,299 @@
+//! The Kubernetes backend: sizes a Deployment through its `scale` subresource, and before a
+//! scale-down marks idle pods with `controller.kubernetes.io/pod-deletion-cost` so the
+//! ReplicaSet removes them first.
+//!
+//! API calls made (the Role in `deploy/k8s/autoscaler.yaml` grants exactly these):
+//! `get` deployments, `patch` deployments/scale, `list` and `patch` pods.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tracing::{info, warn};
+use warren_broker::depth::WorkerLoad;
+
+use crate::backend::{Backend, BackendError, BackendErrorKind, PoolStatus};
+
+/// The annotation the ReplicaSet controller reads to choose which pods to delete first.
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Container waiting reasons that mean a pod will not become ready by itself.
+const STUCK_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+/// Conflicts retried before giving up until the next poll.
+const CONFLICT_RETRIES: usize = 3;
+
+/// A Deployment of workers.
+pub struct KubernetesBackend {
+    namespace: String,
+    name: String,
+    deployments: Api<Deployment>,
+    pods: Api<Pod>,
+    /// A pod not ready this long after it was created counts as stalled.
+    not_ready_after: Duration,
+    costs: HashMap<String, String>,
+}
+
+/// A client from the in-cluster service account inside a pod, else from the kubeconfig
+/// (`context` selects a kubeconfig context).
+pub async fn client(context: Option<&str>) -> Result<Client, BackendError> {
+    let unreachable = |message: String| BackendError {
+        kind: BackendErrorKind::Unreachable,
+        message,
+    };
+    let config = match context {
+        Some(context) => {
+            let options = kube::config::KubeConfigOptions { context: Some(context.to_string()), ..Default::default() };
+            kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| unreachable(format!("cannot load kubeconfig context '{context}': {e}")))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            unreachable(format!(
+                "no Kubernetes configuration: not in a pod with a service account, and no usable kubeconfig ({e})"
+            ))
+        })?,
+    };
+    Client::try_from(config)
+        .map_err(|e| unreachable(format!("cannot build a Kubernetes client: {e}")))
+}
+
+impl KubernetesBackend {
+    /// The Deployment `name` in `namespace`, through `client`.
+    pub fn new(client: Client, namespace: &str, name: &str, not_ready_after: Duration) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            deployments: Api::namespaced(client.clone(), namespace),
+            pods: Api::namespaced(client, namespace),
+            not_ready_after,
+            costs: HashMap::new(),
+        }
+    }
+
+    fn error(&self, verb: &str, resource: &str, error: kube::Error) -> BackendError {
+        let target = format!("{}/{}", self.namespace, self.name);
+        match &error {
+            kube::Error::Api(status) => match status.code {
+                404 => BackendError {
+                    kind: BackendErrorKind::NotFound,
+                    message: format!(
+                        "Deployment {target} not found: create it (deploy/k8s/worker.yaml) or fix --namespace/--deployment"
+                    ),
+                },
+                401 | 403 => BackendError {
+                    kind: BackendErrorKind::Forbidden,
+                    message: format!(
+                        "forbidden to {verb} {resource} in namespace {}: the autoscaler's ServiceAccount needs a Role rule \
+                         allowing verb '{verb}' on '{resource}' (see deploy/k8s/autoscaler.yaml). API server said: {}",
+                        self.namespace, status.message
+                    ),
+                },
+                409 => BackendError {
+                    kind: BackendErrorKind::Conflict,
+                    message: format!("conflict on {resource} {target}: {}", status.message),
+                },
+                code => BackendError {
+                    kind: if code >= 500 {
+                        BackendErrorKind::Unreachable
+                    } else {
+                        BackendErrorKind::Other
+                    },
+                    message: format!(
+                        "API server answered {code} to {verb} {resource} {target}: {}; keeping the current size",
+                        status.message
+                    ),
+                },
+            },
+            _ => BackendError {
+                kind: BackendErrorKind::Unreachable,
+                message: format!(
+                    "Kubernetes API server unreachable ({error}); keeping the current size and retrying"
+                ),
+            },
+        }
+    }
+
+    /// Pods of the Deployment, through its label selector.
+    async fn pods(&self, deployment: &Deployment) -> Result<Vec<Pod>, BackendError> {
+        let labels = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.as_ref())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        if labels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = self
+            .pods
+            .list(&ListParams::default().labels(&labels))
+            .await
+            .map_err(|e| self.error("list", "pods", e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect())
+    }
+
+    /// Why a pod is stuck, if it is.
+    fn stuck(&self, pod: &Pod) -> Option<String> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.as_ref()?;
+        for container in status
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(status.init_container_statuses.iter().flatten())
+        {
+            if let Some(reason) = container
+                .state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                && STUCK_REASONS.contains(&reason)
+            {
+                return Some(format!("pod {name}: {reason}"));
+            }
+        }
+        let ready = status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let created = pod.metadata.creation_timestamp.as_ref()?.0;
+        let age = Timestamp::now().duration_since(created);
+        let limit = i64::try_from(self.not_ready_after.as_secs()).unwrap_or(i64::MAX);
+        (!ready && age.as_secs() > limit)
+            .then(|| format!("pod {name}: not ready after {}s", age.as_secs()))
+    }
+
+    /// Ranks pods for deletion: idle pods get cost 0 and busy ones their running task count.
+    async fn mark_deletion_costs(
+        &mut self,
+        deployment: &Deployment,
+        loads: &[WorkerLoad],
+    ) -> Result<(), BackendError> {
+        for pod in self.pods(deployment).await? {
+            let Some(name) = pod.metadata.name.clone() else {
+                continue;
+            };
+            let busy = loads
+                .iter()
+                .find(|l| l.name == name)
+                .map_or(0, |l| l.unacked);
+            let cost = busy.to_string();
+            let current = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(DELETION_COST));
+            if current == Some(&cost) || self.costs.get(&name) == Some(&cost) {
+                continue;
+            }
+            let patch = json!({ "metadata": { "annotations": { DELETION_COST: cost } } });
+            self.pods
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| self.error("patch", "pods", e))?;
+            self.costs.insert(name, cost);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn describe(&self) -> String {
+        format!("deployment {}/{}", self.namespace, self.name)
+    }
+
+    async fn status(&mut self) -> Result<PoolStatus, BackendError> {
+        let deployment = self
+            .deployments
+            .get(&self.name)
+            .await
+            .map_err(|e| self.error("get", "deployments", e))?;
+        let replicas = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let ready = deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        let stuck: Vec<String> = self
+            .pods(&deployment)
+            .await?
+            .iter()
+            .filter_map(|p| self.stuck(p))
+            .collect();
+        Ok(PoolStatus {
+            replicas: u32::try_from(replicas).unwrap_or(0),
+            ready: u32::try_from(ready).unwrap_or(0),
+            stalled: u32::try_from(stuck.len()).unwrap_or(u32::MAX),
+            stalled_detail: (!stuck.is_empty()).then(|| stuck.join("; ")),
+        })
+    }
+
+    async fn scale(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
+        let deployment = self
+            .deployments
+            .get(&self.name)
+            .await
+            .map_err(|e| self.error("get", "deployments", e))?;
+        let current = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        if i64::from(desired) < i64::from(current) {
+            // Best effort: a pod can take a task between marking and scaling; the SIGTERM drain
+            // is the safety net.
+            if let Err(e) = self.mark_deletion_costs(&deployment, loads).await {
+                warn!(
+                    "could not rank pods for deletion ({e}); scaling down anyway, running tasks are drained on SIGTERM"
+                );
+            }
+        }
+        let patch = json!({ "spec": { "replicas": desired } });
+        for attempt in 1..=CONFLICT_RETRIES {
+            match self
+                .deployments
+                .patch_scale(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(deployment = %self.name, from = current, to = desired, "scaled");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let error = self.error("patch", "deployments/scale", e);
+                    if error.kind != BackendErrorKind::Conflict || attempt == CONFLICT_RETRIES {
+                        return Err(error);
+                    }
+                    warn!("{error}; retrying");
+                }
+            }
+        }
+        Ok(())
+    }
+}

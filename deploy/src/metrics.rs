@@ -1,0 +1,167 @@
+//! The autoscaler's Prometheus metrics, and the HTTP server for `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric of the autoscaler, labelled by pool (its queue name).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Messages ready in the pool's queue.
+    pub ready: GaugeVec,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: GaugeVec,
+    /// Consumers of the queue.
+    pub consumers: GaugeVec,
+    /// Replicas the policy wants.
+    pub desired: GaugeVec,
+    /// Replicas the backend runs.
+    pub current: GaugeVec,
+    /// Workers that exist but are not becoming ready.
+    pub stalled: GaugeVec,
+    /// 1 while the pool is not grown because workers cannot start.
+    pub unhealthy: GaugeVec,
+    /// 1 for the depth source in use.
+    pub probe_source: GaugeVec,
+    /// Scale changes made, by direction.
+    pub scale_events: IntCounterVec,
+    /// Errors, by kind (probe, api, ...).
+    pub errors: IntCounterVec,
+    /// Time from a backlog appearing with no workers to the first worker being ready.
+    pub backlog_to_ready: HistogramVec,
+    ready_flag: Arc<AtomicBool>,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+                let g = GaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let backlog_to_ready = HistogramVec::new(
+            HistogramOpts::new(
+                "warren_autoscaler_backlog_to_ready_seconds",
+                "Time from a backlog appearing with no workers to the first worker being ready.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            &["pool"],
+        )?;
+        registry.register(Box::new(backlog_to_ready.clone()))?;
+        Ok(Self {
+            ready: gauge(
+                "warren_autoscaler_queue_ready",
+                "Messages ready in the pool's queue.",
+                &["pool"],
+            )?,
+            unacked: gauge(
+                "warren_autoscaler_queue_unacked",
+                "Messages being worked on (delivered, not acknowledged).",
+                &["pool"],
+            )?,
+            consumers: gauge(
+                "warren_autoscaler_queue_consumers",
+                "Consumers of the pool's queue.",
+                &["pool"],
+            )?,
+            desired: gauge(
+                "warren_autoscaler_desired_replicas",
+                "Workers the policy wants.",
+                &["pool"],
+            )?,
+            current: gauge(
+                "warren_autoscaler_current_replicas",
+                "Workers the backend runs or is starting.",
+                &["pool"],
+            )?,
+            stalled: gauge(
+                "warren_autoscaler_stalled_workers",
+                "Workers that exist but are not becoming ready.",
+                &["pool"],
+            )?,
+            unhealthy: gauge(
+                "warren_autoscaler_pool_unhealthy",
+                "1 while the pool is held because workers cannot start.",
+                &["pool"],
+            )?,
+            probe_source: gauge(
+                "warren_autoscaler_probe_source",
+                "1 for the queue-depth source in use.",
+                &["pool", "source"],
+            )?,
+            scale_events: counter(
+                "warren_autoscaler_scale_events_total",
+                "Scale changes made.",
+                &["pool", "direction"],
+            )?,
+            errors: counter(
+                "warren_autoscaler_errors_total",
+                "Errors by kind.",
+                &["pool", "kind"],
+            )?,
+            backlog_to_ready,
+            registry,
+            ready_flag: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Marks the autoscaler ready (it has completed a poll).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready_flag.store(ready, Ordering::Relaxed);
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process ends.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let ready = Arc::clone(&self.ready_flag);
+        let app = Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let body = self.render();
+                    async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ok = ready.load(Ordering::Relaxed);
+                    async move {
+                        if ok {
+                            (StatusCode::OK, "ready").into_response()
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+                        }
+                    }
+                }),
+            );
+        axum::serve(listener, app).await
+    }
+}

@@ -1,0 +1,120 @@
+//! Queue depth for the policy, from a passive declare over AMQP (ready) and the management API
+//! (in-flight and consumers), whichever answer.
+
+use lapin::{Channel, Connection};
+use tracing::{info, warn};
+use warren_broker::connection::connect;
+use warren_broker::depth::{DepthSource, Management, QueueDepth, WorkerLoad, passive_depth};
+use warren_broker::{AmqpSettings, BrokerError};
+
+/// Probes one queue's depth, remembering which source works.
+pub struct DepthProbe {
+    amqp: AmqpSettings,
+    management: Option<Management>,
+    connection: Option<Connection>,
+    channel: Option<Channel>,
+    last_source: Option<DepthSource>,
+}
+
+impl DepthProbe {
+    /// A probe using the management API at `management_url` (default: port 15672 of the AMQP host).
+    pub fn new(amqp: AmqpSettings, management_url: Option<&str>) -> Self {
+        let management = match Management::new(management_url, &amqp) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(
+                    "management API not usable ({e}); queue depth will come from passive declares (ready only)"
+                );
+                None
+            }
+        };
+        Self {
+            amqp,
+            management,
+            connection: None,
+            channel: None,
+            last_source: None,
+        }
+    }
+
+    /// The depth of `queue`: `ready` from a passive declare (exact and immediate), `unacked` and
+    /// `consumers` from the management API (refreshed every few seconds). Either alone will do;
+    /// a queue that does not exist yet is empty. Logs whenever the source changes.
+    pub async fn depth(&mut self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let passive = self.passive(queue).await;
+        let api = match &self.management {
+            Some(api) => api.queue(queue).await,
+            None => Err(BrokerError::Invalid("no management API configured".into())),
+        };
+        let depth = match (passive, api) {
+            (Ok(p), Ok(a)) => QueueDepth {
+                ready: p.ready,
+                ..a
+            },
+            (Ok(p), Err(e)) => {
+                if self.last_source != Some(DepthSource::PassiveDeclare) {
+                    warn!(
+                        queue,
+                        "management API unavailable ({e}): in-flight tasks are invisible, so scale-down relies on the idle timers"
+                    );
+                }
+                p
+            }
+            (Err(_), Ok(a)) => a,
+            (Err(BrokerError::QueueNotFound { .. }), Err(_)) => QueueDepth {
+                queue: queue.to_string(),
+                ready: 0,
+                unacked: Some(0),
+                consumers: 0,
+                publish_rate: None,
+                ack_rate: None,
+                source: DepthSource::PassiveDeclare,
+            },
+            (Err(e), Err(_)) => return Err(e),
+        };
+        if self.last_source != Some(depth.source) {
+            info!(queue, source = ?depth.source, "queue depth source");
+            self.last_source = Some(depth.source);
+        }
+        Ok(depth)
+    }
+
+    /// Which workers hold how many tasks; empty when the API is unavailable.
+    pub async fn worker_loads(&self, queue: &str) -> Vec<WorkerLoad> {
+        match &self.management {
+            Some(api) => api.worker_loads(queue).await.unwrap_or_else(|e| {
+                warn!(queue, "cannot tell idle workers from busy ones ({e}); scale-down relies on graceful drain");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        }
+    }
+
+    async fn passive(&mut self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        if !self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+        {
+            self.connection = Some(connect(&self.amqp, "warren-autoscaler").await?);
+            self.channel = None;
+        }
+        let connection = self
+            .connection
+            .as_ref()
+            .ok_or_else(|| BrokerError::Invalid("no connection".into()))?;
+        if !self
+            .channel
+            .as_ref()
+            .is_some_and(|ch| ch.status().connected())
+        {
+            self.channel = Some(connection.create_channel().await?);
+        }
+        let channel = self
+            .channel
+            .as_ref()
+            .ok_or_else(|| BrokerError::Invalid("no channel".into()))?;
+        // A failed declare (e.g. no such queue) closes only the channel; it is reopened next time.
+        passive_depth(channel, queue).await
+    }
+}

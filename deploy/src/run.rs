@@ -1,0 +1,97 @@
+//! `warren autoscale`: builds each pool's backend, serves metrics, runs the loops until shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use warren_broker::AmqpSettings;
+
+use crate::autoscaler::{PoolSpec, run_pool};
+use crate::config::{BackendKind, PoolEntry};
+use crate::kubernetes::{KubernetesBackend, client};
+use crate::local::LocalBackend;
+use crate::metrics::Metrics;
+use crate::probe::DepthProbe;
+
+/// Settings shared by every pool of one autoscaler.
+#[derive(Debug, Clone)]
+pub struct AutoscaleOptions {
+    /// Broker connection (for passive declares and the management API's credentials).
+    pub amqp: AmqpSettings,
+    /// Management API base URL; default port 15672 of the AMQP host.
+    pub management_url: Option<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; None serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Observe and log only.
+    pub dry_run: bool,
+    /// How long local workers get to finish when the autoscaler stops.
+    pub stop_grace: Duration,
+    /// A pod not ready this long after creation counts as stalled.
+    pub not_ready_after: Duration,
+}
+
+/// Runs every pool until `shutdown` completes. Errors are configuration problems found at start.
+pub async fn autoscale(
+    pools: Vec<PoolEntry>,
+    options: AutoscaleOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
+    if let Some(addr) = options.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        info!("metrics on http://{bound}/metrics");
+        let server = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.serve(listener).await {
+                error!("metrics server stopped: {e}");
+            }
+        });
+    }
+    let stop = CancellationToken::new();
+    let mut loops = tokio::task::JoinSet::new();
+    for pool in pools {
+        pool.check_backend()?;
+        let spec = PoolSpec {
+            queue: pool.queue.clone(),
+            policy: pool
+                .policy()
+                .map_err(|e| format!("pool '{}': {e}", pool.queue))?,
+            poll: pool.poll()?,
+            dry_run: options.dry_run,
+        };
+        let probe = DepthProbe::new(options.amqp.clone(), options.management_url.as_deref());
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        match pool.backend {
+            BackendKind::Local => {
+                let prefix = format!("{}-{}", pool.queue, std::process::id());
+                let backend = LocalBackend::new(pool.command.clone(), prefix, options.stop_grace)?;
+                loops.spawn(run_pool(spec, backend, probe, metrics, stop));
+            }
+            BackendKind::Kubernetes => {
+                let client = client(pool.context.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (namespace, deployment) = (
+                    pool.namespace.unwrap_or_default(),
+                    pool.deployment.unwrap_or_default(),
+                );
+                let backend = KubernetesBackend::new(
+                    client,
+                    &namespace,
+                    &deployment,
+                    options.not_ready_after,
+                );
+                loops.spawn(run_pool(spec, backend, probe, metrics, stop));
+            }
+        }
+    }
+    shutdown.await;
+    info!("shutdown requested");
+    stop.cancel();
+    while loops.join_next().await.is_some() {}
+    Ok(())
+}
