@@ -152,6 +152,9 @@ struct WorkerArgs {
     /// Bytes of stdout and of stderr kept from each exec task.
     #[arg(long, default_value_t = warren_worker::handlers::exec::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: usize,
+    /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9477); off by default.
+    #[arg(long, env = "WARREN_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -352,6 +355,7 @@ async fn run_worker(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         grace,
         default_timeout,
         max_message_bytes: args.max_message_bytes,
+        metrics_addr: args.metrics_addr,
         ..WorkerConfig::new(DEFAULT_TASK_QUEUE)
     };
     let mut worker = Worker::new(config);

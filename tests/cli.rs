@@ -160,3 +160,59 @@ async fn status_shows_depth_and_dead_letters() {
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test]
+async fn a_worker_serves_health_readiness_and_metrics() {
+    let queue = unique_queue("health");
+    let dir = scratch("health");
+    let worker = WorkerProcess::start(&queue, &dir, &["--metrics-addr", "127.0.0.1:0"]);
+    let url = worker.metrics_url().await;
+    let base = url.trim_end_matches("/metrics").to_string();
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let file = dir.join("t.jsonl");
+    write_tasks(
+        &file,
+        &[
+            serde_json::json!({"kind": "echo"}),
+            serde_json::json!({"kind": "sleep", "args": {"ms": "x"}}),
+        ],
+    );
+    assert_eq!(submit_file(&queue, &file, &["--wait"]).await.code, Some(1));
+    let page = scrape(&url).await;
+    assert_eq!(
+        sample(
+            &page,
+            "warren_worker_tasks_finished_total{kind=\"echo\",status=\"succeeded\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "warren_worker_tasks_finished_total{kind=\"sleep\",status=\"rejected\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "warren_worker_tasks_in_flight"),
+        Some(0.0),
+        "{page}"
+    );
+    delete_queues(&queue).await;
+}

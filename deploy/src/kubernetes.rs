@@ -19,6 +19,15 @@ use warren_broker::depth::WorkerLoad;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, PoolStatus};
 
+/// Every Kubernetes API call this backend makes, as (API group, resource, verb). The autoscaler's
+/// Role grants exactly these; the fake-API tests and the manifest tests hold both to this list.
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    ("apps", "deployments", "get"),
+    ("apps", "deployments/scale", "patch"),
+    ("", "pods", "list"),
+    ("", "pods", "patch"),
+];
+
 /// The annotation the ReplicaSet controller reads to choose which pods to delete first.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Container waiting reasons that mean a pod will not become ready by itself.

@@ -22,6 +22,7 @@ use warren_broker::publisher::{Publisher, header_value, message_properties, with
 use warren_broker::topology::dead_letter_queue;
 
 use crate::handler::{Registry, Task, TaskFailure};
+use crate::health::Health;
 
 /// What every delivery of a session shares.
 pub(crate) struct Context {
@@ -31,6 +32,7 @@ pub(crate) struct Context {
     pub publisher: Publisher,
     pub default_timeout: Duration,
     pub max_message_bytes: usize,
+    pub health: Health,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
@@ -79,6 +81,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         labels: task.labels.clone(),
         timeout,
     };
+    let _in_flight = InFlight::start(&ctx.health);
     // The handler runs as its own task so that a panic in user code becomes a failed result
     // instead of a message that is never acknowledged; dropping the handle aborts it.
     let running = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
@@ -116,6 +119,11 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     };
     let result = result_of(&ctx, &task, attempt, started_at, status, output, error);
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
+    // `kind` has a registered handler here, so the label set stays small.
+    ctx.health
+        .finished
+        .with_label_values(&[task.kind.as_str(), status.as_str()])
+        .inc();
     tokio::select! {
         () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
         () = abandon.cancelled() => {}
@@ -298,5 +306,21 @@ fn result_of(
         labels: task.labels.clone(),
         started_at: protocol::timestamp(started_at),
         finished_at: protocol::timestamp(SystemTime::now()),
+    }
+}
+
+/// Counts a running task in the in-flight gauge until dropped, on every way out of `process`.
+struct InFlight<'a>(&'a Health);
+
+impl<'a> InFlight<'a> {
+    fn start(health: &'a Health) -> Self {
+        health.in_flight.inc();
+        Self(health)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
     }
 }

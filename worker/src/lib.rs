@@ -8,6 +8,7 @@
 mod delivery;
 pub mod handler;
 pub mod handlers;
+pub mod health;
 mod runtime;
 
 pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};

@@ -20,6 +20,7 @@ use warren_broker::{AmqpSettings, BrokerError};
 use crate::delivery::{self, Context};
 use crate::handler::{Handler, Registry};
 use crate::handlers::{self, exec::ExecPolicy};
+use crate::health::Health;
 
 /// Default task time limit when a task does not set `timeout_s`.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -45,6 +46,8 @@ pub struct WorkerConfig {
     pub max_message_bytes: usize,
     /// Longest wait between reconnection attempts.
     pub reconnect_cap: Duration,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`; None serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -59,6 +62,7 @@ impl WorkerConfig {
             default_timeout: DEFAULT_TASK_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             reconnect_cap: Duration::from_secs(10),
+            metrics_addr: None,
         }
     }
 }
@@ -94,6 +98,7 @@ pub fn default_name() -> String {
 pub struct Worker {
     config: WorkerConfig,
     registry: Registry,
+    health: Health,
 }
 
 /// Why a worker stopped other than by a shutdown request.
@@ -113,7 +118,13 @@ impl Worker {
         let mut registry = Registry::default();
         registry.insert("echo", handlers::echo);
         registry.insert("sleep", handlers::sleep);
-        Self { config, registry }
+        // Registering fixed, distinct metric names cannot fail.
+        let health = Health::new().unwrap_or_else(|e| unreachable!("worker metrics: {e}"));
+        Self {
+            config,
+            registry,
+            health,
+        }
     }
 
     /// Adds the `exec` handler with `policy`.
@@ -134,6 +145,20 @@ impl Worker {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
         short(&self.config.queue)?;
+        if let Some(addr) = self.config.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
+            if let Ok(bound) = listener.local_addr() {
+                info!("metrics on http://{bound}/metrics");
+            }
+            let server = self.health.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(listener).await {
+                    warn!("metrics server stopped: {e}");
+                }
+            });
+        }
         let stop = CancellationToken::new();
         let stop_on_signal = stop.clone();
         let main = async {
@@ -195,7 +220,9 @@ impl Worker {
             publisher,
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
+            health: self.health.clone(),
         });
+        self.health.set_ready(true);
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let lost = loop {
@@ -208,6 +235,7 @@ impl Worker {
                 },
             }
         };
+        self.health.set_ready(false);
         if let Some(error) = lost {
             // The broker requeues everything unacknowledged on this connection; running copies
             // could never be acknowledged, so stop them.

@@ -1,0 +1,290 @@
+//! `deploy/k8s`: every manifest parses into the real Kubernetes types, and what matters holds: the
+//! Role grants exactly what the code calls, grace periods cover the longest task, probes point at
+//! endpoints the binary serves, and the binary accepts the arguments the manifests give it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde_json::Value;
+
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s");
+
+#[derive(Default)]
+struct Manifests {
+    namespace: String,
+    deployments: BTreeMap<String, Deployment>,
+    roles: Vec<Role>,
+    bindings: Vec<RoleBinding>,
+    service_accounts: Vec<ServiceAccount>,
+}
+
+fn load() -> Manifests {
+    let kustomization: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(Path::new(DIR).join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(DIR)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml lists every manifest, and only those"
+    );
+    let mut m = Manifests {
+        namespace: kustomization["namespace"].as_str().unwrap().to_string(),
+        ..Default::default()
+    };
+    for file in &listed {
+        let text = std::fs::read_to_string(Path::new(DIR).join(file)).unwrap();
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let kind = value["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: a document without kind"))
+                .to_string();
+            match kind.as_str() {
+                "Deployment" => {
+                    let d: Deployment = parse::<Deployment>(file, value);
+                    m.deployments.insert(d.metadata.name.clone().unwrap(), d);
+                }
+                "Role" => m.roles.push(parse::<Role>(file, value)),
+                "RoleBinding" => m.bindings.push(parse::<RoleBinding>(file, value)),
+                "ServiceAccount" => m
+                    .service_accounts
+                    .push(parse::<ServiceAccount>(file, value)),
+                "StatefulSet" => drop(parse::<StatefulSet>(file, value)),
+                "Service" => drop(parse::<Service>(file, value)),
+                "Secret" => drop(parse::<Secret>(file, value)),
+                "Namespace" => drop(parse::<Namespace>(file, value)),
+                "ConfigMap" => drop(parse::<k8s_openapi::api::core::v1::ConfigMap>(file, value)),
+                other => panic!("{file}: unexpected kind {other}"),
+            }
+        }
+    }
+    m
+}
+
+/// Parses one manifest document into its Kubernetes type, naming the file on failure.
+fn parse<T: serde::de::DeserializeOwned>(file: &str, value: Value) -> T {
+    serde_json::from_value(value)
+        .unwrap_or_else(|e| panic!("{file}: not a valid {}: {e}", std::any::type_name::<T>()))
+}
+
+fn container(d: &Deployment) -> &Container {
+    &d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+}
+
+/// The value of `--name=value` among a container's args.
+fn arg<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.args
+        .as_ref()?
+        .iter()
+        .find_map(|a| a.strip_prefix(&format!("{name}=")))
+}
+
+/// Checks that the probes hit the worker's health paths on the port given by --metrics-addr.
+fn check_probes(c: &Container) {
+    let port = arg(c, "--metrics-addr")
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("--metrics-addr");
+    let named: BTreeMap<String, i32> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    for (probe, path) in [
+        (&c.readiness_probe, warren_worker::health::READY_PATH),
+        (&c.liveness_probe, warren_worker::health::HEALTH_PATH),
+    ] {
+        let http = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe");
+        assert_eq!(http.path.as_deref(), Some(path), "{}", c.name);
+        let probed = match &http.port {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(name) => named[name],
+        };
+        assert_eq!(
+            probed, port,
+            "{}: probes target the port the binary listens on",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn the_role_grants_exactly_what_the_code_calls() {
+    let m = load();
+    assert_eq!(m.roles.len(), 1);
+    let mut granted = BTreeSet::new();
+    for rule in m.roles[0].rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let used: BTreeSet<(String, String, String)> = warren_deploy::kubernetes::API_CALLS
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(granted, used);
+    let binding = &m.bindings[0];
+    assert_eq!(
+        binding.role_ref.kind, "Role",
+        "namespaced, not a ClusterRole"
+    );
+    assert_eq!(
+        binding.role_ref.name,
+        m.roles[0].metadata.name.clone().unwrap()
+    );
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    let autoscaler = &m.deployments["warren-autoscaler"];
+    let account = autoscaler
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_account_name
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", account.as_str())
+    );
+    assert!(
+        m.service_accounts
+            .iter()
+            .any(|sa| sa.metadata.name.as_deref() == Some(account.as_str()))
+    );
+}
+
+#[test]
+fn workers_get_the_time_to_finish_their_longest_task() {
+    let m = load();
+    let worker = &m.deployments["warren-worker"];
+    let pod = worker
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let c = container(worker);
+    let grace: i64 = arg(c, "--grace").unwrap().parse().unwrap();
+    let longest: i64 = arg(c, "--default-timeout").unwrap().parse().unwrap();
+    let termination = pod.termination_grace_period_seconds.unwrap();
+    assert!(grace >= longest, "--grace covers the longest task");
+    assert!(
+        termination > grace,
+        "Kubernetes waits longer than the worker's own grace"
+    );
+    check_probes(c);
+    let name_env = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "WARREN_WORKER_NAME")
+        .expect("worker name from the pod");
+    let field = name_env
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        field.field_path, "metadata.name",
+        "connections are named after pods, for idle-pod detection"
+    );
+    assert_eq!(
+        worker.spec.as_ref().unwrap().replicas,
+        Some(0),
+        "the autoscaler owns replicas"
+    );
+    assert_eq!(
+        pod.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
+}
+
+#[test]
+fn the_autoscaler_targets_the_worker_deployment_in_its_namespace() {
+    let m = load();
+    let c = container(&m.deployments["warren-autoscaler"]);
+    assert_eq!(arg(c, "--backend"), Some("kubernetes"));
+    assert!(m.deployments.contains_key(arg(c, "--deployment").unwrap()));
+    assert_eq!(arg(c, "--namespace"), Some(m.namespace.as_str()));
+    assert_eq!(
+        arg(c, "--queue"),
+        arg(container(&m.deployments["warren-worker"]), "--queue")
+    );
+    check_probes(c);
+}
+
+#[test]
+fn the_binary_accepts_the_arguments_the_manifests_give_it() {
+    let m = load();
+    for (name, d) in &m.deployments {
+        let args = container(d).args.clone().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: warren {args:?} is refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_one_non_root_image() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    assert_eq!(
+        dockerfile.matches("\nFROM ").count() + usize::from(dockerfile.starts_with("FROM ")),
+        2,
+        "multi-stage"
+    );
+    assert!(dockerfile.contains("USER 10001"));
+    let m = load();
+    for d in m.deployments.values() {
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_user,
+            Some(10001)
+        );
+    }
+}
