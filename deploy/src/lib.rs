@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod run;
+pub mod simulate;
