@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Depth, Input, PolicyConfig, PolicyState, Reason, decide};
 use crate::probe::DepthProbe;
@@ -84,11 +84,7 @@ pub async fn run_pool<B: Backend>(
         let status = match backend.status().await {
             Ok(s) => s,
             Err(e) => {
-                error!(pool, "{e}");
-                metrics
-                    .errors
-                    .with_label_values(&[pool, e.kind.as_str()])
-                    .inc();
+                report(&metrics, pool, &e);
                 continue;
             }
         };
@@ -161,19 +157,22 @@ pub async fn run_pool<B: Backend>(
                     woke_at = Some(Instant::now());
                 }
             }
-            Err(e) => {
-                error!(pool, "{e}");
-                metrics
-                    .errors
-                    .with_label_values(&[pool, e.kind.as_str()])
-                    .inc();
-            }
+            Err(e) => report(&metrics, pool, &e),
         }
     }
     info!(pool, "autoscaler stopping");
     if !spec.dry_run {
         backend.shutdown().await;
     }
+}
+
+/// Logs a backend error and counts it by kind.
+fn report(metrics: &Metrics, pool: &str, error: &BackendError) {
+    error!(pool, "{error}");
+    metrics
+        .errors
+        .with_label_values(&[pool, error.kind.as_str()])
+        .inc();
 }
 
 fn log_decision(

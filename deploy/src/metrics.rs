@@ -1,20 +1,11 @@
-//! The autoscaler's Prometheus metrics, and the HTTP server for `/metrics`, `/healthz`, `/readyz`.
+//! The autoscaler's Prometheus metrics, served with `/healthz` and `/readyz`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use warren_worker::health::Endpoints;
 
 /// Every metric of the autoscaler, labelled by pool (its queue name).
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Registry,
     /// Messages ready in the pool's queue.
     pub ready: GaugeVec,
     /// Messages delivered and not yet acknowledged.
@@ -37,13 +28,15 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Time from a backlog appearing with no workers to the first worker being ready.
     pub backlog_to_ready: HistogramVec,
-    ready_flag: Arc<AtomicBool>,
+    /// Served endpoints (`/metrics`, `/healthz`, `/readyz`).
+    pub endpoints: Endpoints,
 }
 
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
+        let endpoints = Endpoints::default();
+        let registry = &endpoints.registry;
         let gauge =
             |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
                 let g = GaugeVec::new(Opts::new(name, help), labels)?;
@@ -119,49 +112,17 @@ impl Metrics {
                 &["pool", "kind"],
             )?,
             backlog_to_ready,
-            registry,
-            ready_flag: Arc::new(AtomicBool::new(false)),
+            endpoints: endpoints.clone(),
         })
     }
 
     /// Marks the autoscaler ready (it has completed a poll).
     pub fn set_ready(&self, ready: bool) {
-        self.ready_flag.store(ready, Ordering::Relaxed);
+        self.endpoints.set_ready(ready);
     }
 
     /// The metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding gathered families into a Vec cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
-    }
-
-    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process ends.
-    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        let ready = Arc::clone(&self.ready_flag);
-        let app = Router::new()
-            .route(
-                "/metrics",
-                get(move || {
-                    let body = self.render();
-                    async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
-                }),
-            )
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let ok = ready.load(Ordering::Relaxed);
-                    async move {
-                        if ok {
-                            (StatusCode::OK, "ready").into_response()
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
-                        }
-                    }
-                }),
-            );
-        axum::serve(listener, app).await
+        self.endpoints.render()
     }
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 use warren_broker::AmqpSettings;
 
 use crate::autoscaler::{PoolSpec, run_pool};
@@ -39,17 +39,12 @@ pub async fn autoscale(
 ) -> Result<(), String> {
     let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
     if let Some(addr) = options.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
+        metrics
+            .endpoints
+            .clone()
+            .spawn(addr)
             .await
             .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-        let bound = listener.local_addr().map_err(|e| e.to_string())?;
-        info!("metrics on http://{bound}/metrics");
-        let server = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = server.serve(listener).await {
-                error!("metrics server stopped: {e}");
-            }
-        });
     }
     let stop = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();

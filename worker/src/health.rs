@@ -1,6 +1,8 @@
-//! The worker's HTTP endpoints: `/healthz` (the process is alive), `/readyz` (connected and
-//! consuming), and `/metrics` (Prometheus text format).
+//! HTTP endpoints of a long-running Warren process: `/healthz` (the process is alive), `/readyz`
+//! (connected and working), and `/metrics` (Prometheus text format). Workers and the autoscaler
+//! both serve them through [`Endpoints`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,56 +11,48 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tracing::{info, warn};
 
-/// Paths served, for manifests and tests.
+/// Liveness path.
 pub const HEALTH_PATH: &str = "/healthz";
 /// Readiness path.
 pub const READY_PATH: &str = "/readyz";
 /// Metrics path.
 pub const METRICS_PATH: &str = "/metrics";
 
-/// Readiness and metrics shared between the runtime and the HTTP server.
-#[derive(Clone)]
-pub struct Health {
+/// A metrics registry and a readiness flag, served over HTTP.
+#[derive(Clone, Default)]
+pub struct Endpoints {
+    /// Where the process registers its metrics.
+    pub registry: Registry,
     ready: Arc<AtomicBool>,
-    registry: Registry,
-    /// Tasks finished, by kind and status.
-    pub finished: IntCounterVec,
-    /// Tasks running now.
-    pub in_flight: IntGauge,
 }
 
-impl Health {
-    /// Registers the worker's metrics.
-    pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let finished = IntCounterVec::new(
-            Opts::new(
-                "warren_worker_tasks_finished_total",
-                "Tasks finished, by kind and status.",
-            ),
-            &["kind", "status"],
-        )?;
-        let in_flight = IntGauge::new("warren_worker_tasks_in_flight", "Tasks running now.")?;
-        registry.register(Box::new(finished.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        Ok(Self {
-            ready: Arc::new(AtomicBool::new(false)),
-            registry,
-            finished,
-            in_flight,
-        })
-    }
-
-    /// Marks the worker ready (consuming) or not.
+impl Endpoints {
+    /// Marks the process ready or not.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    fn render(&self) -> String {
+    /// The registry's metrics in Prometheus text format.
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Binds `addr`, logs `metrics on http://ADDR/metrics`, and serves in the background.
+    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        info!("metrics on http://{bound}{METRICS_PATH}");
+        tokio::spawn(async move {
+            if let Err(e) = self.serve(listener).await {
+                warn!("metrics server stopped: {e}");
+            }
+        });
+        Ok(bound)
     }
 
     /// Serves the endpoints on `listener` until the process ends.
@@ -72,13 +66,9 @@ impl Health {
                     let ok = ready.load(Ordering::Relaxed);
                     async move {
                         if ok {
-                            (StatusCode::OK, "consuming").into_response()
+                            (StatusCode::OK, "ready").into_response()
                         } else {
-                            (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "not connected to the broker",
-                            )
-                                .into_response()
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
                         }
                     }
                 }),
@@ -91,5 +81,43 @@ impl Health {
                 }),
             );
         axum::serve(listener, app).await
+    }
+}
+
+/// The worker's metrics and readiness.
+#[derive(Clone)]
+pub struct Health {
+    /// Served endpoints; ready while consuming.
+    pub endpoints: Endpoints,
+    /// Tasks finished, by kind and status.
+    pub finished: IntCounterVec,
+    /// Tasks running now.
+    pub in_flight: IntGauge,
+}
+
+impl Health {
+    /// Registers the worker's metrics.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let endpoints = Endpoints::default();
+        let finished = IntCounterVec::new(
+            Opts::new(
+                "warren_worker_tasks_finished_total",
+                "Tasks finished, by kind and status.",
+            ),
+            &["kind", "status"],
+        )?;
+        let in_flight = IntGauge::new("warren_worker_tasks_in_flight", "Tasks running now.")?;
+        endpoints.registry.register(Box::new(finished.clone()))?;
+        endpoints.registry.register(Box::new(in_flight.clone()))?;
+        Ok(Self {
+            endpoints,
+            finished,
+            in_flight,
+        })
+    }
+
+    /// Marks the worker ready (consuming) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.endpoints.set_ready(ready);
     }
 }

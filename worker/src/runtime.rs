@@ -146,18 +146,12 @@ impl Worker {
         }
         short(&self.config.queue)?;
         if let Some(addr) = self.config.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
+            self.health
+                .endpoints
+                .clone()
+                .spawn(addr)
                 .await
                 .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
-            if let Ok(bound) = listener.local_addr() {
-                info!("metrics on http://{bound}/metrics");
-            }
-            let server = self.health.clone();
-            tokio::spawn(async move {
-                if let Err(e) = server.serve(listener).await {
-                    warn!("metrics server stopped: {e}");
-                }
-            });
         }
         let stop = CancellationToken::new();
         let stop_on_signal = stop.clone();
