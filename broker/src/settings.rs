@@ -13,6 +13,11 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// about two intervals.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
+/// Largest AMQP frame asked of the broker unless the URL sets one. lapin keeps 32 frames of
+/// buffer each way per connection, so RabbitMQ's default (128 KiB) would cost 8 MiB per process;
+/// larger messages are simply split into more frames.
+pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
 /// Connection settings shared by every Warren process.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
@@ -65,6 +70,7 @@ impl AmqpSettings {
             uri.authority.userinfo.password = password.trim_end_matches(['\n', '\r']).to_string();
         }
         uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
         Ok(uri)
     }
 }
@@ -117,6 +123,14 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(uri.authority.userinfo.password, "from-file");
         assert_eq!(uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+        assert_eq!(uri.query.frame_max, Some(DEFAULT_FRAME_MAX));
+        let chosen = AmqpSettings::new("amqp://h/%2f?frame_max=131072&heartbeat=30")
+            .uri()
+            .unwrap();
+        assert_eq!(
+            (chosen.query.frame_max, chosen.query.heartbeat),
+            (Some(131072), Some(30))
+        );
     }
 
     #[test]
