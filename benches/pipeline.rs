@@ -7,7 +7,7 @@
 //!
 //! Prints tasks/s, their ratio, round-trip latency p50/p99 of single sequential tasks, and the
 //! worker's idle resident memory. Environment: BENCH_TASKS (default 20000), BENCH_ROUNDS (500),
-//! BENCH_CONCURRENCY (64).
+//! BENCH_CONCURRENCY (64), BENCH_REPEATS (3).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -237,29 +237,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     declare_reply_queue(&setup, &raw_replies).await?;
     raw_worker(&worker_conn, &raw_queue, concurrency as u16).await?;
 
-    // (b) Warren: the real worker binary; tasks through the submitter library.
-    let queue = format!("bench.warren.{tag}");
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args([
-            "worker",
-            "--queue",
-            &queue,
-            "--concurrency",
-            &concurrency.to_string(),
-        ])
-        .env("WARREN_AMQP_URL", URL)
-        .env(
-            "WARREN_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info,lapin=warn".into()),
-        )
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let worker_pid = worker.id().unwrap_or_default();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_rss = rss_kib(worker_pid);
+    // (b) Warren: the real worker binary, once with metrics off and once with them on (and
+    // scraped every second); tasks through the submitter library.
+    let off = WarrenWorker::start(&format!("bench.warren.off.{tag}"), concurrency, false).await?;
+    let on = WarrenWorker::start(&format!("bench.warren.on.{tag}"), concurrency, true).await?;
+    let idle_rss = rss_kib(off.pid);
+    let scraper = on.metrics_url.clone().map(|url| {
+        tokio::spawn(async move {
+            loop {
+                let _ = reqwest::get(&url).await.and_then(|r| r.error_for_status());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    });
     let mut submitter = Submitter::new(Default::default(), "bench");
-    let options = SubmitOptions::new(queue.clone());
     let specs: Vec<TaskSpec> = (0..tasks)
         .map(|i| TaskSpec {
             kind: "echo".into(),
@@ -269,93 +260,91 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             labels: Default::default(),
         })
         .collect();
-    let mut run_batch = async |specs: &[TaskSpec]| -> Result<Duration, Box<dyn std::error::Error>> {
-        let started = Instant::now();
-        let receipt = submitter.submit(specs, &options).await?;
-        let mut sink = Discard(0);
-        let outcome = submitter
-            .collect(
-                &receipt.batch,
-                &mut sink,
-                &mut (),
-                &CollectOptions::default(),
-                std::future::pending(),
-            )
-            .await?;
-        assert!(matches!(outcome, Outcome::Complete(_)) && sink.0 == specs.len());
-        Ok(started.elapsed())
-    };
 
-    // Throughput, interleaved so both see the same broker state.
+    // Throughput, interleaved so all three see the same broker state.
     raw_throughput(&client, &raw_queue, &raw_replies, 1000).await?;
-    run_batch(&specs[..1000]).await?;
-    let (mut raw_runs, mut warren_runs) = (Vec::new(), Vec::new());
+    run_batch(&mut submitter, &off.options, &specs[..1000]).await?;
+    run_batch(&mut submitter, &on.options, &specs[..1000]).await?;
+    let (mut raw_runs, mut off_runs, mut on_runs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
         raw_runs.push(raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?);
-        warren_runs.push(run_batch(&specs).await?);
+        off_runs.push(run_batch(&mut submitter, &off.options, &specs).await?);
+        on_runs.push(run_batch(&mut submitter, &on.options, &specs).await?);
     }
-    let busy_rss = rss_kib(worker_pid);
-    let raw_rate = tasks as f64 / median(raw_runs.clone()).as_secs_f64();
-    let warren_rate = tasks as f64 / median(warren_runs.clone()).as_secs_f64();
+    let busy_rss = rss_kib(off.pid);
 
     // Latency of single sequential tasks.
     let mut raw_lat = raw_latency(&client, &raw_queue, &raw_replies, rounds).await?;
     raw_lat.sort();
-    let mut open = submitter.open_batch(&options).await?;
-    let mut warren_lat = Vec::with_capacity(rounds);
-    for spec in specs.iter().take(rounds) {
-        let started = Instant::now();
-        let seq = open.submit(spec).await?;
-        let result = open.next_result().await?;
-        assert_eq!(result.seq, Some(seq));
-        warren_lat.push(started.elapsed());
-    }
-    open.close().await?;
-    warren_lat.sort();
+    let off_lat = open_batch_latency(
+        &mut submitter,
+        &off.options,
+        &specs[..rounds.min(specs.len())],
+    )
+    .await?;
+    let on_lat = open_batch_latency(
+        &mut submitter,
+        &on.options,
+        &specs[..rounds.min(specs.len())],
+    )
+    .await?;
 
-    let _ = worker.start_kill();
-    let _ = worker.wait().await;
+    if let Some(task) = scraper {
+        task.abort();
+    }
     let _ = worker_conn.close(200, "done".into()).await;
     for q in [
-        &raw_queue,
-        &raw_replies,
-        &format!("{raw_queue}.dead"),
-        &queue,
-        &format!("{queue}.dead"),
+        raw_queue.clone(),
+        raw_replies.clone(),
+        format!("{raw_queue}.dead"),
+        off.queue(),
+        format!("{}.dead", off.queue()),
+        on.queue(),
+        format!("{}.dead", on.queue()),
     ] {
         let _ = setup
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    drop((off, on));
 
+    let rate = |runs: &[Duration]| tasks as f64 / median(runs.to_vec()).as_secs_f64();
     let rates = |runs: &[Duration]| {
         runs.iter()
             .map(|d| format!("{:.0}", tasks as f64 / d.as_secs_f64()))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let p50 = |l: &[Duration]| percentile(l, 0.5).as_secs_f64();
     println!();
     println!(
-        "{:<20} {:>12} {:>10} {:>10}   runs (tasks/s)",
+        "{:<24} {:>10} {:>9} {:>9}   runs (tasks/s)",
         "", "tasks/s", "p50 ms", "p99 ms"
     );
-    for (name, rate, latencies, runs) in [
-        ("raw lapin ceiling", raw_rate, &raw_lat, &raw_runs),
-        ("warren", warren_rate, &warren_lat, &warren_runs),
+    for (name, runs, latencies) in [
+        ("raw lapin ceiling", &raw_runs, &raw_lat),
+        ("warren, metrics off", &off_runs, &off_lat),
+        ("warren, metrics on", &on_runs, &on_lat),
     ] {
         let (p50, p99) = (
             ms(percentile(latencies, 0.5)),
             ms(percentile(latencies, 0.99)),
         );
         println!(
-            "{name:<20} {rate:>12.0} {p50:>10.2} {p99:>10.2}   {}",
+            "{name:<24} {:>10.0} {p50:>9.2} {p99:>9.2}   {}",
+            rate(runs),
             rates(runs)
         );
     }
     println!(
-        "warren/ceiling: throughput {:.2}x (target >= 0.8), p50 latency {:.2}x (target <= 1.5)",
-        warren_rate / raw_rate,
-        percentile(&warren_lat, 0.5).as_secs_f64() / percentile(&raw_lat, 0.5).as_secs_f64()
+        "warren/ceiling (metrics on): throughput {:.2}x (target >= 0.8), p50 latency {:.2}x (target <= 1.5)",
+        rate(&on_runs) / rate(&raw_runs),
+        p50(&on_lat) / p50(&raw_lat)
+    );
+    println!(
+        "metrics on/off: throughput {:.3}x, p50 latency {:.3}x (target: within 5%)",
+        rate(&on_runs) / rate(&off_runs),
+        p50(&on_lat) / p50(&off_lat)
     );
     let mib = |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     println!(
@@ -364,4 +353,108 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         mib(busy_rss)
     );
     Ok(())
+}
+
+/// A `warren worker` process under benchmark.
+struct WarrenWorker {
+    child: tokio::process::Child,
+    pid: u32,
+    options: SubmitOptions,
+    metrics_url: Option<String>,
+}
+
+impl WarrenWorker {
+    async fn start(
+        queue: &str,
+        concurrency: usize,
+        metrics: bool,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_warren"));
+        command
+            .args([
+                "worker",
+                "--queue",
+                queue,
+                "--concurrency",
+                &concurrency.to_string(),
+            ])
+            .env("WARREN_AMQP_URL", URL)
+            .env(
+                "WARREN_LOG",
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info,lapin=warn".into()),
+            )
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let mut metrics_url = None;
+        if metrics {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            command
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{port}"));
+            metrics_url = Some(format!("http://127.0.0.1:{port}/metrics"));
+        }
+        let child = command.spawn()?;
+        let pid = child.id().unwrap_or_default();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Self {
+            child,
+            pid,
+            options: SubmitOptions::new(queue),
+            metrics_url,
+        })
+    }
+
+    fn queue(&self) -> String {
+        self.options.queue.clone()
+    }
+}
+
+impl Drop for WarrenWorker {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Submits and collects one batch; returns how long it took.
+async fn run_batch(
+    submitter: &mut Submitter,
+    options: &SubmitOptions,
+    specs: &[TaskSpec],
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let receipt = submitter.submit(specs, options).await?;
+    let mut sink = Discard(0);
+    let outcome = submitter
+        .collect(
+            &receipt.batch,
+            &mut sink,
+            &mut (),
+            &CollectOptions::default(),
+            std::future::pending(),
+        )
+        .await?;
+    assert!(matches!(outcome, Outcome::Complete(_)) && sink.0 == specs.len());
+    Ok(started.elapsed())
+}
+
+/// Round trips of single tasks through an open batch, sorted.
+async fn open_batch_latency(
+    submitter: &mut Submitter,
+    options: &SubmitOptions,
+    specs: &[TaskSpec],
+) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
+    let mut open = submitter.open_batch(options).await?;
+    let mut samples = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let started = Instant::now();
+        let seq = open.submit(spec).await?;
+        let result = open.next_result().await?;
+        assert_eq!(result.seq, Some(seq));
+        samples.push(started.elapsed());
+    }
+    open.close().await?;
+    samples.sort();
+    Ok(samples)
 }

@@ -222,6 +222,9 @@ struct StatusArgs {
     /// Management API base URL (default: port 15672 of the AMQP host).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     management_url: Option<String>,
+    /// Refresh every SECONDS (default 2) until Ctrl-C.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -290,7 +293,19 @@ async fn run(command: Command, amqp: AmqpSettings) -> u8 {
             Err(()) => usage("--timeout and --retry-for must be positive numbers of seconds"),
         },
         Command::Status(args) => {
-            commands::status(amqp, args.management_url.as_deref(), &args.queue, args.json).await
+            let watch = match args.watch.map(seconds) {
+                Some(None) => return usage("--watch must be a positive number of seconds"),
+                Some(every) => every,
+                None => None,
+            };
+            commands::status(
+                amqp,
+                args.management_url.as_deref(),
+                &args.queue,
+                args.json,
+                watch,
+            )
+            .await
         }
         Command::Autoscale(args) => run_autoscaler(args, amqp).await,
     }

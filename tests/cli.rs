@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -213,6 +214,98 @@ async fn a_worker_serves_health_readiness_and_metrics() {
         sample(&page, "warren_worker_tasks_in_flight"),
         Some(0.0),
         "{page}"
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_task_and_batch_on_every_task_line() {
+    let queue = unique_queue("jsonlog");
+    let dir = scratch("jsonlog");
+    let worker = WorkerProcess::start(&queue, &dir, &["--log-format", "json"]);
+    let file = dir.join("t.jsonl");
+    write_tasks(
+        &file,
+        &[
+            serde_json::json!({"kind": "echo"}),
+            serde_json::json!({"kind": "nope"}),
+        ],
+    );
+    let done = submit_file(&queue, &file, &["--wait"]).await;
+    let batch = done.stdout.lines().next().unwrap().to_string();
+    worker.wait_for_log("dead-lettering", 1, MINUTE).await;
+    let lines: Vec<Value> = worker
+        .log_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let about_tasks: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            ["task started", "task finished", "dead-lettering"]
+                .iter()
+                .any(|m| l["fields"]["message"].as_str().unwrap_or("").starts_with(m))
+        })
+        .collect();
+    assert_eq!(about_tasks.len(), 3, "{lines:?}");
+    for line in about_tasks {
+        assert_eq!(line["fields"]["batch"], batch.as_str(), "{line}");
+        assert!(
+            !line["fields"]["task_id"].as_str().unwrap_or("").is_empty(),
+            "{line}"
+        );
+    }
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn status_shows_busy_workers_and_watch_refreshes() {
+    let queue = unique_queue("busy");
+    let dir = scratch("busy");
+    let worker = WorkerProcess::start_with(
+        &queue,
+        &dir,
+        &["--concurrency", "2"],
+        &[("WARREN_WORKER_NAME", "busy-worker-1")],
+    );
+    let file = dir.join("t.jsonl");
+    write_tasks(
+        &file,
+        &[serde_json::json!({"kind": "sleep", "args": {"ms": 20000}})],
+    );
+    assert_eq!(submit_file(&queue, &file, &[]).await.code, Some(0));
+    worker.wait_for_log("task started", 1, MINUTE).await;
+    // The management API refreshes its figures every few seconds.
+    let table = eventually(MINUTE, "the worker shows as busy", || async {
+        let out = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+        out.stdout
+            .contains("busy-worker-1")
+            .then_some(out.stdout)
+            .filter(|t| t.contains("busy, 1 task"))
+    })
+    .await;
+    assert!(table.contains("WORKERS (1 busy, 0 idle)"), "{table}");
+    let mut watch = warren()
+        .args(["status", "--queue", &queue, "--json", "--watch", "0.3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    watch.start_kill().unwrap();
+    let out = watch.wait_with_output().await.unwrap();
+    let snapshots: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        snapshots.len() >= 3,
+        "a snapshot per interval: {}",
+        snapshots.len()
+    );
+    assert!(
+        snapshots
+            .iter()
+            .all(|s| s["tasks"]["queue"] == queue.as_str())
     );
     delete_queues(&queue).await;
 }

@@ -288,3 +288,126 @@ fn the_dockerfile_builds_one_non_root_image() {
         );
     }
 }
+
+/// Metric names in a PromQL expression (`warren_*`), with histogram suffixes removed.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("warren_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/warren.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut exported: BTreeSet<String> = warren_worker::health::Health::new()
+        .unwrap()
+        .endpoints
+        .metric_names()
+        .into_iter()
+        .collect();
+    exported.extend(
+        warren_deploy::metrics::Metrics::new()
+            .unwrap()
+            .endpoints
+            .metric_names(),
+    );
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queried.extend(metric_names_in(target["expr"].as_str().unwrap()));
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = variable["definition"].as_str() {
+            queried.extend(metric_names_in(q));
+        }
+    }
+    assert!(
+        queried.len() >= 15,
+        "the dashboard covers the pool: {queried:?}"
+    );
+    let missing: Vec<&String> = queried.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but never exported: {missing:?}"
+    );
+}
+
+#[test]
+fn the_pod_monitor_selects_the_warren_pods_on_their_metrics_port() {
+    let m = load();
+    let text = std::fs::read_to_string(Path::new(DIR).join("monitoring/podmonitor.yaml")).unwrap();
+    let monitor: Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(monitor["kind"], "PodMonitor");
+    let apps: Vec<&str> = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], warren_worker::health::METRICS_PATH);
+    for app in apps {
+        let d = m
+            .deployments
+            .values()
+            .find(|d| {
+                d.spec
+                    .as_ref()
+                    .unwrap()
+                    .template
+                    .metadata
+                    .as_ref()
+                    .unwrap()
+                    .labels
+                    .as_ref()
+                    .unwrap()["app"]
+                    == app
+            })
+            .expect(app);
+        let port = endpoint["port"].as_str().unwrap();
+        assert!(
+            container(d)
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some(port)),
+            "{app} has a port named {port}"
+        );
+        let annotations = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .clone()
+            .unwrap();
+        assert_eq!(
+            annotations["prometheus.io/scrape"], "true",
+            "{app} also carries plain scrape annotations"
+        );
+    }
+}

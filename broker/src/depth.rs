@@ -71,25 +71,6 @@ pub struct WorkerLoad {
 }
 
 #[derive(Deserialize)]
-struct ApiConsumer {
-    queue: ApiName,
-    consumer_tag: String,
-    channel_details: ApiName,
-}
-
-#[derive(Deserialize)]
-struct ApiName {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct ApiChannel {
-    name: String,
-    #[serde(default)]
-    messages_unacknowledged: u64,
-}
-
-#[derive(Deserialize)]
 struct ApiStats {
     publish_details: Option<ApiRate>,
     ack_details: Option<ApiRate>,
@@ -134,25 +115,33 @@ impl Management {
     /// refreshes these figures every few seconds, so they are a hint, not a guarantee.
     pub async fn worker_loads(&self, queue: &str) -> Result<Vec<WorkerLoad>, BrokerError> {
         let vhost = encode_path(&self.vhost);
-        let consumers: Vec<ApiConsumer> = self.get_json(&format!("/api/consumers/{vhost}")).await?;
-        let channels: Vec<ApiChannel> = self
+        // Entries are read one by one: the API shows `"channel_details": []` for a consumer whose
+        // channel is closing, and one such entry must not hide every other worker.
+        let consumers: Vec<serde_json::Value> =
+            self.get_json(&format!("/api/consumers/{vhost}")).await?;
+        let channels: Vec<serde_json::Value> = self
             .get_json(&format!(
                 "/api/vhosts/{vhost}/channels?columns=name,messages_unacknowledged"
             ))
             .await?;
         let unacked: std::collections::HashMap<&str, u64> = channels
             .iter()
-            .map(|c| (c.name.as_str(), c.messages_unacknowledged))
+            .filter_map(|c| {
+                Some((
+                    c["name"].as_str()?,
+                    c["messages_unacknowledged"].as_u64().unwrap_or(0),
+                ))
+            })
             .collect();
         Ok(consumers
             .iter()
-            .filter(|c| c.queue.name == queue)
-            .map(|c| WorkerLoad {
-                name: c.consumer_tag.clone(),
-                unacked: unacked
-                    .get(c.channel_details.name.as_str())
-                    .copied()
-                    .unwrap_or(0),
+            .filter(|c| c["queue"]["name"].as_str() == Some(queue))
+            .filter_map(|c| {
+                let channel = c["channel_details"]["name"].as_str()?;
+                Some(WorkerLoad {
+                    name: c["consumer_tag"].as_str()?.to_string(),
+                    unacked: unacked.get(channel).copied().unwrap_or(0),
+                })
             })
             .collect())
     }

@@ -36,20 +36,13 @@ impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
         let endpoints = Endpoints::default();
-        let registry = &endpoints.registry;
-        let gauge =
-            |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
-                let g = GaugeVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(g.clone()))?;
-                Ok(g)
-            };
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
-        let backlog_to_ready = HistogramVec::new(
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            endpoints.register(GaugeVec::new(Opts::new(name, help), labels)?)
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            endpoints.register(IntCounterVec::new(Opts::new(name, help), labels)?)
+        };
+        let backlog_to_ready = endpoints.register(HistogramVec::new(
             HistogramOpts::new(
                 "warren_autoscaler_backlog_to_ready_seconds",
                 "Time from a backlog appearing with no workers to the first worker being ready.",
@@ -58,8 +51,7 @@ impl Metrics {
                 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             ]),
             &["pool"],
-        )?;
-        registry.register(Box::new(backlog_to_ready.clone()))?;
+        )?)?;
         Ok(Self {
             ready: gauge(
                 "warren_autoscaler_queue_ready",

@@ -58,6 +58,8 @@ pub struct Counts {
     pub earlier: u64,
     /// Results this collector skipped because they were already written.
     pub duplicates: u64,
+    /// Of the results this collector wrote, those that needed more than one attempt.
+    pub retried: u64,
 }
 
 impl Counts {
@@ -314,6 +316,9 @@ async fn take_result(
     sink.write(&result)?;
     if result.seq.is_none() {
         state.without_seq += 1;
+    }
+    if result.attempt > 1 {
+        state.counts.retried += 1;
     }
     state.counts.done = state.written.len() + state.without_seq;
     *state

@@ -2,7 +2,7 @@
 //! and exit status.
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -89,26 +89,53 @@ pub async fn wait(amqp: AmqpSettings, batch: &str, cmd: &WaitCommand) -> u8 {
     collect(&mut submitter, batch, cmd).await
 }
 
-/// Runs `warren status`; returns the process exit status.
+/// Runs `warren status`, once or every `watch` interval until Ctrl-C; returns the exit status.
 pub async fn status(
     amqp: AmqpSettings,
     management_url: Option<&str>,
     queue: &str,
     json: bool,
+    watch: Option<Duration>,
 ) -> u8 {
-    match queue_status(&amqp, management_url, queue).await {
-        Ok(status) if json => match serde_json::to_string_pretty(&status) {
-            Ok(text) => {
-                println!("{text}");
-                EXIT_OK
+    let in_place = watch.is_some() && !json && std::io::stdout().is_terminal();
+    loop {
+        let status = match queue_status(&amqp, management_url, queue).await {
+            Ok(status) => status,
+            Err(e) => return fail(&e.to_string()),
+        };
+        let text = if json {
+            // A watch prints one compact JSON document per line, for scripts that follow it.
+            let rendered = if watch.is_some() {
+                serde_json::to_string(&status)
+            } else {
+                serde_json::to_string_pretty(&status)
+            };
+            match rendered {
+                Ok(t) => format!("{t}\n"),
+                Err(e) => return fail(&e.to_string()),
             }
-            Err(e) => fail(&e.to_string()),
-        },
-        Ok(status) => {
-            print!("{}", render(&status));
-            EXIT_OK
+        } else {
+            render(&status)
+        };
+        let mut out = std::io::stdout().lock();
+        let written = if in_place {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            write!(out, "\x1b[H\x1b[2J{text}\nupdated {now}; Ctrl-C to stop\n")
+        } else {
+            write!(out, "{text}")
+        };
+        if written.and_then(|()| out.flush()).is_err() {
+            return EXIT_OK; // stdout closed (e.g. piped into head)
         }
-        Err(e) => fail(&e.to_string()),
+        drop(out);
+        let Some(every) = watch else { return EXIT_OK };
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return EXIT_OK,
+        }
+        if !in_place && !json {
+            println!();
+        }
     }
 }
 

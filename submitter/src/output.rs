@@ -88,7 +88,11 @@ impl Progress for StderrProgress {
                     bar.set_length(u64::from(total));
                 }
                 bar.set_position(counts.done);
-                bar.set_message(format!("done, {} failed", counts.failed()));
+                bar.set_message(format!(
+                    "done, {} failed, {} retried",
+                    counts.failed(),
+                    counts.retried
+                ));
             }
             Self::Lines {
                 batch,
@@ -99,11 +103,23 @@ impl Progress for StderrProgress {
                 if last.elapsed() >= *every {
                     *last = Instant::now();
                     let total = counts.total.map_or("?".to_string(), |t| t.to_string());
-                    let rate = counts.done as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    let rate = (counts.done - counts.earlier) as f64
+                        / started.elapsed().as_secs_f64().max(0.001);
+                    let eta = match counts.total {
+                        Some(t) if rate > 0.0 => {
+                            let left = u64::from(t).saturating_sub(counts.done) as f64 / rate;
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                left.round() as u64
+                            ))
+                            .to_string()
+                        }
+                        _ => "unknown".to_string(),
+                    };
                     eprintln!(
-                        "batch {batch}: {}/{total} done, {} failed, {rate:.1}/s",
+                        "batch {batch}: {}/{total} done, {} failed, {} retried, {rate:.1}/s, ETA {eta}",
                         counts.done,
-                        counts.failed()
+                        counts.failed(),
+                        counts.retried
                     );
                 }
             }

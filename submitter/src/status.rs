@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use warren_broker::connection::connect;
-use warren_broker::depth::{Management, QueueDepth, passive_depth};
+use warren_broker::depth::{Management, QueueDepth, WorkerLoad, passive_depth};
 use warren_broker::topology::dead_letter_queue;
 use warren_broker::{AmqpSettings, BrokerError};
 
@@ -13,6 +13,9 @@ pub struct QueueStatus {
     pub tasks: QueueDepth,
     /// Its dead-letter queue.
     pub dead_letters: QueueDepth,
+    /// Consumers of the task queue and the tasks each is running (management API only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerLoad>,
     /// Why the management API was not used, when it was not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub management_unavailable: Option<String>,
@@ -28,9 +31,12 @@ pub async fn queue_status(
     let api_error = match Management::new(management_url, settings) {
         Ok(api) => match (api.queue(queue).await, api.queue(&dead).await) {
             (Ok(tasks), Ok(dead_letters)) => {
+                let mut workers = api.worker_loads(queue).await.unwrap_or_default();
+                workers.sort_by(|a, b| b.unacked.cmp(&a.unacked).then(a.name.cmp(&b.name)));
                 return Ok(QueueStatus {
                     tasks,
                     dead_letters,
+                    workers,
                     management_unavailable: None,
                 });
             }
@@ -47,6 +53,7 @@ pub async fn queue_status(
     Ok(QueueStatus {
         tasks,
         dead_letters,
+        workers: Vec::new(),
         management_unavailable: Some(api_error),
     })
 }
@@ -69,6 +76,22 @@ pub fn render(status: &QueueStatus) -> String {
             rate(q.publish_rate),
             rate(q.ack_rate)
         );
+    }
+    if !status.workers.is_empty() {
+        let busy = status.workers.iter().filter(|w| w.unacked > 0).count();
+        out += &format!(
+            "\nWORKERS ({} busy, {} idle)\n",
+            busy,
+            status.workers.len() - busy
+        );
+        for w in &status.workers {
+            let state = if w.unacked > 0 {
+                format!("busy, {} task(s)", w.unacked)
+            } else {
+                "idle".to_string()
+            };
+            out += &format!("  {:<40} {state}\n", w.name);
+        }
     }
     if let Some(why) = &status.management_unavailable {
         out += &format!("(management API not used: {why}; unacked counts and rates need it)\n");

@@ -32,12 +32,19 @@ pub(crate) struct Context {
     pub publisher: Publisher,
     pub default_timeout: Duration,
     pub max_message_bytes: usize,
-    pub health: Health,
+    /// None when metrics are off: nothing is recorded.
+    pub metrics: Option<Health>,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
 /// unfinished (shutdown grace exceeded, or the connection it came on is gone).
 pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: CancellationToken) {
+    if let Some(m) = &ctx.metrics {
+        m.bytes_in.inc_by(delivery.data.len() as u64);
+        if delivery.redelivered {
+            m.redeliveries.inc();
+        }
+    }
     let attempt = header_value(&delivery.properties, HEADER_DELIVERY_COUNT)
         .and_then(|n| n.parse::<u32>().ok())
         .map_or(1, |n| n.saturating_add(1));
@@ -65,6 +72,13 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         );
         return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
     };
+    // From here `kind` has a registered handler, so as a metric label its values stay few.
+    if let Some(m) = &ctx.metrics {
+        m.started.with_label_values(&[task.kind.as_str()]).inc();
+        if attempt > 1 {
+            m.retries.with_label_values(&[task.kind.as_str()]).inc();
+        }
+    }
 
     let timeout = task
         .timeout_s
@@ -81,7 +95,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         labels: task.labels.clone(),
         timeout,
     };
-    let _in_flight = InFlight::start(&ctx.health);
+    let _in_flight = ctx.metrics.as_ref().map(InFlight::start);
     // The handler runs as its own task so that a panic in user code becomes a failed result
     // instead of a message that is never acknowledged; dropping the handle aborts it.
     let running = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
@@ -90,6 +104,9 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         () = abandon.cancelled() => {
             info!(task_id = %task.id, batch = %task.batch, "task abandoned unfinished; returning it to the queue");
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            if let Some(m) = &ctx.metrics {
+                m.returned.inc();
+            }
             return;
         }
     };
@@ -119,11 +136,15 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     };
     let result = result_of(&ctx, &task, attempt, started_at, status, output, error);
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
-    // `kind` has a registered handler here, so the label set stays small.
-    ctx.health
-        .finished
-        .with_label_values(&[task.kind.as_str(), status.as_str()])
-        .inc();
+    if let Some(m) = &ctx.metrics {
+        m.finished
+            .with_label_values(&[task.kind.as_str(), status.as_str()])
+            .inc();
+        let seconds = started_at.elapsed().map_or(0.0, |d| d.as_secs_f64());
+        m.duration
+            .with_label_values(&[task.kind.as_str()])
+            .observe(seconds);
+    }
     tokio::select! {
         () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
         () = abandon.cancelled() => {}
@@ -144,7 +165,7 @@ async fn deliver_result(
         .publish(reply_to, &body, result_properties(result))
         .await
     {
-        Ok(()) => {}
+        Ok(()) => ctx.count_published(body.len()),
         Err(BrokerError::Unroutable { .. }) => {
             let detail =
                 format!("result queue '{reply_to}' does not exist (batch expired or deleted)");
@@ -162,6 +183,7 @@ async fn deliver_result(
             {
                 return warn!(task_id = %result.task_id, "cannot dead-letter the result ({e}); the task will be redelivered");
             }
+            ctx.count_dead_letter("result_queue_missing", body.len());
         }
         Err(e) => {
             return warn!(task_id = %result.task_id, "cannot publish the result ({e}); the task will be redelivered");
@@ -220,7 +242,9 @@ async fn reject_with_result(
     reply_to: &str,
     error: &TaskError,
 ) {
-    warn!(reason = %error.kind, "dead-lettering a message: {}", error.message);
+    let task_id = result.as_ref().map_or("", |r| r.task_id.as_str());
+    let batch = result.as_ref().map_or("", |r| r.batch.as_str());
+    warn!(reason = %error.kind, task_id, batch, "dead-lettering a message: {}", error.message);
     if let Some(result) = &result {
         match ctx
             .publisher
@@ -252,6 +276,7 @@ async fn reject_with_result(
         .await
     {
         Ok(()) => {
+            ctx.count_dead_letter(&error.kind, delivery.data.len());
             if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                 debug!("ack after dead-lettering failed ({e}); it will be dead-lettered again");
             }
@@ -306,6 +331,23 @@ fn result_of(
         labels: task.labels.clone(),
         started_at: protocol::timestamp(started_at),
         finished_at: protocol::timestamp(SystemTime::now()),
+    }
+}
+
+impl Context {
+    fn count_published(&self, bytes: usize) {
+        if let Some(m) = &self.metrics {
+            m.bytes_out.inc_by(bytes as u64);
+        }
+    }
+
+    /// `reason` is one of the fixed dead-letter kinds (decode errors, unknown_kind,
+    /// result_queue_missing), so the label stays low-cardinality.
+    fn count_dead_letter(&self, reason: &str, bytes: usize) {
+        if let Some(m) = &self.metrics {
+            m.dead_lettered.with_label_values(&[reason]).inc();
+            m.bytes_out.inc_by(bytes as u64);
+        }
     }
 }
 

@@ -98,7 +98,6 @@ pub fn default_name() -> String {
 pub struct Worker {
     config: WorkerConfig,
     registry: Registry,
-    health: Health,
 }
 
 /// Why a worker stopped other than by a shutdown request.
@@ -118,13 +117,7 @@ impl Worker {
         let mut registry = Registry::default();
         registry.insert("echo", handlers::echo);
         registry.insert("sleep", handlers::sleep);
-        // Registering fixed, distinct metric names cannot fail.
-        let health = Health::new().unwrap_or_else(|e| unreachable!("worker metrics: {e}"));
-        Self {
-            config,
-            registry,
-            health,
-        }
+        Self { config, registry }
     }
 
     /// Adds the `exec` handler with `policy`.
@@ -145,20 +138,25 @@ impl Worker {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
         short(&self.config.queue)?;
-        if let Some(addr) = self.config.metrics_addr {
-            self.health
-                .endpoints
-                .clone()
-                .spawn(addr)
-                .await
-                .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
-        }
+        // Metrics are recorded only when served, so "off" costs nothing at all.
+        let metrics = match self.config.metrics_addr {
+            Some(addr) => {
+                let health = Health::new()
+                    .map_err(|e| WorkerError::Config(format!("cannot register metrics: {e}")))?;
+                health.endpoints.clone().spawn(addr).await.map_err(|e| {
+                    WorkerError::Config(format!("cannot serve metrics on {addr}: {e}"))
+                })?;
+                Some(health)
+            }
+            None => None,
+        };
         let stop = CancellationToken::new();
         let stop_on_signal = stop.clone();
         let main = async {
             let mut delays = reconnect_delays(self.config.reconnect_cap);
+            let mut sessions = 0u64;
             loop {
-                match self.session(&stop).await {
+                match self.session(&stop, metrics.as_ref(), &mut sessions).await {
                     Ok(()) => return Ok(()),
                     Err(e) if e.is_fatal() => {
                         error!("{e}");
@@ -190,7 +188,12 @@ impl Worker {
     }
 
     /// One connection's life. Ok(()) after a requested shutdown; Err when the connection failed.
-    async fn session(&self, stop: &CancellationToken) -> Result<(), BrokerError> {
+    async fn session(
+        &self,
+        stop: &CancellationToken,
+        metrics: Option<&Health>,
+        sessions: &mut u64,
+    ) -> Result<(), BrokerError> {
         let cfg = &self.config;
         let connection = connect(&cfg.amqp, &cfg.name).await?;
         let publisher = Publisher::new(confirm_channel(&connection).await?);
@@ -214,9 +217,15 @@ impl Worker {
             publisher,
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
-            health: self.health.clone(),
+            metrics: metrics.cloned(),
         });
-        self.health.set_ready(true);
+        *sessions += 1;
+        if let Some(m) = metrics {
+            m.set_ready(true);
+            if *sessions > 1 {
+                m.reconnects.inc();
+            }
+        }
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let lost = loop {
@@ -229,7 +238,9 @@ impl Worker {
                 },
             }
         };
-        self.health.set_ready(false);
+        if let Some(m) = metrics {
+            m.set_ready(false);
+        }
         if let Some(error) = lost {
             // The broker requeues everything unacknowledged on this connection; running copies
             // could never be acknowledged, so stop them.
