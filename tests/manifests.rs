@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
@@ -83,15 +83,12 @@ fn parse<T: serde::de::DeserializeOwned>(file: &str, value: Value) -> T {
         .unwrap_or_else(|e| panic!("{file}: not a valid {}: {e}", std::any::type_name::<T>()))
 }
 
+fn pod_spec(d: &Deployment) -> &PodSpec {
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
 fn container(d: &Deployment) -> &Container {
-    &d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
+    &pod_spec(d).containers[0]
 }
 
 /// The value of `--name=value` among a container's args.
@@ -165,17 +162,7 @@ fn the_role_grants_exactly_what_the_code_calls() {
     );
     let subject = &binding.subjects.as_ref().unwrap()[0];
     let autoscaler = &m.deployments["warren-autoscaler"];
-    let account = autoscaler
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .service_account_name
-        .clone()
-        .unwrap();
+    let account = pod_spec(autoscaler).service_account_name.clone().unwrap();
     assert_eq!(
         (subject.kind.as_str(), subject.name.as_str()),
         ("ServiceAccount", account.as_str())
@@ -191,14 +178,7 @@ fn the_role_grants_exactly_what_the_code_calls() {
 fn workers_get_the_time_to_finish_their_longest_task() {
     let m = load();
     let worker = &m.deployments["warren-worker"];
-    let pod = worker
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = pod_spec(worker);
     let c = container(worker);
     let grace: i64 = arg(c, "--grace").unwrap().parse().unwrap();
     let longest: i64 = arg(c, "--default-timeout").unwrap().parse().unwrap();
@@ -281,7 +261,7 @@ fn the_dockerfile_builds_one_non_root_image() {
     assert!(dockerfile.contains("USER 10001"));
     let m = load();
     for d in m.deployments.values() {
-        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let pod = pod_spec(d);
         assert_eq!(
             pod.security_context.as_ref().unwrap().run_as_user,
             Some(10001)

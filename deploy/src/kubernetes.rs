@@ -134,6 +134,21 @@ impl KubernetesBackend {
         }
     }
 
+    /// The Deployment and its wanted replicas (Kubernetes defaults an unset count to 1).
+    async fn deployment(&self) -> Result<(Deployment, i32), BackendError> {
+        let deployment = self
+            .deployments
+            .get(&self.name)
+            .await
+            .map_err(|e| self.error("get", "deployments", e))?;
+        let replicas = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        Ok((deployment, replicas))
+    }
+
     /// Pods of the Deployment, through its label selector.
     async fn pods(&self, deployment: &Deployment) -> Result<Vec<Pod>, BackendError> {
         let labels = deployment
@@ -234,16 +249,7 @@ impl Backend for KubernetesBackend {
     }
 
     async fn status(&mut self) -> Result<PoolStatus, BackendError> {
-        let deployment = self
-            .deployments
-            .get(&self.name)
-            .await
-            .map_err(|e| self.error("get", "deployments", e))?;
-        let replicas = deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.replicas)
-            .unwrap_or(1);
+        let (deployment, replicas) = self.deployment().await?;
         let ready = deployment
             .status
             .as_ref()
@@ -264,16 +270,8 @@ impl Backend for KubernetesBackend {
     }
 
     async fn scale(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
-        let deployment = self
-            .deployments
-            .get(&self.name)
-            .await
-            .map_err(|e| self.error("get", "deployments", e))?;
-        let current = deployment
-            .spec
-            .as_ref()
-            .and_then(|s| s.replicas)
-            .unwrap_or(1);
+        // Read again: the size may have changed since `status` (another controller, a user).
+        let (deployment, current) = self.deployment().await?;
         if i64::from(desired) < i64::from(current) {
             // Best effort: a pod can take a task between marking and scaling; the SIGTERM drain
             // is the safety net.
