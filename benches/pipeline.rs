@@ -381,7 +381,7 @@ impl WarrenWorker {
             .env("WARREN_AMQP_URL", URL)
             .env(
                 "WARREN_LOG",
-                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info,lapin=warn".into()),
+                std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "info,lapin=off".into()),
             )
             .stderr(Stdio::null())
             .kill_on_drop(true);

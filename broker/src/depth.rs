@@ -226,3 +226,62 @@ fn encode_path(segment: &str) -> String {
     }
     out
 }
+
+/// Combines a passive declare (exact and immediate `ready`) with the management API's figures
+/// (unacked, consumers and rates, refreshed every few seconds). Either alone will do; the
+/// passive declare's error wins when both fail, as it says more about the queue itself.
+pub fn combine(
+    passive: Result<QueueDepth, BrokerError>,
+    api: Result<QueueDepth, BrokerError>,
+) -> Result<QueueDepth, BrokerError> {
+    match (passive, api) {
+        (Ok(p), Ok(a)) => Ok(QueueDepth {
+            ready: p.ready,
+            ..a
+        }),
+        (Ok(p), Err(_)) => Ok(p),
+        (Err(_), Ok(a)) => Ok(a),
+        (Err(e), Err(_)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn depth(ready: u64, unacked: Option<u64>, source: DepthSource) -> QueueDepth {
+        QueueDepth {
+            queue: "q".into(),
+            ready,
+            unacked,
+            consumers: 1,
+            publish_rate: None,
+            ack_rate: None,
+            source,
+        }
+    }
+
+    #[test]
+    fn ready_comes_from_the_declare_and_the_rest_from_the_api() {
+        let both = combine(
+            Ok(depth(7, None, DepthSource::PassiveDeclare)),
+            Ok(depth(2, Some(3), DepthSource::Management)),
+        )
+        .unwrap();
+        assert_eq!(
+            (both.ready, both.unacked, both.source),
+            (7, Some(3), DepthSource::Management)
+        );
+        let passive = combine(
+            Ok(depth(7, None, DepthSource::PassiveDeclare)),
+            Err(BrokerError::Invalid("down".into())),
+        )
+        .unwrap();
+        assert_eq!((passive.ready, passive.unacked), (7, None));
+        let missing = combine(
+            Err(BrokerError::QueueNotFound { queue: "q".into() }),
+            Err(BrokerError::Invalid("down".into())),
+        );
+        assert!(matches!(missing, Err(BrokerError::QueueNotFound { .. })));
+    }
+}

@@ -4,7 +4,9 @@
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::connection::connect;
-use warren_broker::depth::{DepthSource, Management, QueueDepth, WorkerLoad, passive_depth};
+use warren_broker::depth::{
+    DepthSource, Management, QueueDepth, WorkerLoad, combine, passive_depth,
+};
 use warren_broker::{AmqpSettings, BrokerError};
 
 /// Probes one queue's depth, remembering which source works.
@@ -46,22 +48,18 @@ impl DepthProbe {
             Some(api) => api.queue(queue).await,
             None => Err(BrokerError::Invalid("no management API configured".into())),
         };
-        let depth = match (passive, api) {
-            (Ok(p), Ok(a)) => QueueDepth {
-                ready: p.ready,
-                ..a
-            },
-            (Ok(p), Err(e)) => {
-                if self.last_source != Some(DepthSource::PassiveDeclare) {
-                    warn!(
-                        queue,
-                        "management API unavailable ({e}): in-flight tasks are invisible, so scale-down relies on the idle timers"
-                    );
-                }
-                p
-            }
-            (Err(_), Ok(a)) => a,
-            (Err(BrokerError::QueueNotFound { .. }), Err(_)) => QueueDepth {
+        if let (Ok(_), Err(e)) = (&passive, &api)
+            && self.last_source != Some(DepthSource::PassiveDeclare)
+        {
+            warn!(
+                queue,
+                "management API unavailable ({e}): in-flight tasks are invisible, so scale-down relies on the idle timers"
+            );
+        }
+        let depth = match combine(passive, api) {
+            Ok(depth) => depth,
+            // A queue nobody has declared yet has no work.
+            Err(BrokerError::QueueNotFound { .. }) => QueueDepth {
                 queue: queue.to_string(),
                 ready: 0,
                 unacked: Some(0),
@@ -70,7 +68,7 @@ impl DepthProbe {
                 ack_rate: None,
                 source: DepthSource::PassiveDeclare,
             },
-            (Err(e), Err(_)) => return Err(e),
+            Err(e) => return Err(e),
         };
         if self.last_source != Some(depth.source) {
             info!(queue, source = ?depth.source, "queue depth source");

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use warren_broker::connection::connect;
-use warren_broker::depth::{Management, QueueDepth, WorkerLoad, passive_depth};
+use warren_broker::depth::{Management, QueueDepth, WorkerLoad, combine, passive_depth};
 use warren_broker::topology::dead_letter_queue;
 use warren_broker::{AmqpSettings, BrokerError};
 
@@ -21,41 +21,70 @@ pub struct QueueStatus {
     pub management_unavailable: Option<String>,
 }
 
-/// Reads the status of `queue`, from the management API when it answers, else over AMQP.
+/// Reads the status of `queue`: exact waiting counts from passive declares, and in-flight counts,
+/// rates and busy workers from the management API when it answers.
 pub async fn queue_status(
     settings: &AmqpSettings,
     management_url: Option<&str>,
     queue: &str,
 ) -> Result<QueueStatus, BrokerError> {
     let dead = dead_letter_queue(queue);
-    let api_error = match Management::new(management_url, settings) {
-        Ok(api) => match (api.queue(queue).await, api.queue(&dead).await) {
-            (Ok(tasks), Ok(dead_letters)) => {
-                let mut workers = api.worker_loads(queue).await.unwrap_or_default();
-                workers.sort_by(|a, b| b.unacked.cmp(&a.unacked).then(a.name.cmp(&b.name)));
-                return Ok(QueueStatus {
-                    tasks,
-                    dead_letters,
-                    workers,
-                    management_unavailable: None,
-                });
+    let (mut passive_tasks, mut passive_dead) = (Err(unavailable()), Err(unavailable()));
+    match connect(settings, "warren-status").await {
+        Ok(connection) => {
+            // A failed passive declare closes its channel, so each queue gets its own. The channels
+            // live until the connection closes: dropping one starts a close that races it.
+            let mut channels = Vec::new();
+            for (name, slot) in [(queue, &mut passive_tasks), (dead.as_str(), &mut passive_dead)] {
+                *slot = match connection.create_channel().await {
+                    Ok(channel) => {
+                        let depth = passive_depth(&channel, name).await;
+                        channels.push(channel);
+                        depth
+                    }
+                    Err(e) => Err(e.into()),
+                };
             }
-            (Err(e @ BrokerError::QueueNotFound { .. }), _) => return Err(e),
-            (Err(e), _) | (_, Err(e)) => e.to_string(),
-        },
-        Err(e) => e.to_string(),
+            let _ = connection.close(200, "done".into()).await;
+        }
+        Err(e) if e.is_fatal() => return Err(e),
+        Err(e) => {
+            // Kept so that, if the management API fails too, the error says why.
+            passive_tasks = Err(BrokerError::Invalid(e.to_string()));
+            passive_dead = Err(BrokerError::Invalid(e.to_string()));
+        }
+    }
+    let api = Management::new(management_url, settings);
+    let (api_tasks, api_dead, workers, api_error) = match &api {
+        Ok(api) => {
+            let (tasks, dead_letters) = (api.queue(queue).await, api.queue(&dead).await);
+            let mut workers = api.worker_loads(queue).await.unwrap_or_default();
+            workers.sort_by(|a, b| b.unacked.cmp(&a.unacked).then(a.name.cmp(&b.name)));
+            let error = match (&tasks, &dead_letters) {
+                (Err(e), _) | (_, Err(e)) if !matches!(e, BrokerError::QueueNotFound { .. }) => {
+                    Some(e.to_string())
+                }
+                _ => None,
+            };
+            (tasks, dead_letters, workers, error)
+        }
+        Err(e) => (
+            Err(unavailable()),
+            Err(unavailable()),
+            Vec::new(),
+            Some(e.to_string()),
+        ),
     };
-    let connection = connect(settings, "warren-status").await?;
-    let channel = connection.create_channel().await?;
-    let tasks = passive_depth(&channel, queue).await?;
-    let dead_letters = passive_depth(&channel, &dead).await?;
-    let _ = connection.close(200, "done".into()).await;
     Ok(QueueStatus {
-        tasks,
-        dead_letters,
-        workers: Vec::new(),
-        management_unavailable: Some(api_error),
+        tasks: combine(passive_tasks, api_tasks)?,
+        dead_letters: combine(passive_dead, api_dead)?,
+        workers,
+        management_unavailable: api_error,
     })
+}
+
+fn unavailable() -> BrokerError {
+    BrokerError::Invalid("not available".into())
 }
 
 /// Renders a status as a small table.

@@ -20,7 +20,7 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub fn warren() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
     cmd.env("WARREN_AMQP_URL", AMQP_URL)
-        .env("WARREN_LOG", "info,lapin=warn")
+        .env("WARREN_LOG", "info,lapin=off")
         .kill_on_drop(true);
     cmd
 }
