@@ -35,7 +35,10 @@ pub async fn queue_status(
             // A failed passive declare closes its channel, so each queue gets its own. The channels
             // live until the connection closes: dropping one starts a close that races it.
             let mut channels = Vec::new();
-            for (name, slot) in [(queue, &mut passive_tasks), (dead.as_str(), &mut passive_dead)] {
+            for (name, slot) in [
+                (queue, &mut passive_tasks),
+                (dead.as_str(), &mut passive_dead),
+            ] {
                 *slot = match connection.create_channel().await {
                     Ok(channel) => {
                         let depth = passive_depth(&channel, name).await;
