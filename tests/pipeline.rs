@@ -347,3 +347,58 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     let _ = conn.close(200, "bye".into()).await;
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_on_its_last_delivery_is_answered_instead_of_vanishing() {
+    // A task that keeps killing its worker reaches RabbitMQ's delivery limit (10) and would be
+    // dead-lettered with no result; on the last delivery the worker answers instead.
+    let queue = unique_queue("lastdelivery");
+    let replies = format!("{queue}.replies");
+    let dir = scratch("lastdelivery");
+    let worker = WorkerProcess::start(&queue, &dir, &[]);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    let (conn, channel) = raw_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    declare_classic(&channel, &replies).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-delivery-count".into(),
+        lapin::types::AMQPValue::LongLongInt(9),
+    );
+    let body = rmp_serde::to_vec_named(&envelope("doomed", "echo", &replies, json!({}))).unwrap();
+    publish_raw(
+        &channel,
+        &queue,
+        &body,
+        identified("doomed", &replies).with_headers(headers),
+    )
+    .await;
+    let result = eventually(MINUTE, "an answer", || async {
+        drain(&channel, &replies).await.pop()
+    })
+    .await;
+    let result: Value = rmp_serde::from_slice(&result.data).unwrap();
+    assert_eq!(
+        (result["status"].as_str(), result["error"]["kind"].as_str()),
+        (Some("failed"), Some("too_many_attempts")),
+        "{result}"
+    );
+    assert_eq!(result["attempt"], 10);
+    let dead = eventually(MINUTE, "the dead letter", || async {
+        drain(&channel, &format!("{queue}.dead")).await.pop()
+    })
+    .await;
+    assert_eq!(
+        header(&dead, "x-warren-dead-reason").as_deref(),
+        Some("too_many_attempts")
+    );
+    assert!(
+        !worker.log_text().contains("task started"),
+        "the task was not run again"
+    );
+    let _ = channel
+        .queue_delete(replies.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queues(&queue).await;
+}

@@ -19,7 +19,7 @@ use warren_broker::protocol::{
     PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
-use warren_broker::topology::dead_letter_queue;
+use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue};
 
 use crate::handler::{Registry, Task, TaskFailure};
 use crate::health::Health;
@@ -52,6 +52,27 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         Ok(task) => task,
         Err(error) => return reject_malformed(&ctx, delivery, &error, attempt).await,
     };
+    if attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX) {
+        // RabbitMQ dead-letters the task silently after this delivery; answering now means a
+        // task that keeps killing its workers still gets a result and `wait` does not hang.
+        let error = TaskError::new(
+            "too_many_attempts",
+            format!(
+                "task was delivered {attempt} times without finishing (does it crash or exhaust its worker?); \
+                 not run again, dead-lettered"
+            ),
+        );
+        let result = result_of(
+            &ctx,
+            &task,
+            attempt,
+            SystemTime::now(),
+            TaskStatus::Failed,
+            Value::Null,
+            Some(error.clone()),
+        );
+        return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
+    }
     let Some(handler) = ctx.registry.get(&task.kind) else {
         let error = TaskError::new(
             "unknown_kind",
@@ -342,7 +363,7 @@ impl Context {
     }
 
     /// `reason` is one of the fixed dead-letter kinds (decode errors, unknown_kind,
-    /// result_queue_missing), so the label stays low-cardinality.
+    /// too_many_attempts, result_queue_missing), so the label stays low-cardinality.
     fn count_dead_letter(&self, reason: &str, bytes: usize) {
         if let Some(m) = &self.metrics {
             m.dead_lettered.with_label_values(&[reason]).inc();
