@@ -5,6 +5,17 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 /// An error from the broker layer.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// The broker's TLS certificate is not trusted.
+    #[error(
+        "RabbitMQ at {url} presented a certificate this machine does not trust: {source}. For a \
+         private CA, set SSL_CERT_FILE to its PEM file (or add it to the system's trust store)"
+    )]
+    UntrustedCertificate {
+        /// The URL, password redacted.
+        url: String,
+        /// What the TLS layer reported.
+        source: lapin::Error,
+    },
     /// The connection could not be opened or was lost.
     #[error(
         "cannot reach RabbitMQ at {url}: {source}. Check that the broker is running and reachable \
@@ -87,6 +98,7 @@ impl BrokerError {
         matches!(
             self,
             BrokerError::AccessRefused { .. }
+                | BrokerError::UntrustedCertificate { .. }
                 | BrokerError::QueueMismatch { .. }
                 | BrokerError::Config(_)
                 | BrokerError::Invalid(_)
@@ -122,6 +134,11 @@ impl BrokerError {
             BrokerError::AccessRefused {
                 url: url.to_string(),
                 detail: text,
+            }
+        } else if text.contains("certificate") {
+            BrokerError::UntrustedCertificate {
+                url: url.to_string(),
+                source: error,
             }
         } else {
             BrokerError::Connect {
