@@ -34,6 +34,8 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 const RESULT_PREFETCH: u16 = 1000;
 /// How often written results are checkpointed and acknowledged.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How long to wait for a batch's manifest before telling the user it is missing.
+const NO_MANIFEST_HINT_AFTER: Duration = Duration::from_secs(10);
 /// Unacknowledged results that trigger a checkpoint before the next tick.
 const CHECKPOINT_AFTER: u16 = RESULT_PREFETCH / 2;
 
@@ -138,6 +140,9 @@ struct State {
     /// Results without a `seq` (from third-party submitters): written, but not trackable.
     without_seq: u64,
     counts: Counts,
+    /// When collection started, to tell the user if the manifest is slow to appear.
+    started: Instant,
+    warned_no_manifest: bool,
 }
 
 impl Submitter {
@@ -157,6 +162,8 @@ impl Submitter {
             written: SeqSet::default(),
             without_seq: 0,
             counts: Counts::default(),
+            started: Instant::now(),
+            warned_no_manifest: false,
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let mut delays = reconnect_delays(Duration::from_secs(3));
@@ -266,6 +273,12 @@ async fn collect_session(
             },
             _ = ticker.tick() => {
                 let known = state.manifest.is_some();
+                if !known && !state.warned_no_manifest && state.started.elapsed() > NO_MANIFEST_HINT_AFTER {
+                    state.warned_no_manifest = true;
+                    warn!(batch = %state.batch, "no manifest for this batch yet, so its size is unknown: the submitter may \
+                        still be publishing, or it died before finishing, or it does not publish one (docs/protocol.md, \
+                        Batches); results are written as they come, and --timeout bounds the wait");
+                }
                 if unacked.is_some() || !known {
                     sink.flush()?;
                     // Until the manifest is known nothing can be recorded, so nothing is acked.
