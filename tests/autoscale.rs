@@ -12,12 +12,7 @@ use serde_json::{Value, json};
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// Starts an autoscaler for `queue` on the local backend with short timers.
-fn autoscaler(
-    queue: &str,
-    dir: &std::path::Path,
-    knobs: &[&str],
-    worker: &[&str],
-) -> WorkerProcess {
+fn autoscaler(queue: &str, dir: &std::path::Path, knobs: &str, worker: &[&str]) -> WorkerProcess {
     let mut args = vec![
         "autoscale",
         "--queue",
@@ -29,7 +24,7 @@ fn autoscaler(
         "--metrics-addr",
         "127.0.0.1:0",
     ];
-    args.extend_from_slice(knobs);
+    args.extend(knobs.split_whitespace());
     args.push("--");
     args.push(env!("CARGO_BIN_EXE_warren"));
     args.extend_from_slice(worker);
@@ -50,18 +45,7 @@ async fn a_backlog_grows_the_pool_to_max_and_a_drained_queue_returns_it_to_zero(
     let mut scaler = autoscaler(
         &queue,
         &dir,
-        &[
-            "--min",
-            "0",
-            "--max",
-            "3",
-            "--tasks-per-worker",
-            "2",
-            "--scale-down-window",
-            "2",
-            "--idle-to-zero",
-            "3",
-        ],
+        "--min 0 --max 3 --tasks-per-worker 2 --scale-down-window 2 --idle-to-zero 3",
         &["worker", "--queue", &queue, "--concurrency", "2"],
     );
     let url = scaler.metrics_url().await;
@@ -144,18 +128,7 @@ async fn shrinking_while_long_tasks_run_neither_redelivers_nor_loses_a_task() {
     let mut scaler = autoscaler(
         &queue,
         &dir,
-        &[
-            "--min",
-            "0",
-            "--max",
-            "6",
-            "--tasks-per-worker",
-            "1",
-            "--scale-down-window",
-            "1",
-            "--idle-to-zero",
-            "2",
-        ],
+        "--min 0 --max 6 --tasks-per-worker 1 --scale-down-window 1 --idle-to-zero 2",
         &["worker", "--queue", &queue, "--concurrency", "1"],
     );
     scaler.metrics_url().await;
@@ -255,7 +228,7 @@ async fn workers_that_cannot_start_stop_the_pool_from_growing() {
     let mut scaler = autoscaler(
         &queue,
         &dir,
-        &["--min", "0", "--max", "5", "--tasks-per-worker", "1"],
+        "--min 0 --max 5 --tasks-per-worker 1",
         // Refused credentials: the worker exits 2 at once with a clear message.
         &[
             "--amqp-url",
@@ -308,7 +281,7 @@ async fn dry_run_decides_but_changes_nothing() {
     let mut scaler = autoscaler(
         &queue,
         &dir,
-        &["--max", "4", "--dry-run"],
+        "--max 4 --dry-run",
         &["worker", "--queue", &queue],
     );
     let url = scaler.metrics_url().await;
