@@ -328,3 +328,34 @@ async fn a_submitter_whose_connection_drops_republishes_what_was_unconfirmed() {
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_whose_connection_drops_reconnects_and_writes_each_result_once() {
+    let queue = unique_queue("waitcut");
+    let dir = scratch("waitcut");
+    let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
+    let tasks: Vec<Value> = (0..3000)
+        .map(|i| json!({"kind": "echo", "args": {"i": i}}))
+        .collect();
+    let batch = submit_only(&queue, &dir, &tasks).await;
+    worker.wait_for_log("task finished", 3000, MINUTE).await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    // The collector's connection is cut part-way: a whole collection sends about 3 KB upstream.
+    proxy.cut_after_upstream_bytes(1_600);
+    let waited = warren()
+        .env("WARREN_AMQP_URL", proxy.url())
+        .args(["wait", &batch])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&waited.stderr);
+    assert_eq!(waited.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("collecting interrupted"),
+        "the cut happened mid-collection: {stderr}"
+    );
+    let results = read_results(&String::from_utf8_lossy(&waited.stdout));
+    assert_eq!(results.len(), 3000, "each result written once");
+    assert_eq!(seqs(&results), (0..3000).collect());
+    delete_queues(&queue).await;
+}
