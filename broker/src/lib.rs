@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Warren's broker layer: the wire protocol, the RabbitMQ topology, connections, confirmed
 //! publishing and queue depth. Workers, submitters and the autoscaler all talk to RabbitMQ
 //! through this crate, so the rules of at-least-once delivery live in one place.

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Warren's autoscaler: a pure scaling policy (`policy`), a thin control loop around it
 //! (`autoscaler`), and backends that size a Kubernetes Deployment (`kubernetes`) or a set of local
 //! worker processes (`local`) by queue depth.

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Warren's client library: submit batches of tasks, follow them, and collect their results.
 //!
 //! ```no_run

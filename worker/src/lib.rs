@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Warren's worker: consumes tasks from a RabbitMQ queue with manual acknowledgements, runs them
 //! with registered handlers (external commands or Rust functions) and publishes each result
 //! before acknowledging its task.
