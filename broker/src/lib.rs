@@ -1,7 +1,8 @@
-#![warn(missing_docs)]
 //! Warren's broker layer: the wire protocol, the RabbitMQ topology, connections, confirmed
 //! publishing and queue depth. Workers, submitters and the autoscaler all talk to RabbitMQ
 //! through this crate, so the rules of at-least-once delivery live in one place.
+
+#![warn(missing_docs)]
 
 pub mod connection;
 pub mod depth;

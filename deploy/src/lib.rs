@@ -1,7 +1,8 @@
-#![warn(missing_docs)]
 //! Warren's autoscaler: a pure scaling policy (`policy`), a thin control loop around it
 //! (`autoscaler`), and backends that size a Kubernetes Deployment (`kubernetes`) or a set of local
 //! worker processes (`local`) by queue depth.
+
+#![warn(missing_docs)]
 
 pub mod autoscaler;
 pub mod backend;

@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! Warren's client library: submit batches of tasks, follow them, and collect their results.
 //!
 //! ```no_run
@@ -13,6 +12,8 @@
 //!     .await?;
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod collect;
 pub mod commands;

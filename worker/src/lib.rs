@@ -1,10 +1,11 @@
-#![warn(missing_docs)]
 //! Warren's worker: consumes tasks from a RabbitMQ queue with manual acknowledgements, runs them
 //! with registered handlers (external commands or Rust functions) and publishes each result
 //! before acknowledging its task.
 //!
 //! Build a worker binary of your own with [`Worker::new`], [`Worker::handler`] and
 //! [`Worker::run`]; see `examples/custom_worker.rs`.
+
+#![warn(missing_docs)]
 
 mod delivery;
 pub mod handler;
