@@ -20,6 +20,19 @@ pub enum DepthSource {
     PassiveDeclare,
 }
 
+impl DepthSource {
+    /// Every source, for metrics that show which one is in use.
+    pub const ALL: [DepthSource; 2] = [DepthSource::Management, DepthSource::PassiveDeclare];
+
+    /// Snake-case name, as serialized and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DepthSource::Management => "management",
+            DepthSource::PassiveDeclare => "passive_declare",
+        }
+    }
+}
+
 /// A snapshot of one queue.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueueDepth {
@@ -104,11 +117,6 @@ impl Management {
             vhost: uri.vhost,
             http,
         })
-    }
-
-    /// Base URL of the API.
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     /// How many tasks each consumer of `queue` holds, by worker name (the consumer tag). The API

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use warren_broker::depth::DepthSource;
+
 use crate::backend::{Backend, BackendError};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Depth, Input, PolicyConfig, PolicyState, Reason, decide};
@@ -56,19 +58,12 @@ pub async fn run_pool<B: Backend>(
                     .consumers
                     .with_label_values(&[pool])
                     .set(d.consumers as f64);
-                for source in ["management", "passive_declare"] {
-                    let using = matches!(
-                        (source, d.source),
-                        ("management", warren_broker::depth::DepthSource::Management)
-                            | (
-                                "passive_declare",
-                                warren_broker::depth::DepthSource::PassiveDeclare
-                            )
-                    );
+                for source in DepthSource::ALL {
+                    let using = if source == d.source { 1.0 } else { 0.0 };
                     metrics
                         .probe_source
-                        .with_label_values(&[pool, source])
-                        .set(if using { 1.0 } else { 0.0 });
+                        .with_label_values(&[pool, source.as_str()])
+                        .set(using);
                 }
                 Some(Depth {
                     ready: d.ready,

@@ -2,7 +2,7 @@
 //! and exit status.
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -215,8 +215,7 @@ fn read_task_file(path: &PathBuf) -> Result<Vec<TaskSpec>, String> {
     }
     let file = std::fs::File::open(path)
         .map_err(|e| format!("cannot open task file {}: {e}", path.display()))?;
-    let reader: Box<dyn BufRead> = Box::new(BufReader::new(file));
-    read_specs(reader, &path.display().to_string()).map_err(|e| e.to_string())
+    read_specs(BufReader::new(file), &path.display().to_string()).map_err(|e| e.to_string())
 }
 
 fn connection_name(role: &str) -> String {

@@ -91,11 +91,6 @@ impl Submitter {
         }
     }
 
-    /// The broker settings.
-    pub fn settings(&self) -> &AmqpSettings {
-        &self.settings
-    }
-
     /// The open connection and its confirm-mode publisher, opening them if needed.
     pub async fn connection(&mut self) -> Result<&(Connection, Publisher), BrokerError> {
         let usable = self

@@ -48,7 +48,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     let attempt = header_value(&delivery.properties, HEADER_DELIVERY_COUNT)
         .and_then(|n| n.parse::<u32>().ok())
         .map_or(1, |n| n.saturating_add(1));
-    let task = match protocol::decode_task(&delivery.data, ctx.max_message_bytes) {
+    let mut task = match protocol::decode_task(&delivery.data, ctx.max_message_bytes) {
         Ok(task) => task,
         Err(error) => return reject_malformed(&ctx, delivery, &error, attempt).await,
     };
@@ -111,7 +111,8 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         id: task.id.clone(),
         batch: task.batch.clone(),
         kind: task.kind.clone(),
-        args: task.args.clone(),
+        // The envelope does not need its args again: move them rather than copy per task.
+        args: std::mem::take(&mut task.args),
         attempt,
         labels: task.labels.clone(),
         timeout,
