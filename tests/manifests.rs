@@ -8,6 +8,7 @@ use std::path::Path;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde_json::Value;
@@ -85,6 +86,10 @@ fn parse<T: serde::de::DeserializeOwned>(file: &str, value: Value) -> T {
 
 fn pod_spec(d: &Deployment) -> &PodSpec {
     d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn pod_meta(d: &Deployment) -> &ObjectMeta {
+    d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap()
 }
 
 fn container(d: &Deployment) -> &Container {
@@ -351,19 +356,7 @@ fn the_pod_monitor_selects_the_warren_pods_on_their_metrics_port() {
         let d = m
             .deployments
             .values()
-            .find(|d| {
-                d.spec
-                    .as_ref()
-                    .unwrap()
-                    .template
-                    .metadata
-                    .as_ref()
-                    .unwrap()
-                    .labels
-                    .as_ref()
-                    .unwrap()["app"]
-                    == app
-            })
+            .find(|d| pod_meta(d).labels.as_ref().unwrap()["app"] == app)
             .expect(app);
         let port = endpoint["port"].as_str().unwrap();
         assert!(
@@ -374,17 +367,7 @@ fn the_pod_monitor_selects_the_warren_pods_on_their_metrics_port() {
                 .any(|p| p.name.as_deref() == Some(port)),
             "{app} has a port named {port}"
         );
-        let annotations = d
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .clone()
-            .unwrap();
+        let annotations = pod_meta(d).annotations.clone().unwrap();
         assert_eq!(
             annotations["prometheus.io/scrape"], "true",
             "{app} also carries plain scrape annotations"

@@ -267,3 +267,11 @@ pub fn sample(page: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// How many messages wait in `queue`'s dead-letter queue (taking them out).
+pub async fn dead_letter_count(queue: &str) -> usize {
+    let (conn, channel) = raw_channel().await;
+    let count = drain(&channel, &format!("{queue}.dead")).await.len();
+    let _ = conn.close(200, "bye".into()).await;
+    count
+}
