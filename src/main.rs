@@ -149,6 +149,14 @@ struct WorkerArgs {
     /// Largest task message accepted; larger ones are dead-lettered.
     #[arg(long, default_value_t = warren_worker::DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Worker environment variable passed on to every exec command (repeatable). Commands get only
+    /// PATH, HOME, LANG, TMPDIR and these; WARREN_* settings are never passed.
+    #[arg(long = "pass-env", value_name = "NAME")]
+    pass_env: Vec<String>,
+    /// Variable that tasks may set although it can change which code runs (repeatable), e.g.
+    /// PYTHONPATH; PATH, LD_*, BASH_ENV and the like are refused otherwise.
+    #[arg(long = "allow-task-env", value_name = "NAME")]
+    allow_task_env: Vec<String>,
     /// Bytes of stdout and of stderr kept from each exec task.
     #[arg(long, default_value_t = warren_worker::handlers::exec::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: usize,
@@ -375,9 +383,14 @@ async fn run_worker(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
     };
     let mut worker = Worker::new(config);
     if !args.allow_exec.is_empty() {
-        worker = worker.with_exec(
-            ExecPolicy::new(args.allow_exec).with_max_output_bytes(args.max_output_bytes),
-        );
+        let policy = ExecPolicy::new(args.allow_exec)
+            .with_max_output_bytes(args.max_output_bytes)
+            .with_pass_env(args.pass_env)
+            .and_then(|p| p.with_task_env_allowed(args.allow_task_env));
+        match policy {
+            Ok(policy) => worker = worker.with_exec(policy),
+            Err(e) => return usage(&e),
+        }
     }
     match worker.run(warren_worker::shutdown_signal()).await {
         Ok(()) => 0,

@@ -1,52 +1,29 @@
-//! `exec`: runs an allowed external command in its own process group, with captured output, a
-//! stdin, and a check that the files it should create exist.
+//! `exec`: runs an allowed external command in its own process group, with a clean environment,
+//! captured output, a stdin, and a check that the files it should create exist.
+
+mod policy;
+mod reaper;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::handler::{HandlerFuture, Task, TaskFailure};
+pub use policy::{BASE_ENV, DEFAULT_MAX_OUTPUT_BYTES, ExecPolicy, is_dangerous_env};
+use reaper::ProcessGroup;
 
-/// Default cap on captured bytes of stdout and of stderr, each.
-pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
-
-/// Which programs may run and how much of their output is kept.
-#[derive(Debug, Clone)]
-pub struct ExecPolicy {
-    allowed: Vec<String>,
-    max_output_bytes: usize,
-}
-
-impl ExecPolicy {
-    /// Allows the programs in `allowed`: a bare name (`sha256sum`) allows exactly that `argv[0]`,
-    /// found on PATH; a path allows exactly that path; `*` allows anything.
-    pub fn new(allowed: Vec<String>) -> Self {
-        Self {
-            allowed,
-            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
-        }
-    }
-
-    /// Sets the cap on captured stdout and stderr bytes.
-    pub fn with_max_output_bytes(mut self, bytes: usize) -> Self {
-        self.max_output_bytes = bytes;
-        self
-    }
-
-    /// Whether `program` (an `argv[0]`) may run.
-    pub fn allows(&self, program: &str) -> bool {
-        self.allowed.iter().any(|a| a == "*" || a == program)
-    }
-}
+/// How long output is still read after a command exits: a background process that escaped the
+/// command's process group (`setsid`) and holds its stdout must not hold up the result.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +40,7 @@ struct ExecArgs {
 /// The `exec` handler for a policy.
 pub fn handler(policy: ExecPolicy) -> impl Fn(Task) -> HandlerFuture + Send + Sync + 'static {
     let policy = Arc::new(policy);
+    reaper::start();
     move |task: Task| -> HandlerFuture {
         let policy = Arc::clone(&policy);
         Box::pin(async move { run(&policy, &task).await })
@@ -77,19 +55,25 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             "argv is empty: give at least the program to run",
         ));
     };
-    if !policy.allows(program) {
-        return Err(TaskFailure::rejected(
-            "not_allowed",
+    let resolved = policy.resolve(program)?;
+    let env = policy.command_env(&args.env)?;
+    if let Some(cwd) = &args.cwd
+        && !cwd.is_dir()
+    {
+        return Err(TaskFailure::failed(
+            "cwd_missing",
             format!(
-                "program '{program}' is not allowed on this worker; start the worker with \
-                 --allow-exec {program} (or --allow-exec '*' to allow any program)"
+                "cannot start '{program}': its cwd {} is not a folder on this worker",
+                cwd.display()
             ),
         ));
     }
-    let mut command = Command::new(program);
+    let mut command = Command::new(&resolved.path);
     command
+        .arg0(&resolved.arg0)
         .args(&args.argv[1..])
-        .envs(&args.env)
+        .env_clear()
+        .envs(env)
         .stdin(if args.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -103,25 +87,39 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     if let Some(cwd) = &args.cwd {
         command.current_dir(cwd);
     }
+    let worker_pid = nix::unistd::getpid();
+    // SAFETY: die_with_parent makes only async-signal-safe calls (prctl, getppid).
+    unsafe {
+        command.pre_exec(move || reaper::die_with_parent(worker_pid));
+    }
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| {
         TaskFailure::failed("spawn_failed", format!("cannot start '{program}': {e}"))
     })?;
-    let group = ProcessGroup(child.id());
+    let group = ProcessGroup::register(child.id());
     if let (Some(text), Some(mut stdin)) = (args.stdin, child.stdin.take()) {
         // A command that exits without reading its stdin closes the pipe: not an error.
         tokio::spawn(async move {
             let _ = stdin.write_all(text.as_bytes()).await;
         });
     }
-    let stdout = tokio::spawn(capture(child.stdout.take(), policy.max_output_bytes));
-    let stderr = tokio::spawn(capture(child.stderr.take(), policy.max_output_bytes));
+    let stop_reading = CancellationToken::new();
+    let limit = policy.max_output_bytes();
+    let stdout = tokio::spawn(capture(child.stdout.take(), limit, stop_reading.clone()));
+    let stderr = tokio::spawn(capture(child.stderr.take(), limit, stop_reading.clone()));
     let status = child
         .wait()
         .await
         .map_err(|e| TaskFailure::failed("wait_failed", format!("waiting for '{program}': {e}")))?;
-    // Background children of the command would keep the pipes open; they die with the group.
+    // The result follows the command's exit: what it started in the background dies with it.
     drop(group);
+    let _drain_deadline = {
+        let stop = stop_reading.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep(OUTPUT_DRAIN).await;
+            stop.cancel();
+        }))
+    };
     let stdout = stdout.await.unwrap_or_default();
     let stderr = stderr.await.unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -169,18 +167,6 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     Ok(output)
 }
 
-/// Kills a whole process group when dropped: on completion, timeout or cancellation alike.
-struct ProcessGroup(Option<u32>);
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            // ESRCH (the group is already gone) is the normal case after a clean exit.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-}
-
 #[derive(Default)]
 struct Captured {
     kept: Vec<u8>,
@@ -197,16 +183,24 @@ impl Captured {
     }
 }
 
-/// Reads a pipe to its end, keeping the first `limit` bytes; the rest is counted and discarded so
+/// Reads a pipe to its end (or until `stop`), keeping the first `limit` bytes; the rest is counted and discarded so
 /// the command never blocks on a full pipe.
-async fn capture(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> Captured {
+async fn capture(
+    pipe: Option<impl AsyncRead + Unpin>,
+    limit: usize,
+    stop: CancellationToken,
+) -> Captured {
     let mut captured = Captured::default();
     let Some(mut pipe) = pipe else {
         return captured;
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match pipe.read(&mut buf).await {
+        let read = tokio::select! {
+            read = pipe.read(&mut buf) => read,
+            () = stop.cancelled() => break,
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 captured.total += n as u64;
@@ -336,5 +330,124 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.error.kind, "spawn_failed");
+    }
+
+    /// A folder holding a fake `sha256sum` that leaves a marker when it runs.
+    fn trap(test: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("warren-trap-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("escaped");
+        let fake = dir.join("sha256sum");
+        std::fs::write(&fake, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (dir, marker)
+    }
+
+    #[tokio::test]
+    async fn the_task_cannot_swap_an_allowed_program() {
+        let (dir, marker) = trap("swap");
+        let policy = ExecPolicy::new(vec!["sha256sum".into()]);
+        // Its own PATH is refused outright.
+        let err = run(
+            &policy,
+            &task(json!({"argv": ["sha256sum", "/dev/null"], "env": {"PATH": dir}})),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            (err.status, err.error.kind.as_str()),
+            (TaskStatus::Rejected, "env_not_allowed")
+        );
+        // A cwd holding a program of the same name, or a relative name, changes nothing.
+        let out = run(
+            &policy,
+            &task(json!({"argv": ["sha256sum", "/dev/null"], "cwd": dir})),
+        )
+        .await
+        .unwrap();
+        assert!(
+            out["stdout"].as_str().unwrap().starts_with("e3b0c442"),
+            "{out}"
+        );
+        for argv0 in ["./sha256sum", dir.join("sha256sum").to_str().unwrap()] {
+            let err = run(&policy, &task(json!({"argv": [argv0], "cwd": dir})))
+                .await
+                .unwrap_err();
+            assert_eq!(err.error.kind, "not_allowed");
+        }
+        for (name, value) in [
+            ("LD_PRELOAD", "/tmp/evil.so"),
+            ("BASH_ENV", "/tmp/evil.sh"),
+            ("ENV", "/tmp/evil.sh"),
+        ] {
+            let err = run(
+                &policy,
+                &task(json!({"argv": ["sha256sum"], "env": {name: value}})),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(err.error.kind, "env_not_allowed", "{name}");
+        }
+        assert!(!marker.exists(), "the task's own sha256sum ran");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn commands_get_a_clean_environment_and_their_own_argv0() {
+        let out = run(&any(), &task(json!({"argv": ["sh", "-c", "env; echo \"arg0=$0\""], "env": {"GDAL_CACHEMAX": "512"}})))
+            .await
+            .unwrap();
+        let stdout = out["stdout"].as_str().unwrap();
+        let names: Vec<&str> = stdout
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+            .filter(|n| *n != "arg0" && *n != "PWD" && *n != "SHLVL" && *n != "_")
+            .collect();
+        for name in &names {
+            assert!(
+                BASE_ENV.contains(name) || *name == "GDAL_CACHEMAX",
+                "leaked {name}: {stdout}"
+            );
+        }
+        assert!(stdout.contains("GDAL_CACHEMAX=512"), "{stdout}");
+        // argv[0] is the name the task gave, not the resolved path.
+        assert!(stdout.contains("arg0=sh\n"), "{stdout}");
+    }
+
+    #[tokio::test]
+    async fn a_background_process_holding_stdout_does_not_hold_the_result() {
+        // setsid takes the sleeper out of the command's process group, so it is not killed with
+        // it; the result must still follow the command's own exit.
+        let started = Instant::now();
+        let out = run(
+            &any(),
+            &task(json!({"argv": ["sh", "-c", "setsid sleep 20 & echo done"]})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["exit_code"], 0);
+        assert_eq!(out["stdout"], "done\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_cwd_is_named() {
+        let err = run(
+            &any(),
+            &task(json!({"argv": ["true"], "cwd": "/no/such/folder"})),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.error.kind, "cwd_missing");
+        assert!(
+            err.error.message.contains("/no/such/folder"),
+            "{}",
+            err.error.message
+        );
     }
 }

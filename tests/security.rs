@@ -1,0 +1,217 @@
+//! A task is untrusted input. These tests try, as a hostile client would, to turn an `exec`
+//! worker into a remote shell or to read its secrets, and check that commands die with a killed
+//! worker so that a redelivered task never runs twice at once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Submits `tasks` to `queue` and waits for their results, keyed by task id.
+async fn run_tasks(
+    queue: &str,
+    dir: &std::path::Path,
+    tasks: &[serde_json::Value],
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let file = dir.join("tasks.jsonl");
+    write_tasks(&file, tasks);
+    let out = dir.join("results.jsonl");
+    let done = submit_file(queue, &file, &["--wait", "--output", out.to_str().unwrap()]).await;
+    assert!(done.code.is_some(), "{}", done.stderr);
+    read_results(&std::fs::read_to_string(&out).unwrap_or_default())
+        .into_iter()
+        .filter_map(|r| Some((r["task_id"].as_str()?.to_string(), r)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_cannot_escape_the_allowlist_or_read_the_workers_secrets() {
+    use std::os::unix::fs::PermissionsExt;
+    let queue = unique_queue("escape");
+    let dir = scratch("escape");
+    // A folder the attacker controls, holding programs named like the allowed ones.
+    let marker = dir.join("escaped");
+    for name in ["sha256sum", "cat"] {
+        let fake = dir.join(name);
+        std::fs::write(&fake, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let evil_rc = dir.join("rc.sh");
+    std::fs::write(&evil_rc, format!("touch {}\n", marker.display())).unwrap();
+    let _worker = WorkerProcess::start_with(
+        &queue,
+        &dir,
+        &["--allow-exec", "sha256sum", "--allow-exec", "cat"],
+        &[("WARREN_AMQP_PASSWORD_FILE_HINT", "s3cret-canary")],
+    );
+    let d = dir.to_str().unwrap();
+    let results = run_tasks(
+        &queue,
+        &dir,
+        &[
+            json!({"id": "path", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "env": {"PATH": d}}}),
+            json!({"id": "dot-path", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "env": {"PATH": "."}, "cwd": d}}),
+            json!({"id": "cwd", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "cwd": d}}),
+            json!({"id": "relative", "kind": "exec", "args": {"argv": ["./sha256sum"], "cwd": d}}),
+            json!({"id": "preload", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "env": {"LD_PRELOAD": format!("{d}/evil.so")}}}),
+            json!({"id": "bash-env", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "env": {"BASH_ENV": evil_rc}}}),
+            json!({"id": "bash-func", "kind": "exec", "args": {"argv": ["sha256sum", "/dev/null"], "env": {"BASH_FUNC_sha256sum%%": "() { touch x; }"}}}),
+            json!({"id": "environ", "kind": "exec", "args": {"argv": ["cat", "/proc/self/environ"]}}),
+        ],
+    )
+    .await;
+    assert_eq!(results.len(), 8, "{results:?}");
+    for id in ["path", "dot-path", "preload", "bash-env", "bash-func"] {
+        assert_eq!(results[id]["status"], "rejected", "{id}: {}", results[id]);
+        assert_eq!(results[id]["error"]["kind"], "env_not_allowed", "{id}");
+    }
+    assert_eq!(results["relative"]["error"]["kind"], "not_allowed");
+    // The allowed program ran, from the worker's PATH, not the task's folder.
+    assert_eq!(results["cwd"]["status"], "succeeded", "{}", results["cwd"]);
+    assert!(
+        results["cwd"]["output"]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("e3b0c442")
+    );
+    assert!(!marker.exists(), "a task ran its own program");
+    // The command's environment holds none of the worker's settings or secrets.
+    let environ = results["environ"]["output"]["stdout"].as_str().unwrap();
+    assert_eq!(results["environ"]["status"], "succeeded");
+    for leak in ["WARREN_", "guest", "s3cret-canary", "amqp://"] {
+        assert!(!environ.contains(leak), "{leak} leaked: {environ:?}");
+    }
+    assert!(environ.contains("PATH="), "{environ:?}");
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_may_pass_variables_on_and_allow_named_task_variables() {
+    let queue = unique_queue("passenv");
+    let dir = scratch("passenv");
+    let _worker = WorkerProcess::start_with(
+        &queue,
+        &dir,
+        &[
+            "--allow-exec",
+            "sh",
+            "--pass-env",
+            "GDAL_DATA",
+            "--allow-task-env",
+            "PYTHONPATH",
+        ],
+        &[("GDAL_DATA", "/usr/share/gdal"), ("NOT_PASSED", "x")],
+    );
+    let script = "echo \"$GDAL_DATA|$PYTHONPATH|$GDAL_CACHEMAX|${NOT_PASSED:-unset}\"";
+    let results = run_tasks(
+        &queue,
+        &dir,
+        &[
+            json!({"id": "t", "kind": "exec", "args": {"argv": ["sh", "-c", script], "env": {"PYTHONPATH": "/opt/py", "GDAL_CACHEMAX": "512"}}}),
+        ],
+    )
+    .await;
+    assert_eq!(
+        results["t"]["output"]["stdout"], "/usr/share/gdal|/opt/py|512|unset\n",
+        "{}",
+        results["t"]
+    );
+    // A worker refuses to hand its own settings to commands.
+    let refused = run_warren(
+        &[
+            "worker",
+            "--queue",
+            &queue,
+            "--allow-exec",
+            "sh",
+            "--pass-env",
+            "WARREN_AMQP_URL",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(refused.code, Some(2));
+    assert!(
+        refused.stderr.contains("WARREN_AMQP_URL"),
+        "{}",
+        refused.stderr
+    );
+    delete_queues(&queue).await;
+}
+
+/// Process ids whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// Process ids whose parent is one of `parents`.
+fn children_of(parents: &[String]) -> Vec<String> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The parent pid is the second field after the parenthesised command name.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if let Some(ppid) = after.split_whitespace().nth(1)
+            && parents.iter().any(|p| p == ppid)
+        {
+            kids.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    kids
+}
+
+/// Whether `pid` is a live process (a zombie is dead, only not yet collected by its parent).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_die_with_a_killed_worker() {
+    let queue = unique_queue("orphans");
+    let dir = scratch("orphans");
+    let mut worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    // A shell recognisable by its $0, with a foreground and a background child.
+    let tag = format!("warren-orphan-{}", uuid::Uuid::now_v7().simple());
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &[
+            json!({"id": "long", "kind": "exec", "args": {"argv": ["sh", "-c", "sleep 300 & sleep 301; true", tag.clone()]}}),
+        ],
+    );
+    let submitted = submit_file(&queue, &file, &[]).await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+    let family = eventually(
+        MINUTE,
+        "the command and its two children to start",
+        || async {
+            let shell = processes_with(&tag);
+            let kids = children_of(&shell);
+            (shell.len() == 1 && kids.len() == 2).then(|| [shell, kids].concat())
+        },
+    )
+    .await;
+    worker.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = worker.exit_code(MINUTE).await;
+    eventually(
+        Duration::from_secs(10),
+        "the command and its background child to die with the worker",
+        || async { family.iter().all(|pid| !alive(pid)).then_some(()) },
+    )
+    .await;
+    delete_queues(&queue).await;
+}
