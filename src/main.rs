@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use warren_broker::AmqpSettings;
+use warren_broker::depth::ManagementTarget;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
 use warren_deploy::config;
 use warren_deploy::run::{AutoscaleOptions, autoscale};
@@ -34,6 +35,10 @@ struct Global {
     /// File holding the RabbitMQ password (e.g. a mounted Kubernetes Secret).
     #[arg(long, global = true, env = "WARREN_AMQP_PASSWORD_FILE")]
     amqp_password_file: Option<PathBuf>,
+    /// Allow sending the broker credentials to the management API over plain http:// to another
+    /// machine (status, autoscale). Without it only https:// or this machine's loopback are used.
+    #[arg(long, global = true, env = "WARREN_INSECURE_MANAGEMENT_HTTP")]
+    insecure_management_http: bool,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WARREN_LOG_FORMAT")]
     log_format: LogFormat,
@@ -115,7 +120,7 @@ struct AutoscaleArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9478")]
     metrics_addr: std::net::SocketAddr,
-    /// Management API base URL (default: port 15672 of the AMQP host).
+    /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     management_url: Option<String>,
     /// Seconds local workers get to finish their tasks when the autoscaler stops.
@@ -227,7 +232,7 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Management API base URL (default: port 15672 of the AMQP host).
+    /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     management_url: Option<String>,
     /// Refresh every SECONDS (default 2) until Ctrl-C.
@@ -252,10 +257,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE_OR_CONNECTION);
         }
     };
-    ExitCode::from(runtime.block_on(run(cli.command, amqp)))
+    let insecure = cli.global.insecure_management_http;
+    ExitCode::from(runtime.block_on(run(cli.command, amqp, insecure)))
 }
 
-async fn run(command: Command, amqp: AmqpSettings) -> u8 {
+async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: bool) -> u8 {
+    let management = |url: Option<String>| ManagementTarget {
+        url,
+        insecure_http: insecure_management_http,
+    };
     match command {
         Command::Worker(args) => run_worker(args, amqp).await,
         Command::Submit(args) => {
@@ -308,18 +318,25 @@ async fn run(command: Command, amqp: AmqpSettings) -> u8 {
             };
             commands::status(
                 amqp,
-                args.management_url.as_deref(),
+                &management(args.management_url),
                 &args.queue,
                 args.json,
                 watch,
             )
             .await
         }
-        Command::Autoscale(args) => run_autoscaler(args, amqp).await,
+        Command::Autoscale(args) => {
+            let target = management(args.management_url.clone());
+            run_autoscaler(args, amqp, target).await
+        }
     }
 }
 
-async fn run_autoscaler(args: AutoscaleArgs, amqp: AmqpSettings) -> u8 {
+async fn run_autoscaler(
+    args: AutoscaleArgs,
+    amqp: AmqpSettings,
+    management: ManagementTarget,
+) -> u8 {
     let pools = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => match config::parse(&text) {
@@ -353,7 +370,7 @@ async fn run_autoscaler(args: AutoscaleArgs, amqp: AmqpSettings) -> u8 {
     };
     let options = AutoscaleOptions {
         amqp,
-        management_url: args.management_url,
+        management,
         metrics_addr: Some(args.metrics_addr),
         dry_run: args.dry_run,
         stop_grace,

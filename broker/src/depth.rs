@@ -94,15 +94,54 @@ struct ApiRate {
     rate: f64,
 }
 
+/// Where the management API is, and whether credentials may go to it over plain HTTP.
+#[derive(Clone, Debug, Default)]
+pub struct ManagementTarget {
+    /// Base URL (e.g. `https://rabbitmq:15671`); None: the AMQP host, `https://HOST:15671` for
+    /// `amqps://`, `http://HOST:15672` for `amqp://`.
+    pub url: Option<String>,
+    /// Allow sending the credentials over plain HTTP to a host other than this machine.
+    pub insecure_http: bool,
+}
+
 impl Management {
-    /// A client for the API at `base` (e.g. `http://127.0.0.1:15672`), or, when `base` is None, at
-    /// port 15672 of the AMQP URL's host; credentials and vhost come from the AMQP settings.
-    pub fn new(base: Option<&str>, settings: &AmqpSettings) -> Result<Self, BrokerError> {
+    /// A client for the API of `target`; credentials and vhost come from the AMQP settings. Plain
+    /// HTTP to another machine is refused unless `target.insecure_http`, because every request
+    /// carries the broker password.
+    pub fn new(target: &ManagementTarget, settings: &AmqpSettings) -> Result<Self, BrokerError> {
         let uri = settings.uri()?;
-        let base = match base {
+        let tls = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        let base = match &target.url {
             Some(b) => b.trim_end_matches('/').to_string(),
+            None if tls => format!("https://{}:15671", uri.authority.host),
             None => format!("http://{}:15672", uri.authority.host),
         };
+        let shown = crate::settings::redact(&base);
+        let config =
+            |detail: String| BrokerError::Config(format!("management API {shown}: {detail}"));
+        let mut url = reqwest::Url::parse(&base).map_err(|e| config(format!("not a URL ({e})")))?;
+        // Credentials come from the AMQP settings; any in the URL are dropped so none is printed.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback(url.host_str()) || target.insecure_http => {}
+            "http" => {
+                return Err(config(format!(
+                    "refusing to send RabbitMQ credentials in cleartext to {url}; use https:// \
+                     (RabbitMQ serves the management API over TLS on 15671 when configured), or \
+                     pass --insecure-management-http on a network you trust"
+                )));
+            }
+            other => {
+                return Err(config(format!(
+                    "unsupported scheme {other}://; use https:// or http://"
+                )));
+            }
+        }
+        // Installing fails only when a provider is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let base = url.as_str().trim_end_matches('/').to_string();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -194,7 +233,7 @@ impl Management {
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(e.without_url().to_string()))?;
         match response.status().as_u16() {
             200 => response
                 .json()
@@ -220,6 +259,16 @@ pub async fn passive_depth(channel: &Channel, queue: &str) -> Result<QueueDepth,
         ack_rate: None,
         source: DepthSource::PassiveDeclare,
     })
+}
+
+/// Whether a URL host (`host_str`, IPv6 in brackets) is this machine.
+fn is_loopback(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Percent-encodes a path segment (vhost `/` becomes `%2F`).
@@ -291,5 +340,51 @@ mod tests {
             Err(BrokerError::Invalid("down".into())),
         );
         assert!(matches!(missing, Err(BrokerError::QueueNotFound { .. })));
+    }
+
+    fn target(url: Option<&str>, insecure_http: bool) -> ManagementTarget {
+        ManagementTarget {
+            url: url.map(String::from),
+            insecure_http,
+        }
+    }
+
+    #[test]
+    fn credentials_never_go_in_cleartext_to_another_machine() {
+        let tls = AmqpSettings::new("amqps://u:pw@rabbit.example:5671/%2f");
+        let api = Management::new(&target(None, false), &tls).unwrap();
+        assert_eq!(api.base, "https://rabbit.example:15671");
+        let err =
+            Management::new(&target(Some("http://rabbit.example:15672"), false), &tls).unwrap_err();
+        assert!(
+            err.to_string().contains("--insecure-management-http"),
+            "{err}"
+        );
+        let plain = AmqpSettings::new("amqp://u:pw@rabbit.example:5672/%2f");
+        assert!(Management::new(&target(None, false), &plain).is_err());
+        assert!(Management::new(&target(None, true), &plain).is_ok());
+        for local in [
+            "http://127.0.0.1:15672",
+            "http://localhost:15672",
+            "http://[::1]:15672",
+        ] {
+            assert!(
+                Management::new(&target(Some(local), false), &plain).is_ok(),
+                "{local}"
+            );
+        }
+        // A password in the management URL is neither used nor shown.
+        let err = Management::new(
+            &target(Some("http://admin:hunter2@rabbit.example:15672"), false),
+            &tls,
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let api = Management::new(
+            &target(Some("https://admin:hunter2@rabbit.example"), false),
+            &tls,
+        )
+        .unwrap();
+        assert!(!api.base.contains("hunter2"), "{}", api.base);
     }
 }

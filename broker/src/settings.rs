@@ -53,9 +53,12 @@ impl AmqpSettings {
     /// Parses the URL, applies the password file and the default heartbeat.
     pub fn uri(&self) -> Result<AMQPUri, BrokerError> {
         let mut uri = AMQPUri::from_str(&self.url).map_err(|e| {
+            // The parser quotes the whole URL, password and all.
+            let detail = e.replace(&self.url, &self.redacted_url());
             BrokerError::Config(format!(
-                "invalid AMQP URL {}: {e}. Expected amqp://user:password@host:5672/vhost \
-                 (use %2f for the default vhost /)",
+                "invalid AMQP URL {}: {detail}. Expected amqp://user:password@host:5672/vhost \
+                 (use %2f for the default vhost /; percent-encode '/', '?', '#' and '@' in the \
+                 password, or use --amqp-password-file)",
                 self.redacted_url()
             ))
         })?;
@@ -75,25 +78,25 @@ impl AmqpSettings {
     }
 }
 
-/// Replaces the password of a URL's user info with `***`.
+/// Replaces the password of a URL's user info with `***`. The user info ends at the last `@`, so
+/// a password holding unencoded `/`, `?`, `#` or `@` is hidden whole too.
 pub fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        // Not a URL: where a password would be cannot be told, so hide all after the first ':'.
+        return match url.split_once(':') {
+            Some((head, _)) => format!("{head}:***"),
+            None => url.to_string(),
+        };
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_string();
     };
-    let userinfo = &authority[..at];
-    let user = userinfo.split(':').next().unwrap_or_default();
-    let shown = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        user.to_string()
-    };
-    format!("{}{shown}{}", &url[..scheme_end + 3], &rest[at..])
+    let userinfo = &rest[..at];
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +112,12 @@ mod tests {
         assert_eq!(redact("amqps://u@host/v"), "amqps://u@host/v");
         assert_eq!(redact("amqp://host"), "amqp://host");
         assert_eq!(redact("not a url"), "not a url");
+        assert_eq!(redact("guest:secret@host"), "guest:***");
+        // Unencoded characters that end the authority elsewhere must not expose the password.
+        for password in ["pa/ss", "pa?ss", "pa#ss", "p@ss", "a/b?c@d"] {
+            let shown = redact(&format!("amqp://guest:{password}@host:5672/%2f"));
+            assert_eq!(shown, "amqp://guest:***@host:5672/%2f", "{password}");
+        }
     }
 
     #[test]

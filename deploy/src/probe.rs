@@ -5,7 +5,7 @@ use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::connection::connect;
 use warren_broker::depth::{
-    DepthSource, Management, QueueDepth, WorkerLoad, combine, passive_depth,
+    DepthSource, Management, ManagementTarget, QueueDepth, WorkerLoad, combine, passive_depth,
 };
 use warren_broker::{AmqpSettings, BrokerError};
 
@@ -19,9 +19,9 @@ pub struct DepthProbe {
 }
 
 impl DepthProbe {
-    /// A probe using the management API at `management_url` (default: port 15672 of the AMQP host).
-    pub fn new(amqp: AmqpSettings, management_url: Option<&str>) -> Self {
-        let management = match Management::new(management_url, &amqp) {
+    /// A probe using the management API of `target`.
+    pub fn new(amqp: AmqpSettings, target: &ManagementTarget) -> Self {
+        let management = match Management::new(target, &amqp) {
             Ok(m) => Some(m),
             Err(e) => {
                 warn!(

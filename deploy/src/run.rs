@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use warren_broker::AmqpSettings;
+use warren_broker::depth::ManagementTarget;
 
 use crate::autoscaler::{PoolSpec, run_pool};
 use crate::config::{BackendKind, PoolEntry};
@@ -19,8 +20,8 @@ use crate::probe::DepthProbe;
 pub struct AutoscaleOptions {
     /// Broker connection (for passive declares and the management API's credentials).
     pub amqp: AmqpSettings,
-    /// Management API base URL; default port 15672 of the AMQP host.
-    pub management_url: Option<String>,
+    /// Where the management API is.
+    pub management: ManagementTarget,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`; None serves nothing.
     pub metrics_addr: Option<SocketAddr>,
     /// Observe and log only.
@@ -58,7 +59,7 @@ pub async fn autoscale(
             poll: pool.poll()?,
             dry_run: options.dry_run,
         };
-        let probe = DepthProbe::new(options.amqp.clone(), options.management_url.as_deref());
+        let probe = DepthProbe::new(options.amqp.clone(), &options.management);
         let (metrics, stop) = (metrics.clone(), stop.clone());
         match pool.backend {
             BackendKind::Local => {

@@ -71,7 +71,7 @@ async fn a_backlog_scales_the_deployment_up_and_an_empty_queue_back_to_zero() {
     let looping = tokio::spawn(run_pool(
         spec,
         backend,
-        DepthProbe::new(amqp, None),
+        DepthProbe::new(amqp, &Default::default()),
         metrics.clone(),
         stop.clone(),
     ));

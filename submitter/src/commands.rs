@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use warren_broker::AmqpSettings;
+use warren_broker::depth::ManagementTarget;
 
 use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
 use crate::output::{JsonLines, StderrProgress};
@@ -92,14 +93,14 @@ pub async fn wait(amqp: AmqpSettings, batch: &str, cmd: &WaitCommand) -> u8 {
 /// Runs `warren status`, once or every `watch` interval until Ctrl-C; returns the exit status.
 pub async fn status(
     amqp: AmqpSettings,
-    management_url: Option<&str>,
+    management: &ManagementTarget,
     queue: &str,
     json: bool,
     watch: Option<Duration>,
 ) -> u8 {
     let in_place = watch.is_some() && !json && std::io::stdout().is_terminal();
     loop {
-        let status = match queue_status(&amqp, management_url, queue).await {
+        let status = match queue_status(&amqp, management, queue).await {
             Ok(status) => status,
             Err(e) => return fail(&e.to_string()),
         };

@@ -2,7 +2,9 @@
 
 use serde::Serialize;
 use warren_broker::connection::connect;
-use warren_broker::depth::{Management, QueueDepth, WorkerLoad, combine, passive_depth};
+use warren_broker::depth::{
+    Management, ManagementTarget, QueueDepth, WorkerLoad, combine, passive_depth,
+};
 use warren_broker::topology::dead_letter_queue;
 use warren_broker::{AmqpSettings, BrokerError};
 
@@ -25,7 +27,7 @@ pub struct QueueStatus {
 /// rates and busy workers from the management API when it answers.
 pub async fn queue_status(
     settings: &AmqpSettings,
-    management_url: Option<&str>,
+    management: &ManagementTarget,
     queue: &str,
 ) -> Result<QueueStatus, BrokerError> {
     let dead = dead_letter_queue(queue);
@@ -57,7 +59,7 @@ pub async fn queue_status(
             passive_dead = Err(BrokerError::Invalid(e.to_string()));
         }
     }
-    let api = Management::new(management_url, settings);
+    let api = Management::new(management, settings);
     let (api_tasks, api_dead, workers, api_error) = match &api {
         Ok(api) => {
             let (tasks, dead_letters) = (api.queue(queue).await, api.queue(&dead).await);
