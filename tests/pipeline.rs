@@ -402,3 +402,58 @@ async fn a_task_on_its_last_delivery_is_answered_instead_of_vanishing() {
     let _ = conn.close(200, "bye".into()).await;
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_large_headers_costs_nothing_but_itself() {
+    // RabbitMQ takes header blocks up to its frame size (128 KiB); a worker that asked for smaller
+    // frames lost its connection on every delivery of such a message, and with it every other
+    // task in flight.
+    let queue = unique_queue("bigheaders");
+    let replies = format!("{queue}.replies");
+    let dir = scratch("bigheaders");
+    let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "4"]);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    let (conn, channel) = raw_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    declare_classic(&channel, &replies).await;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-client-notes".into(),
+        lapin::types::AMQPValue::LongString("n".repeat(44_000).into()),
+    );
+    let pack = |v: &Value| rmp_serde::to_vec_named(v).unwrap();
+    publish_raw(
+        &channel,
+        &queue,
+        &pack(&envelope("heavy", "echo", &replies, json!(1))),
+        identified("heavy", &replies).with_headers(headers),
+    )
+    .await;
+    for id in ["a", "b", "c"] {
+        let task = envelope(id, "sleep", &replies, json!({"ms": 300}));
+        publish_raw(&channel, &queue, &pack(&task), identified(id, &replies)).await;
+    }
+    let mut results: HashMap<String, Value> = HashMap::new();
+    let until = std::time::Instant::now() + MINUTE;
+    while results.len() < 4 && std::time::Instant::now() < until {
+        for d in drain(&channel, &replies).await {
+            let r: Value = rmp_serde::from_slice(&d.data).unwrap();
+            results.insert(r["task_id"].as_str().unwrap().to_string(), r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(results.len(), 4, "results: {results:?}\n{}", worker.log_text());
+    for id in ["heavy", "a", "b", "c"] {
+        assert_eq!(results[id]["status"], "succeeded", "{id}: {}", results[id]);
+    }
+    assert!(
+        !worker.log_text().contains("connection lost"),
+        "{}",
+        worker.log_text()
+    );
+    let _ = channel
+        .queue_delete(replies.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queues(&queue).await;
+}

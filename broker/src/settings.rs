@@ -13,10 +13,12 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// about two intervals.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
-/// Largest AMQP frame asked of the broker unless the URL sets one. lapin keeps 32 frames of
-/// buffer each way per connection, so RabbitMQ's default (128 KiB) would cost 8 MiB per process;
-/// larger messages are simply split into more frames.
-pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+/// Largest AMQP frame asked of the broker unless the URL sets one: RabbitMQ's own default and
+/// largest usual setting, so that any header block the broker accepted can be delivered (a message
+/// whose headers do not fit one frame would close the connection, and every task in flight on it
+/// would be redelivered). lapin sizes its buffers from this value but allocates them zeroed and
+/// lazily, so an idle process does not pay for them.
+pub const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
 /// Connection settings shared by every Warren process.
 #[derive(Clone, Debug)]
