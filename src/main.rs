@@ -35,6 +35,11 @@ struct Global {
     /// File holding the RabbitMQ password (e.g. a mounted Kubernetes Secret).
     #[arg(long, global = true, env = "WARREN_AMQP_PASSWORD_FILE")]
     amqp_password_file: Option<PathBuf>,
+    /// Seconds to wait for a broker connection to open (TCP, TLS and the AMQP handshake) before
+    /// counting the attempt as failed.
+    #[arg(long, global = true, env = "WARREN_CONNECT_TIMEOUT",
+          default_value_t = warren_broker::settings::DEFAULT_CONNECT_TIMEOUT.as_secs_f64())]
+    connect_timeout: f64,
     /// Allow sending the broker credentials to the management API over plain http:// to another
     /// machine (status, autoscale). Without it only https:// or this machine's loopback are used.
     #[arg(long, global = true, env = "WARREN_INSECURE_MANAGEMENT_HTTP")]
@@ -243,9 +248,15 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
+    let Some(connect_timeout) = seconds(cli.global.connect_timeout) else {
+        return ExitCode::from(usage(
+            "--connect-timeout must be a positive number of seconds",
+        ));
+    };
     let amqp = AmqpSettings {
         url: cli.global.amqp_url.clone(),
         password_file: cli.global.amqp_password_file.clone(),
+        connect_timeout,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

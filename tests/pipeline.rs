@@ -442,7 +442,12 @@ async fn a_task_with_large_headers_costs_nothing_but_itself() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(results.len(), 4, "results: {results:?}\n{}", worker.log_text());
+    assert_eq!(
+        results.len(),
+        4,
+        "results: {results:?}\n{}",
+        worker.log_text()
+    );
     for id in ["heavy", "a", "b", "c"] {
         assert_eq!(results[id]["status"], "succeeded", "{id}: {}", results[id]);
     }

@@ -359,3 +359,178 @@ async fn a_wait_whose_connection_drops_reconnects_and_writes_each_result_once() 
     assert_eq!(seqs(&results), (0..3000).collect());
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_gives_each_outage_its_own_retry_budget() {
+    // The budget is counted from the failure, not from the start: a wait that has been running
+    // longer than --retry-for still rides out a short outage.
+    let queue = unique_queue("waitbudget");
+    let dir = scratch("waitbudget");
+    let batch = submit_only(&queue, &dir, &sleep_tasks(5, 10)).await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let out = dir.join("results.jsonl");
+    let mut waiting = WorkerProcess::spawn(
+        &[
+            "wait",
+            &batch,
+            "--retry-for",
+            "3",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &dir,
+        &[("WARREN_AMQP_URL", proxy.url().as_str())],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.refuse(true);
+    proxy.cut();
+    waiting
+        .wait_for_log("collecting interrupted", 1, MINUTE)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.refuse(false);
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    assert_eq!(
+        waiting.exit_code(MINUTE).await,
+        Some(0),
+        "{}",
+        waiting.log_text()
+    );
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(seqs(&results), (0..5).collect());
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_gives_up_on_a_long_outage_even_after_an_earlier_reconnect_and_says_how_to_resume() {
+    let queue = unique_queue("waitgiveup");
+    let dir = scratch("waitgiveup");
+    let batch = submit_only(&queue, &dir, &sleep_tasks(3, 10)).await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let mut waiting = WorkerProcess::spawn(
+        &["wait", &batch, "--retry-for", "2"],
+        &dir,
+        &[("WARREN_AMQP_URL", proxy.url().as_str())],
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A blip it recovers from...
+    proxy.cut();
+    waiting
+        .wait_for_log("collecting interrupted", 1, MINUTE)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // ...then an outage longer than the budget.
+    proxy.refuse(true);
+    proxy.cut();
+    assert_eq!(
+        waiting.exit_code(MINUTE).await,
+        Some(2),
+        "{}",
+        waiting.log_text()
+    );
+    let log = waiting.log_text();
+    assert!(log.contains("Gave up after"), "{log}");
+    assert!(log.contains(&format!("warren wait {batch}")), "{log}");
+    // Nothing was lost: the batch is still there to collect.
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    assert_eq!(seqs(&read_results(&waited.stdout)), (0..3).collect());
+    delete_queues(&queue).await;
+}
+
+/// A TCP port that accepts connections and never says a word, as a hung broker or a wrong port.
+async fn black_hole() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_never_answers_times_out_every_process() {
+    let (port, _hole) = black_hole().await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let status = run_warren(
+        &["status", "--amqp-url", &url, "--connect-timeout", "1"],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(status.code, Some(2), "{}", status.stderr);
+    assert!(
+        status
+            .stderr
+            .contains("did not complete the connection within 1s"),
+        "{}",
+        status.stderr
+    );
+    let submitted = run_warren(
+        &[
+            "submit",
+            "--amqp-url",
+            &url,
+            "--connect-timeout",
+            "1",
+            "--retry-for",
+            "2",
+            "exec",
+            "--",
+            "true",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(submitted.code, Some(2), "{}", submitted.stderr);
+    assert!(
+        submitted.stderr.contains("did not complete the connection"),
+        "{}",
+        submitted.stderr
+    );
+    let dir = scratch("blackhole");
+    let worker = WorkerProcess::start_with(
+        "warren.blackhole",
+        &dir,
+        &["--connect-timeout", "1"],
+        &[("WARREN_AMQP_URL", url.as_str())],
+    );
+    // Every failed attempt is logged.
+    worker
+        .wait_for_log("did not complete the connection", 2, MINUTE)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_task_queue_does_not_stop_workers() {
+    let queue = unique_queue("qdeleted");
+    let dir = scratch("qdeleted");
+    let mut worker = WorkerProcess::start(&queue, &dir, &[]);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    let (conn, channel) = raw_channel().await;
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    worker
+        .wait_for_log("was the queue deleted?", 1, MINUTE)
+        .await;
+    // It declared the queue again and consumes from it.
+    worker.wait_for_log("consuming", 2, MINUTE).await;
+    assert!(
+        worker.child.try_wait().unwrap().is_none(),
+        "{}",
+        worker.log_text()
+    );
+    let batch = submit_only(&queue, &dir, &sleep_tasks(3, 10)).await;
+    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    assert_eq!(seqs(&read_results(&waited.stdout)), (0..3).collect());
+    delete_queues(&queue).await;
+}

@@ -1,6 +1,6 @@
 //! Opening connections and channels, with the settings every Warren process wants.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -13,9 +13,20 @@ use crate::settings::AmqpSettings;
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
     let uri = settings.uri()?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri, properties)
-        .await
-        .map_err(|e| BrokerError::from_connect_error(&settings.redacted_url(), e))
+    match tokio::time::timeout(
+        settings.connect_timeout,
+        Connection::connect_uri(uri, properties),
+    )
+    .await
+    {
+        Ok(connected) => {
+            connected.map_err(|e| BrokerError::from_connect_error(&settings.redacted_url(), e))
+        }
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            url: settings.redacted_url(),
+            after: settings.connect_timeout,
+        }),
+    }
 }
 
 /// Opens a channel in publisher-confirm mode.
@@ -48,4 +59,72 @@ pub fn reconnect_delays(cap: Duration) -> impl Iterator<Item = Duration> {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// A retry budget counted from the failure it guards: a run of failures may last `budget`, and
+/// any progress in between (a session that opened, a task confirmed) starts the next run afresh.
+/// Delays between attempts grow as [`reconnect_delays`] with a 3 s cap.
+pub struct RetryBudget {
+    budget: Duration,
+    failing_since: Option<Instant>,
+    delays: backon::ExponentialBackoff,
+}
+
+impl RetryBudget {
+    /// A budget of `budget` per run of failures.
+    pub fn new(budget: Duration) -> Self {
+        Self {
+            budget,
+            failing_since: None,
+            delays: Self::fresh_delays(),
+        }
+    }
+
+    fn fresh_delays() -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(3))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Something worked: the next failure starts a new run with the whole budget.
+    pub fn progressed(&mut self) {
+        self.failing_since = None;
+        self.delays = Self::fresh_delays();
+    }
+
+    /// A failure: the delay before the next attempt, or None once failures have lasted the budget.
+    pub fn failed(&mut self) -> Option<Duration> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        (since.elapsed() < self.budget)
+            .then(|| self.delays.next().unwrap_or(Duration::from_secs(1)))
+    }
+
+    /// The budget per run of failures.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_counts_from_the_first_failure_of_a_run() {
+        let mut budget = RetryBudget::new(Duration::from_millis(200));
+        // Time before the first failure does not count.
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(budget.failed().is_some());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            budget.failed().is_none(),
+            "a run of failures outlasted the budget"
+        );
+        budget.progressed();
+        assert!(budget.failed().is_some(), "progress restarts the budget");
+    }
 }

@@ -27,6 +27,19 @@ pub enum BrokerError {
         /// What lapin reported.
         source: lapin::Error,
     },
+    /// Opening the connection took longer than the connect timeout.
+    #[error(
+        "RabbitMQ at {url} did not complete the connection within {after:?}: something accepted \
+         the TCP connection but no AMQP handshake followed. Check the host and port (the AMQP \
+         port, usually 5672 or 5671 for amqps://, not the management port), TLS for amqps://, \
+         and --connect-timeout for a slow network"
+    )]
+    ConnectTimeout {
+        /// The URL, password redacted.
+        url: String,
+        /// The timeout that expired.
+        after: std::time::Duration,
+    },
     /// The broker refused the credentials or the virtual host.
     #[error(
         "RabbitMQ at {url} refused the login: {detail}. Check the user name and password \
@@ -52,6 +65,13 @@ pub enum BrokerError {
     /// A queue that must exist does not.
     #[error("queue '{queue}' does not exist (never created, already collected, or expired)")]
     QueueNotFound {
+        /// Queue name.
+        queue: String,
+    },
+    /// The broker cancelled a consumer, usually because its queue was deleted; declaring the
+    /// queue again and consuming anew recovers.
+    #[error("RabbitMQ cancelled the consumer of '{queue}' (was the queue deleted?)")]
+    ConsumerCancelled {
         /// Queue name.
         queue: String,
     },

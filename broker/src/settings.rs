@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use lapin::uri::AMQPUri;
 
@@ -20,6 +21,10 @@ pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 /// lazily, so an idle process does not pay for them.
 pub const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
+/// Longest wait for a connection to open: TCP, TLS and the AMQP handshake together. A port that
+/// accepts connections and never answers would otherwise hang a process for ever.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connection settings shared by every Warren process.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
@@ -27,14 +32,13 @@ pub struct AmqpSettings {
     pub url: String,
     /// File holding the password (e.g. a mounted Kubernetes Secret); overrides the URL's.
     pub password_file: Option<PathBuf>,
+    /// Longest wait for a connection to open (TCP, TLS and AMQP handshake).
+    pub connect_timeout: Duration,
 }
 
 impl Default for AmqpSettings {
     fn default() -> Self {
-        Self {
-            url: DEFAULT_AMQP_URL.to_string(),
-            password_file: None,
-        }
+        Self::new(DEFAULT_AMQP_URL)
     }
 }
 
@@ -44,6 +48,7 @@ impl AmqpSettings {
         Self {
             url: url.into(),
             password_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
@@ -129,6 +134,7 @@ mod tests {
         let settings = AmqpSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             password_file: Some(dir.clone()),
+            ..AmqpSettings::default()
         };
         let uri = settings.uri().unwrap();
         std::fs::remove_file(&dir).unwrap();
@@ -154,6 +160,7 @@ mod tests {
         let err = AmqpSettings {
             url: DEFAULT_AMQP_URL.into(),
             password_file: Some("/nonexistent/pw".into()),
+            ..AmqpSettings::default()
         }
         .uri()
         .unwrap_err();

@@ -18,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::BrokerError;
-use warren_broker::connection::{confirm_channel, consumer_channel, reconnect_delays};
+use warren_broker::connection::{RetryBudget, confirm_channel, consumer_channel};
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
 };
@@ -106,6 +106,20 @@ pub enum CollectError {
     /// The broker could not be used, even after retrying.
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    /// Connection failures lasted longer than the retry budget; what was collected is saved.
+    #[error(
+        "{source}. Gave up after {retry_for:?} of connection failures (--retry-for); every result \
+         written so far is recorded in the batch manifest. Resume with `warren wait {batch}` once \
+         the broker is reachable"
+    )]
+    GaveUp {
+        /// Batch id.
+        batch: String,
+        /// The retry budget that ran out.
+        retry_for: Duration,
+        /// The last failure.
+        source: BrokerError,
+    },
 }
 
 /// Options of a collection.
@@ -143,6 +157,8 @@ struct State {
     /// When collection started, to tell the user if the manifest is slow to appear.
     started: Instant,
     warned_no_manifest: bool,
+    /// Set once a session is consuming results, so a later failure starts a fresh retry budget.
+    consuming: bool,
 }
 
 impl Submitter {
@@ -164,11 +180,11 @@ impl Submitter {
             counts: Counts::default(),
             started: Instant::now(),
             warned_no_manifest: false,
+            consuming: false,
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
-        let mut delays = reconnect_delays(Duration::from_secs(3));
+        let mut retry = RetryBudget::new(options.retry_for);
         tokio::pin!(interrupt);
-        let mut retry_until = Instant::now() + options.retry_for;
         loop {
             let attempt = async {
                 let (connection, _) = self.connection().await?;
@@ -182,18 +198,28 @@ impl Submitter {
                 )
                 .await
             };
-            match attempt.await {
-                Ok(outcome) => return Ok(outcome),
-                Err(CollectError::Broker(e)) if !e.is_fatal() && Instant::now() < retry_until => {
-                    warn!("collecting interrupted ({e}); reconnecting");
-                    self.reset();
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                }
-                Err(e) => return Err(e),
+            let outcome = attempt.await;
+            // A session that got as far as consuming was progress: the budget counts afresh.
+            if std::mem::take(&mut state.consuming) {
+                retry.progressed();
             }
-            // A session that made progress earns a fresh retry budget.
-            if !state.written.is_empty() {
-                retry_until = Instant::now() + options.retry_for;
+            match outcome {
+                Ok(outcome) => return Ok(outcome),
+                Err(CollectError::Broker(e)) if !e.is_fatal() => match retry.failed() {
+                    Some(delay) => {
+                        warn!("collecting interrupted ({e}); reconnecting in {delay:.1?}");
+                        self.reset();
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => {
+                        return Err(CollectError::GaveUp {
+                            batch: state.batch.clone(),
+                            retry_for: retry.budget(),
+                            source: e,
+                        });
+                    }
+                },
+                Err(e) => return Err(e),
             }
         }
     }
@@ -228,6 +254,7 @@ async fn collect_session(
             FieldTable::default(),
         )
         .await?;
+    state.consuming = true;
     progress.update(&state.counts);
     let mut unacked: Option<u64> = None;
     let mut pending = 0u16;
@@ -269,7 +296,7 @@ async fn collect_session(
                     }
                 }
                 Some(Err(e)) => return Err(BrokerError::Amqp(e).into()),
-                None => return Err(BrokerError::Invalid("the result consumer was cancelled (queue deleted?)".into()).into()),
+                None => return Err(BrokerError::ConsumerCancelled { queue: results_queue.clone() }.into()),
             },
             _ = ticker.tick() => {
                 let known = state.manifest.is_some();

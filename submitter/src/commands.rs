@@ -13,7 +13,7 @@ use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
 use crate::output::{JsonLines, StderrProgress};
 use crate::spec::{TaskSpec, read_specs};
 use crate::status::{queue_status, render};
-use crate::submit::{SubmitOptions, Submitter};
+use crate::submit::{SubmitError, SubmitOptions, Submitter};
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -70,6 +70,25 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
     let receipt = match submitter.submit(&specs, &cmd.options).await {
         Ok(r) => r,
+        Err(SubmitError::Interrupted {
+            batch,
+            confirmed,
+            total,
+            retry_for,
+            source,
+        }) => {
+            // The batch id goes to stdout as on success: scripts must know what will run.
+            println!("{batch}");
+            let _ = std::io::stdout().flush();
+            return fail(&format!(
+                "{source}. Gave up after {retry_for:?} of connection failures (--retry-for): {confirmed} of \
+                 {total} task(s) of batch {batch} were confirmed by RabbitMQ and will run; {} were not \
+                 submitted. Do not resubmit the whole file (the confirmed tasks would run twice): collect \
+                 what runs with `warren wait {batch}` (it cannot know the batch size, so give it --timeout), \
+                 and submit the unconfirmed tasks again as a new batch",
+                total - confirmed
+            ));
+        }
         Err(e) => return fail(&format!("nothing usable was submitted: {e}")),
     };
     println!("{}", receipt.batch);

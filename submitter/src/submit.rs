@@ -3,12 +3,12 @@
 //! confirmed; then the batch manifest is published so any process can collect the results.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 use tracing::warn;
-use warren_broker::connection::{confirm_channel, connect, reconnect_delays};
+use warren_broker::connection::{RetryBudget, confirm_channel, connect};
 use warren_broker::protocol::{
     self, BatchManifest, HEADER_KIND, HEADER_SEQ, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK,
     PROTOCOL_VERSION, TaskEnvelope,
@@ -72,6 +72,24 @@ pub enum SubmitError {
     /// The broker could not be used, even after retrying.
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    /// The connection failed for longer than the retry budget (or fatally) part-way through:
+    /// the confirmed tasks will run.
+    #[error(
+        "{source}. Gave up on batch {batch} after {retry_for:?} of failures: {confirmed} of {total} \
+         task(s) were confirmed by RabbitMQ and will run; the others were not submitted"
+    )]
+    Interrupted {
+        /// Batch id.
+        batch: String,
+        /// Tasks the broker confirmed.
+        confirmed: usize,
+        /// Tasks in the batch.
+        total: usize,
+        /// The retry budget that ran out.
+        retry_for: Duration,
+        /// The last failure.
+        source: BrokerError,
+    },
 }
 
 /// A connection to the broker for submitting and collecting.
@@ -127,25 +145,43 @@ impl Submitter {
         })?;
         let messages = encode_batch(specs, &batch, options)?;
         let mut confirmed = vec![false; messages.len()];
-        let deadline = Instant::now() + options.retry_for;
-        let mut delays = reconnect_delays(Duration::from_secs(3));
+        let mut retry = RetryBudget::new(options.retry_for);
+        let mut confirmed_before = 0;
         loop {
             match self
                 .publish_pass(&batch, &messages, &mut confirmed, options)
                 .await
             {
                 Ok(()) => break,
-                Err(e) if e.is_fatal() || Instant::now() >= deadline => return Err(e.into()),
                 Err(e) => {
-                    let left = confirmed.iter().filter(|c| !**c).count();
+                    let done = confirmed.iter().filter(|c| **c).count();
+                    if done > confirmed_before {
+                        retry.progressed();
+                        confirmed_before = done;
+                    }
+                    let delay = match retry.failed() {
+                        Some(delay) if !e.is_fatal() => delay,
+                        _ if done == 0 => return Err(e.into()),
+                        _ => {
+                            return Err(SubmitError::Interrupted {
+                                batch,
+                                confirmed: done,
+                                total: messages.len(),
+                                retry_for: retry.budget(),
+                                source: e,
+                            });
+                        }
+                    };
                     warn!(
-                        "publishing interrupted ({e}); retrying, {left} task(s) not yet confirmed"
+                        "publishing interrupted ({e}); retrying in {delay:.1?}, {} task(s) not yet confirmed",
+                        messages.len() - done
                     );
                     self.reset();
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
+        retry.progressed();
         let manifest = BatchManifest {
             v: PROTOCOL_VERSION,
             batch: batch.clone(),
@@ -168,12 +204,24 @@ impl Submitter {
             .await;
             match result {
                 Ok(()) => return Ok(BatchReceipt { batch, total }),
-                Err(e) if e.is_fatal() || Instant::now() >= deadline => return Err(e.into()),
-                Err(e) => {
-                    warn!("publishing the batch manifest failed ({e}); retrying");
-                    self.reset();
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
-                }
+                Err(e) => match retry.failed() {
+                    Some(delay) if !e.is_fatal() => {
+                        warn!(
+                            "publishing the batch manifest failed ({e}); retrying in {delay:.1?}"
+                        );
+                        self.reset();
+                        tokio::time::sleep(delay).await;
+                    }
+                    _ => {
+                        return Err(SubmitError::Interrupted {
+                            batch,
+                            confirmed: messages.len(),
+                            total: messages.len(),
+                            retry_for: retry.budget(),
+                            source: e,
+                        });
+                    }
+                },
             }
         }
     }

@@ -24,6 +24,8 @@ use crate::health::Health;
 
 /// Default task time limit when a task does not set `timeout_s`.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A session that lasted this long was healthy: the reconnect backoff starts over after it.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Default largest task message accepted.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -156,7 +158,13 @@ impl Worker {
             let mut delays = reconnect_delays(self.config.reconnect_cap);
             let mut sessions = 0u64;
             loop {
-                match self.session(&stop, metrics.as_ref(), &mut sessions).await {
+                let started = tokio::time::Instant::now();
+                let outcome = self.session(&stop, metrics.as_ref(), &mut sessions).await;
+                // After a healthy stretch a new failure is a new incident: start from short delays.
+                if started.elapsed() >= HEALTHY_SESSION {
+                    delays = reconnect_delays(self.config.reconnect_cap);
+                }
+                match outcome {
                     Ok(()) => return Ok(()),
                     Err(e) if e.is_fatal() => {
                         error!("{e}");
@@ -234,7 +242,7 @@ impl Worker {
                 next = consumer.next() => match next {
                     Some(Ok(d)) => { tracker.spawn(delivery::process(Arc::clone(&ctx), d, abandon.clone())); }
                     Some(Err(e)) => break Some(BrokerError::Amqp(e)),
-                    None => break Some(BrokerError::Invalid("the broker cancelled the consumer (queue deleted?)".into())),
+                    None => break Some(BrokerError::ConsumerCancelled { queue: cfg.queue.clone() }),
                 },
             }
         };
