@@ -118,7 +118,7 @@ pub enum CollectError {
         /// The retry budget that ran out.
         retry_for: Duration,
         /// The last failure.
-        source: BrokerError,
+        source: Box<BrokerError>,
     },
 }
 
@@ -215,7 +215,7 @@ impl Submitter {
                         return Err(CollectError::GaveUp {
                             batch: state.batch.clone(),
                             retry_for: retry.budget(),
-                            source: e,
+                            source: Box::new(e),
                         });
                     }
                 },

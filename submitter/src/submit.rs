@@ -88,7 +88,7 @@ pub enum SubmitError {
         /// The retry budget that ran out.
         retry_for: Duration,
         /// The last failure.
-        source: BrokerError,
+        source: Box<BrokerError>,
     },
 }
 
@@ -168,7 +168,7 @@ impl Submitter {
                                 confirmed: done,
                                 total: messages.len(),
                                 retry_for: retry.budget(),
-                                source: e,
+                                source: Box::new(e),
                             });
                         }
                     };
@@ -218,7 +218,7 @@ impl Submitter {
                             confirmed: messages.len(),
                             total: messages.len(),
                             retry_for: retry.budget(),
-                            source: e,
+                            source: Box::new(e),
                         });
                     }
                 },
