@@ -245,6 +245,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scraper = on.metrics_url.clone().map(|url| {
         tokio::spawn(async move {
             loop {
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let _ = reqwest::get(&url).await.and_then(|r| r.error_for_status());
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

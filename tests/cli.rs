@@ -171,17 +171,11 @@ async fn a_worker_serves_health_readiness_and_metrics() {
     let base = url.trim_end_matches("/metrics").to_string();
     worker.wait_for_log("consuming", 1, MINUTE).await;
     assert_eq!(
-        reqwest::get(format!("{base}/healthz"))
-            .await
-            .unwrap()
-            .status(),
+        http_get(format!("{base}/healthz")).await.unwrap().status(),
         200
     );
     assert_eq!(
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .unwrap()
-            .status(),
+        http_get(format!("{base}/readyz")).await.unwrap().status(),
         200
     );
     let file = dir.join("t.jsonl");

@@ -36,7 +36,7 @@ fn percent_encode(text: &str) -> String {
 /// Runs an instant query; returns the first sample's value.
 async fn query(prometheus: &str, promql: &str) -> Option<f64> {
     let url = format!("{prometheus}/api/v1/query?query={}", percent_encode(promql));
-    let reply: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+    let reply: Value = http_get(url).await.ok()?.json().await.ok()?;
     reply["data"]["result"][0]["value"][1]
         .as_str()?
         .parse()
@@ -107,7 +107,7 @@ async fn a_real_prometheus_scrapes_a_worker_and_an_autoscaler() {
         .expect("prometheus is installed (tests/run installs Debian's package)");
     let server = format!("http://127.0.0.1:{port}");
     eventually(MINUTE, "prometheus ready", || async {
-        reqwest::get(format!("{server}/-/ready"))
+        http_get(format!("{server}/-/ready"))
             .await
             .ok()
             .filter(|r| r.status() == 200)

@@ -534,3 +534,75 @@ async fn deleting_the_task_queue_does_not_stop_workers() {
     assert_eq!(seqs(&read_results(&waited.stdout)), (0..3).collect());
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_wait_mends_a_half_written_output_file_and_writes_each_result_once() {
+    let queue = unique_queue("halfline");
+    let dir = scratch("halfline");
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let batch = submit_only(&queue, &dir, &sleep_tasks(5, 10)).await;
+    // What a `kill -9`'d wait leaves: a result written but not yet checkpointed, then half a line.
+    let out = dir.join("results.jsonl");
+    std::fs::write(
+        &out,
+        format!(
+            "{}\n{{\"task_id\": \"half\", \"bat",
+            json!({"task_id": "t0", "batch": batch, "seq": 0, "status": "succeeded"})
+        ),
+    )
+    .unwrap();
+    let waited = run_warren(
+        &["wait", &batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    assert!(
+        waited.stderr.contains("dropped a partial last line"),
+        "{}",
+        waited.stderr
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let results = read_results(&text);
+    assert_eq!(results.len(), 5, "each result exactly once:\n{text}");
+    assert_eq!(seqs(&results), (0..5).collect());
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_wait_may_hold_a_batch_and_a_second_says_who_does() {
+    let queue = unique_queue("twowaits");
+    let dir = scratch("twowaits");
+    let batch = submit_only(&queue, &dir, &sleep_tasks(3, 10)).await;
+    let first_out = dir.join("first.jsonl");
+    let mut first = WorkerProcess::spawn(
+        &["wait", &batch, "--output", first_out.to_str().unwrap()],
+        &dir,
+        &[],
+    );
+    // The first holds the batch once the management API shows its consumer.
+    eventually(MINUTE, "the first wait to consume", || async {
+        let body = management_get(&format!("/api/queues/%2F/warren.results.{batch}")).await?;
+        body.contains("\"exclusive\":true").then_some(())
+    })
+    .await;
+    let second = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(second.code, Some(2), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("being collected by another process")
+            && second.stderr.contains("warren-wait@"),
+        "{}",
+        second.stderr
+    );
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    assert_eq!(
+        first.exit_code(MINUTE).await,
+        Some(0),
+        "{}",
+        first.log_text()
+    );
+    let results = read_results(&std::fs::read_to_string(&first_out).unwrap());
+    assert_eq!(seqs(&results), (0..3).collect());
+    delete_queues(&queue).await;
+}

@@ -193,6 +193,40 @@ impl Management {
             .collect())
     }
 
+    /// Who consumes `queue`: each consumer's connection name (or peer address when unnamed).
+    pub async fn consumer_connections(&self, queue: &str) -> Result<Vec<String>, BrokerError> {
+        let path = format!(
+            "/api/queues/{}/{}",
+            encode_path(&self.vhost),
+            encode_path(queue)
+        );
+        let q: serde_json::Value = self.get_json(&path).await?;
+        let consumers = q["consumer_details"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut holders = Vec::new();
+        for consumer in &consumers {
+            // The channel names its connection by address; the client's own name for it (e.g.
+            // `warren-wait@host-pid`) is among the connection's client properties.
+            let Some(connection) = consumer["channel_details"]["connection_name"].as_str() else {
+                continue;
+            };
+            let details: Option<serde_json::Value> = self
+                .get_json(&format!("/api/connections/{}", encode_path(connection)))
+                .await
+                .ok();
+            let client_name = details
+                .as_ref()
+                .and_then(|d| d["client_properties"]["connection_name"].as_str());
+            holders.push(match client_name {
+                Some(name) => format!("{name} ({connection})"),
+                None => connection.to_string(),
+            });
+        }
+        Ok(holders)
+    }
+
     /// Fetches one queue's figures.
     pub async fn queue(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let path = format!(

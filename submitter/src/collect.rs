@@ -14,11 +14,14 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::BrokerError;
 use warren_broker::connection::{RetryBudget, confirm_channel, consumer_channel};
+use warren_broker::depth::{Management, ManagementTarget};
+use warren_broker::error::amqp_kind;
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
 };
@@ -97,6 +100,20 @@ pub enum Outcome {
 /// Why collection failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
+    /// Another collector holds the batch's results queue.
+    #[error(
+        "batch {batch} is being collected by another process ({holder}); only one `warren wait` \
+         may hold a batch at a time, so that no result is split between two outputs. Stop that \
+         one, or let it finish"
+    )]
+    Busy {
+        /// Batch id.
+        batch: String,
+        /// Who holds it, as far as the management API tells.
+        holder: String,
+        /// Whether the holder may be this process's own lost connection.
+        retry: bool,
+    },
     /// The batch's queues do not exist.
     #[error("batch '{0}' not found: it was never submitted, was already collected, or expired")]
     UnknownBatch(String),
@@ -129,6 +146,9 @@ pub struct CollectOptions {
     pub timeout: Option<Duration>,
     /// How long to keep retrying a lost connection.
     pub retry_for: Duration,
+    /// Seqs already in the sink from an earlier, interrupted collection (see
+    /// [`crate::output::open_output`]): skipped as duplicates and recorded as collected.
+    pub already_written: SeqSet,
 }
 
 impl From<lapin::Error> for CollectError {
@@ -142,6 +162,7 @@ impl Default for CollectOptions {
         Self {
             timeout: None,
             retry_for: Duration::from_secs(20),
+            already_written: SeqSet::default(),
         }
     }
 }
@@ -159,6 +180,8 @@ struct State {
     warned_no_manifest: bool,
     /// Set once a session is consuming results, so a later failure starts a fresh retry budget.
     consuming: bool,
+    /// Whether this process has consumed the results queue before (see `CollectError::Busy`).
+    consumed_before: bool,
 }
 
 impl Submitter {
@@ -175,12 +198,13 @@ impl Submitter {
         let mut state = State {
             batch: batch.to_string(),
             manifest: None,
-            written: SeqSet::default(),
+            written: options.already_written.clone(),
             without_seq: 0,
             counts: Counts::default(),
             started: Instant::now(),
             warned_no_manifest: false,
             consuming: false,
+            consumed_before: false,
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let mut retry = RetryBudget::new(options.retry_for);
@@ -205,6 +229,13 @@ impl Submitter {
             }
             match outcome {
                 Ok(outcome) => return Ok(outcome),
+                Err(CollectError::Busy { retry: true, .. }) if retry.failed().is_some() => {
+                    warn!(
+                        "the results queue is still held, probably by this process's lost connection; retrying"
+                    );
+                    self.reset();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 Err(CollectError::Broker(e)) if !e.is_fatal() => match retry.failed() {
                     Some(delay) => {
                         warn!("collecting interrupted ({e}); reconnecting in {delay:.1?}");
@@ -219,8 +250,33 @@ impl Submitter {
                         });
                     }
                 },
+                Err(CollectError::Busy {
+                    batch,
+                    retry: false,
+                    ..
+                }) => {
+                    let holder = self.results_holder(&batch).await;
+                    return Err(CollectError::Busy {
+                        batch,
+                        holder,
+                        retry: false,
+                    });
+                }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Best effort: the connection that consumes `batch`'s results, from the management API.
+    async fn results_holder(&self, batch: &str) -> String {
+        let api = match Management::new(&ManagementTarget::default(), self.settings()) {
+            Ok(api) => api,
+            Err(e) => return format!("unknown: {e}"),
+        };
+        match api.consumer_connections(&result_queue(batch)).await {
+            Ok(holders) if !holders.is_empty() => format!("held by {}", holders.join(", ")),
+            Ok(_) => "it has just let go; try again".into(),
+            Err(e) => format!("holder unknown: {e}"),
         }
     }
 }
@@ -246,14 +302,37 @@ async fn collect_session(
     }
     // Deliveries of a lost connection come back; what this process wrote is skipped by `written`.
     checkpoint(&manifests, state, None).await?;
-    let mut consumer = results
+    // One collector per batch: two would split the results between two outputs.
+    let consumed = results
         .basic_consume(
             short(&results_queue)?,
             "".into(),
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
-        .await?;
+        .await;
+    let mut consumer = match consumed {
+        Ok(consumer) => consumer,
+        Err(e)
+            if matches!(
+                amqp_kind(&e),
+                Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+            ) =>
+        {
+            return Err(CollectError::Busy {
+                batch: state.batch.clone(),
+                holder: String::new(),
+                // Our own connection of before a network failure can linger at the broker
+                // until its heartbeat times out: then the holder may be this process.
+                retry: state.consumed_before,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.consumed_before = true;
     state.consuming = true;
     progress.update(&state.counts);
     let mut unacked: Option<u64> = None;
@@ -405,10 +484,10 @@ async fn checkpoint(
         }
         taken.push(delivery.delivery_tag);
     }
-    if first_sight {
-        state.counts.earlier = recorded.len();
-    }
     state.written.extend(&recorded);
+    if first_sight {
+        state.counts.earlier = state.written.len();
+    }
     state.counts.done = state.written.len() + state.without_seq;
     let Some(current) = &state.manifest else {
         // The submitter has not published the manifest yet.

@@ -1,7 +1,6 @@
 //! The `submit`, `wait` and `status` commands, as the CLI runs them: inputs, outputs, summary
 //! and exit status.
 
-use std::fs::OpenOptions;
 use std::io::{BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,7 +9,8 @@ use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
 
 use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
-use crate::output::{JsonLines, StderrProgress};
+use crate::output::{JsonLines, StderrProgress, open_output};
+use crate::seqset::SeqSet;
 use crate::spec::{TaskSpec, read_specs};
 use crate::status::{queue_status, render};
 use crate::submit::{SubmitError, SubmitOptions, Submitter};
@@ -161,10 +161,22 @@ pub async fn status(
 
 async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) -> u8 {
     let started = Instant::now();
+    let mut already_written = SeqSet::default();
     let mut sink: JsonLines<Box<dyn Write>> = match &cmd.output {
         None => JsonLines::new(Box::new(std::io::stdout())),
-        Some(path) => match OpenOptions::new().create(true).append(true).open(path) {
-            Ok(file) => JsonLines::new(Box::new(file)),
+        Some(path) => match open_output(path, batch) {
+            Ok(resumed) => {
+                if resumed.dropped_partial > 0 {
+                    eprintln!(
+                        "{}: dropped a partial last line ({} bytes) left by an interrupted wait; \
+                         its result will be written again",
+                        path.display(),
+                        resumed.dropped_partial
+                    );
+                }
+                already_written = resumed.written;
+                JsonLines::new(Box::new(resumed.file))
+            }
             Err(e) => return fail(&format!("cannot open output file {}: {e}", path.display())),
         },
     };
@@ -172,6 +184,7 @@ async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) -> u
     let options = CollectOptions {
         timeout: cmd.timeout,
         retry_for: cmd.retry_for,
+        already_written,
     };
 
     let interrupt = async {

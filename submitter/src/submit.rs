@@ -125,6 +125,11 @@ impl Submitter {
             .ok_or_else(|| BrokerError::Invalid("connection vanished".into()))
     }
 
+    /// The connection settings.
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.settings
+    }
+
     /// Forgets the current connection (after an error), so the next use reconnects.
     pub fn reset(&mut self) {
         self.connection = None;

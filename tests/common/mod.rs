@@ -250,9 +250,30 @@ pub async fn declare_classic(channel: &Channel, queue: &str) {
         .expect("declare classic queue");
 }
 
+/// GET `url` with reqwest. Warren builds reqwest with rustls and no built-in crypto provider, so
+/// the process must install one (ring, as the broker crate does) before any client exists.
+pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::get(url).await
+}
+
+/// GET a path of the shared broker's management API (e.g. `/api/queues/%2F/q`) as guest.
+pub async fn management_get(path: &str) -> Option<String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:15672{path}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
 /// Fetches a Prometheus text page.
 pub async fn scrape(url: &str) -> String {
-    reqwest::get(url)
+    http_get(url)
         .await
         .expect("scrape")
         .text()
