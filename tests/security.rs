@@ -215,3 +215,76 @@ async fn commands_die_with_a_killed_worker() {
     .await;
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_result_is_not_taken_and_the_real_one_is() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+    let queue = unique_queue("forged");
+    let dir = scratch("forged");
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..3)
+            .map(|i| json!({"kind": "echo", "args": {"real": i}}))
+            .collect::<Vec<_>>(),
+    );
+    let submitted = submit_file(&queue, &file, &[]).await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+    let batch = submitted.stdout.trim().to_string();
+    // Anyone who may publish to the result queue tries to answer task 0 first, and to slip in a
+    // result of another batch and one beyond the batch's size.
+    let (conn, channel) = raw_channel().await;
+    let forge = |batch: &str, seq: u32| {
+        rmp_serde::to_vec_named(&json!({
+            "v": 1, "task_id": format!("forged-{seq}"), "batch": batch, "seq": seq, "kind": "echo",
+            "status": "succeeded", "output": {"forged": true}, "worker": "mallory", "attempt": 1,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap()
+    };
+    for body in [
+        forge(&batch, 0),
+        forge("another-batch", 1),
+        forge(&batch, 7),
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                format!("warren.results.{batch}").as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let out = dir.join("results.jsonl");
+    let waited = run_warren(
+        &["wait", &batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(results.len(), 3, "{results:?}");
+    for r in &results {
+        assert_ne!(r["worker"], "mallory", "a forged result was taken: {r}");
+        assert_eq!(r["output"]["real"], r["seq"], "{r}");
+        assert!(
+            r.get("token").is_none(),
+            "the batch secret leaked into the output: {r}"
+        );
+    }
+    assert_eq!(
+        dead_letter_count(&queue).await,
+        3,
+        "the forged results are dead-lettered"
+    );
+    delete_queues(&queue).await;
+}

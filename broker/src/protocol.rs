@@ -37,6 +37,9 @@ pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 pub const HEADER_SEQ: &str = "x-warren-seq";
 /// Header carrying a task's `kind`, so a task that cannot be decoded is reported with its kind.
 pub const HEADER_KIND: &str = "x-warren-kind";
+/// Task header: the batch's token, so that even a task whose body cannot be read is answered
+/// with a result its collector accepts.
+pub const HEADER_TOKEN: &str = "x-warren-token";
 /// Longest task or batch id accepted: ids travel in AMQP short-string properties (255 bytes).
 pub const MAX_ID_LEN: usize = 200;
 
@@ -68,6 +71,10 @@ pub struct TaskEnvelope {
     /// When the task was submitted (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,
+    /// The batch's secret, echoed in the result so that a collector can tell a worker's result
+    /// from one published by anyone else who can write to the result queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Outcome of one task attempt.
@@ -149,6 +156,9 @@ pub struct ResultEnvelope {
     pub started_at: String,
     /// When the attempt ended (RFC 3339).
     pub finished_at: String,
+    /// The task's `token`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Book-keeping for one batch, kept in the batch's manifest queue so that any process can collect
@@ -168,6 +178,9 @@ pub struct BatchManifest {
     /// `seq` ranges (inclusive `[first, last]`) whose results were already written out.
     #[serde(default)]
     pub collected: Vec<[u32; 2]>,
+    /// The batch's secret, when its tasks carry one: results without it are not accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// Why bytes could not be turned into an envelope. Each variant names a dead-letter reason.
@@ -311,6 +324,11 @@ pub fn timestamp(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
+/// A fresh batch secret: 122 random bits, not derivable from anything on the wire.
+pub fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// A fresh, time-ordered id for a batch or a task.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -332,6 +350,7 @@ mod tests {
             labels: BTreeMap::from([("file".into(), "a.tif".into())]),
             reply_to: "warren.results.b1".into(),
             submitted_at: None,
+            token: Some("secret".into()),
         }
     }
 

@@ -424,6 +424,16 @@ async fn take_result(
             return Ok(false);
         }
     };
+    if let Some(why) = foreign(&result, state) {
+        warn!(batch = %state.batch, task_id = %result.task_id, "dead-lettering a result that is not this batch's: {why}");
+        channel
+            .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+            .await?;
+        return Ok(false);
+    }
+    // The batch secret stays out of the output.
+    let mut result = result;
+    result.token = None;
     let fresh = match result.seq {
         Some(seq) => state.written.insert(seq),
         None => true,
@@ -446,6 +456,30 @@ async fn take_result(
         .entry(result.status.as_str())
         .or_default() += 1;
     Ok(true)
+}
+
+/// Why `result` cannot be a worker's answer to a task of this batch, if it cannot. Before the
+/// manifest is known only the batch id can be checked (see docs/protocol.md, "What a collector
+/// trusts").
+fn foreign(result: &ResultEnvelope, state: &State) -> Option<String> {
+    if result.batch != state.batch {
+        return Some(format!("it names batch '{}'", result.batch));
+    }
+    let manifest = state.manifest.as_ref()?;
+    if let Some(seq) = result.seq
+        && seq >= manifest.total
+    {
+        return Some(format!(
+            "its seq {seq} is beyond the batch's {} task(s)",
+            manifest.total
+        ));
+    }
+    match &manifest.token {
+        Some(token) if result.token.as_ref() != Some(token) => {
+            Some("it does not carry the batch's token (published by someone other than a worker running one of its tasks)".into())
+        }
+        _ => None,
+    }
 }
 
 /// Records progress: takes every manifest in the batch's manifest queue, publishes the next

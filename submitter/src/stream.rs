@@ -26,6 +26,8 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 /// dies. Results come at least once: compare `seq` to drop a repeat.
 pub struct OpenBatch {
     batch: String,
+    /// The batch's secret; results without it are not the workers'.
+    token: String,
     options: SubmitOptions,
     publisher: Publisher,
     results: Channel,
@@ -60,6 +62,7 @@ impl Submitter {
             .map_err(BrokerError::from)?;
         Ok(OpenBatch {
             batch,
+            token: protocol::new_token(),
             options: options.clone(),
             publisher,
             results,
@@ -80,7 +83,14 @@ impl OpenBatch {
     pub async fn submit(&mut self, spec: &TaskSpec) -> Result<u32, SubmitError> {
         let seq = self.next_seq;
         let submitted_at = protocol::timestamp(SystemTime::now());
-        let (body, properties) = encode_task(spec, &self.batch, seq, &submitted_at, &self.options)?;
+        let (body, properties) = encode_task(
+            spec,
+            &self.batch,
+            &self.token,
+            seq,
+            &submitted_at,
+            &self.options,
+        )?;
         self.publisher
             .publish(&self.options.queue, &body, properties)
             .await?;
@@ -103,9 +113,13 @@ impl OpenBatch {
                 }
             };
             match protocol::decode_result(&delivery.data, MAX_RESULT_BYTES) {
-                Ok(result) => {
+                Ok(result) if result.token.as_deref() == Some(self.token.as_str()) => {
                     self.unacked = Some(delivery);
                     return Ok(result);
+                }
+                Ok(result) => {
+                    tracing::warn!(batch = %self.batch, task_id = %result.task_id, "dropping a result that does not carry this batch's token: not published by a worker for this batch");
+                    delivery.ack(BasicAckOptions::default()).await?;
                 }
                 Err(e) => {
                     tracing::warn!(batch = %self.batch, "skipping an unreadable message in the result queue: {e}");

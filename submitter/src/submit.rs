@@ -10,8 +10,8 @@ use lapin::{BasicProperties, Connection};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, confirm_channel, connect};
 use warren_broker::protocol::{
-    self, BatchManifest, HEADER_KIND, HEADER_SEQ, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK,
-    PROTOCOL_VERSION, TaskEnvelope,
+    self, BatchManifest, HEADER_KIND, HEADER_SEQ, HEADER_TOKEN, MESSAGE_TYPE_MANIFEST,
+    MESSAGE_TYPE_TASK, PROTOCOL_VERSION, TaskEnvelope,
 };
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
@@ -148,7 +148,8 @@ impl Submitter {
             id: String::new(),
             message: "too many tasks for one batch".into(),
         })?;
-        let messages = encode_batch(specs, &batch, options)?;
+        let token = protocol::new_token();
+        let messages = encode_batch(specs, &batch, &token, options)?;
         let mut confirmed = vec![false; messages.len()];
         let mut retry = RetryBudget::new(options.retry_for);
         let mut confirmed_before = 0;
@@ -194,6 +195,7 @@ impl Submitter {
             queue: options.queue.clone(),
             generation: 0,
             collected: Vec::new(),
+            token: Some(token),
         };
         loop {
             let result = async {
@@ -281,12 +283,13 @@ impl Submitter {
 fn encode_batch(
     specs: &[TaskSpec],
     batch: &str,
+    token: &str,
     options: &SubmitOptions,
 ) -> Result<Vec<(Vec<u8>, BasicProperties)>, SubmitError> {
     let submitted_at = protocol::timestamp(SystemTime::now());
     (0..)
         .zip(specs)
-        .map(|(seq, spec)| encode_task(spec, batch, seq, &submitted_at, options))
+        .map(|(seq, spec)| encode_task(spec, batch, token, seq, &submitted_at, options))
         .collect()
 }
 
@@ -295,6 +298,7 @@ fn encode_batch(
 pub(crate) fn encode_task(
     spec: &TaskSpec,
     batch: &str,
+    token: &str,
     seq: u32,
     submitted_at: &str,
     options: &SubmitOptions,
@@ -311,6 +315,7 @@ pub(crate) fn encode_task(
         labels: spec.labels.clone(),
         reply_to: reply_to.clone(),
         submitted_at: Some(submitted_at.to_string()),
+        token: Some(token.to_string()),
     };
     let body = protocol::encode(&task);
     let fail = |message: String| SubmitError::Task {
@@ -337,6 +342,10 @@ pub(crate) fn encode_task(
     headers.insert(
         HEADER_KIND.into(),
         AMQPValue::LongString(LongString::from(task.kind.as_str())),
+    );
+    headers.insert(
+        HEADER_TOKEN.into(),
+        AMQPValue::LongString(LongString::from(token)),
     );
     Ok((body, properties.with_headers(headers)))
 }

@@ -15,8 +15,8 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
     self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_SEQ, MESSAGE_TYPE_RESULT,
-    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_SEQ, HEADER_TOKEN,
+    MESSAGE_TYPE_RESULT, PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue};
@@ -247,6 +247,7 @@ async fn reject_malformed(ctx: &Context, delivery: Delivery, error: &DecodeError
                 labels: Default::default(),
                 started_at: now.clone(),
                 finished_at: now,
+                token: header_value(props, HEADER_TOKEN),
             };
             (Some(result), reply_to)
         }
@@ -353,6 +354,7 @@ fn result_of(
         labels: task.labels.clone(),
         started_at: protocol::timestamp(started_at),
         finished_at: protocol::timestamp(SystemTime::now()),
+        token: task.token.clone(),
     }
 }
 
