@@ -606,3 +606,72 @@ async fn only_one_wait_may_hold_a_batch_and_a_second_says_who_does() {
     assert_eq!(seqs(&results), (0..3).collect());
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_is_reported_and_the_batch_goes_through_once_it_clears() {
+    let broker = tokio::task::spawn_blocking(common::private_broker::PrivateBroker::start)
+        .await
+        .unwrap();
+    let dir = scratch("alarm");
+    let queue = "warren.alarm";
+    broker.ctl(&["set_vm_memory_high_watermark", "absolute", "1MB"]);
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..5)
+            .map(|i| json!({"kind": "echo", "args": i}))
+            .collect::<Vec<_>>(),
+    );
+    let url = broker.url();
+    let mut submit = WorkerProcess::spawn(
+        &["submit", "--queue", queue, "--file", file.to_str().unwrap()],
+        &dir,
+        &[("WARREN_AMQP_URL", url.as_str())],
+    );
+    submit
+        .wait_for_log("is blocking publishes", 1, MINUTE)
+        .await;
+    let management = broker.management_url();
+    eventually(MINUTE, "status to show the alarm", || async {
+        let status = warren()
+            .args(["status", "--queue", queue, "--management-url", &management])
+            .env("WARREN_AMQP_URL", &url)
+            .output()
+            .await
+            .ok()?;
+        String::from_utf8_lossy(&status.stdout)
+            .contains("ALARM: memory alarm")
+            .then_some(())
+    })
+    .await;
+    broker.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    assert_eq!(
+        submit.exit_code(MINUTE).await,
+        Some(0),
+        "{}",
+        submit.log_text()
+    );
+    assert!(submit.log_text().contains("accepts publishes again"));
+    let batch = std::fs::read_to_string(&submit.log)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split("as batch ").nth(1).map(str::trim).map(String::from))
+        .expect("batch id in the submit log");
+    let _worker = WorkerProcess::start_with(queue, &dir, &[], &[("WARREN_AMQP_URL", url.as_str())]);
+    let waited = warren()
+        .args(["wait", &batch])
+        .env("WARREN_AMQP_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        waited.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    assert_eq!(
+        seqs(&read_results(&String::from_utf8_lossy(&waited.stdout))),
+        (0..5).collect()
+    );
+}

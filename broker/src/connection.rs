@@ -20,13 +20,41 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     .await
     {
         Ok(connected) => {
-            connected.map_err(|e| BrokerError::from_connect_error(&settings.redacted_url(), e))
+            let connection = connected
+                .map_err(|e| BrokerError::from_connect_error(&settings.redacted_url(), e))?;
+            report_blocking(&connection, settings.redacted_url(), name.to_string());
+            Ok(connection)
         }
         Err(_) => Err(BrokerError::ConnectTimeout {
             url: settings.redacted_url(),
             after: settings.connect_timeout,
         }),
     }
+}
+
+/// Logs the broker's `connection.blocked` and `connection.unblocked`: during a memory or disk
+/// alarm RabbitMQ stops reading from every publishing connection, which otherwise looks like a
+/// silent hang.
+fn report_blocking(connection: &Connection, url: String, name: String) {
+    use futures_lite::StreamExt;
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::ConnectionBlocked(reason) => tracing::warn!(
+                    connection = %name,
+                    "RabbitMQ at {url} is blocking publishes: {reason}. The broker has a memory or \
+                     disk alarm; publishing resumes by itself when it clears (see `warren status` \
+                     and the broker's log)"
+                ),
+                lapin::Event::ConnectionUnblocked => tracing::info!(
+                    connection = %name,
+                    "RabbitMQ at {url} accepts publishes again (alarm cleared)"
+                ),
+                _ => {}
+            }
+        }
+    });
 }
 
 /// Opens a channel in publisher-confirm mode.

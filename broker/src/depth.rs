@@ -193,6 +193,25 @@ impl Management {
             .collect())
     }
 
+    /// The broker's resource alarms, e.g. `memory alarm on rabbit@host`: while one is set, RabbitMQ
+    /// blocks every publishing connection.
+    pub async fn alarms(&self) -> Result<Vec<String>, BrokerError> {
+        let nodes: Vec<serde_json::Value> = self
+            .get_json("/api/nodes?columns=name,mem_alarm,disk_free_alarm")
+            .await?;
+        let mut alarms = Vec::new();
+        for node in &nodes {
+            let name = node["name"].as_str().unwrap_or("?");
+            if node["mem_alarm"].as_bool() == Some(true) {
+                alarms.push(format!("memory alarm on {name}"));
+            }
+            if node["disk_free_alarm"].as_bool() == Some(true) {
+                alarms.push(format!("disk alarm on {name}"));
+            }
+        }
+        Ok(alarms)
+    }
+
     /// Who consumes `queue`: each consumer's connection name (or peer address when unnamed).
     pub async fn consumer_connections(&self, queue: &str) -> Result<Vec<String>, BrokerError> {
         let path = format!(

@@ -21,6 +21,9 @@ pub struct QueueStatus {
     /// Why the management API was not used, when it was not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub management_unavailable: Option<String>,
+    /// The broker's resource alarms (management API only); publishers are blocked while any is set.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alarms: Vec<String>,
 }
 
 /// Reads the status of `queue`: exact waiting counts from passive declares, and in-flight counts,
@@ -60,6 +63,10 @@ pub async fn queue_status(
         }
     }
     let api = Management::new(management, settings);
+    let alarms = match &api {
+        Ok(api) => api.alarms().await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     let (api_tasks, api_dead, workers, api_error) = match &api {
         Ok(api) => {
             let (tasks, dead_letters) = (api.queue(queue).await, api.queue(&dead).await);
@@ -85,6 +92,7 @@ pub async fn queue_status(
         dead_letters: combine(passive_dead, api_dead)?,
         workers,
         management_unavailable: api_error,
+        alarms,
     })
 }
 
@@ -126,6 +134,11 @@ pub fn render(status: &QueueStatus) -> String {
             };
             out += &format!("  {:<40} {state}\n", w.name);
         }
+    }
+    for alarm in &status.alarms {
+        out += &format!(
+            "ALARM: {alarm}: RabbitMQ is blocking publishes until it clears (free memory or disk on the broker)\n"
+        );
     }
     if let Some(why) = &status.management_unavailable {
         out += &format!("(management API not used: {why}; unacked counts and rates need it)\n");

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod private_broker;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

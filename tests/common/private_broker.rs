@@ -1,0 +1,111 @@
+//! A private RabbitMQ node for tests that break the broker (alarms, restarts), on ports of its own
+//! so the shared broker on 5672 is never touched. Started with Debian's `rabbitmq-server` under a
+//! unique node name, with its data in a scratch folder; stopped when dropped.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct PrivateBroker {
+    pub node: String,
+    pub amqp_port: u16,
+    pub management_port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl PrivateBroker {
+    /// Starts a node and waits until its AMQP and management ports answer (about 10-20 s).
+    pub fn start() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let node = format!("warren-test-{}@localhost", &id[id.len() - 10..]);
+        let dir = std::env::temp_dir().join(format!("warren-rabbit-{}", &id[id.len() - 10..]));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        // The server runs as the rabbitmq user.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{amqp_port}\nmanagement.tcp.port = {management_port}\nmanagement.tcp.ip = 127.0.0.1\n"
+            ),
+        )
+        .expect("config");
+        std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n").expect("plugins");
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .status()
+            .expect("rabbitmq-server is installed (tests/run brings it up)");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let broker = Self {
+            node,
+            amqp_port,
+            management_port,
+            dir,
+        };
+        let until = Instant::now() + Duration::from_secs(90);
+        while !(answers(amqp_port) && answers(management_port)) {
+            assert!(
+                Instant::now() < until,
+                "private RabbitMQ {} did not start; see {}",
+                broker.node,
+                broker.dir.join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        broker
+    }
+
+    /// The AMQP URL of this node.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// The management API base URL of this node.
+    pub fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.management_port)
+    }
+
+    /// Runs `rabbitmqctl -n NODE ARGS...` and asserts it succeeded.
+    pub fn ctl(&self, args: &[&str]) {
+        let out = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn answers(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
