@@ -183,6 +183,10 @@ struct SubmitArgs {
     /// JSON-lines task file, or '-' for stdin.
     #[arg(long, short = 'f', value_name = "FILE")]
     file: Option<PathBuf>,
+    /// Finish an interrupted submission of BATCH: publish only the tasks of --file that were not
+    /// confirmed (the command that gave up prints this).
+    #[arg(long, value_name = "BATCH", requires = "file")]
+    resume: Option<String>,
     /// Wait for the results and write them out.
     #[arg(long)]
     wait: bool,
@@ -314,6 +318,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
                 options,
                 source,
                 wait: args.wait.then_some(wait),
+                resume: args.resume,
             })
             .await
         }

@@ -675,3 +675,92 @@ async fn a_memory_alarm_is_reported_and_the_batch_goes_through_once_it_clears() 
         (0..5).collect()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_resending_what_was_confirmed()
+ {
+    let queue = unique_queue("resume");
+    let dir = scratch("resume");
+    let state = dir.join("state");
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..5000)
+            .map(|i| json!({"kind": "echo", "args": {"i": i}}))
+            .collect::<Vec<_>>(),
+    );
+    // The one connection it gets is cut part-way; the broker then stays unreachable.
+    proxy.accept_only(1);
+    proxy.cut_after_upstream_bytes(900_000);
+    let submitted = warren()
+        .env("WARREN_AMQP_URL", proxy.url())
+        .env("WARREN_STATE_DIR", &state)
+        .args([
+            "submit",
+            "--queue",
+            &queue,
+            "--retry-for",
+            "2",
+            "--file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&submitted.stderr);
+    assert_eq!(submitted.status.code(), Some(2), "{stderr}");
+    let batch = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    assert!(!batch.is_empty(), "the batch id is printed: {stderr}");
+    let how = format!("warren submit --resume {batch} --file {}", file.display());
+    assert!(stderr.contains(&how), "{stderr}");
+    assert!(
+        stderr.contains("were confirmed by RabbitMQ and will run"),
+        "{stderr}"
+    );
+    let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
+    let resumed = warren()
+        .env("WARREN_STATE_DIR", &state)
+        .args([
+            "submit",
+            "--resume",
+            &batch,
+            "--file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let resumed_err = String::from_utf8_lossy(&resumed.stderr);
+    assert_eq!(resumed.status.code(), Some(0), "{resumed_err}");
+    assert!(
+        resumed_err.contains("were confirmed before"),
+        "{resumed_err}"
+    );
+    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let results = read_results(&waited.stdout);
+    assert_eq!(results.len(), 5000);
+    assert_eq!(seqs(&results), (0..5000).collect());
+    // Confirmed tasks were not sent again: only those whose confirm the cut swallowed (at most
+    // one confirm window, 1024) can have run twice.
+    let runs = worker.log_text().matches("task started").count();
+    assert!((5000..5000 + 1024).contains(&runs), "{runs} runs");
+    // A finished batch leaves no record behind.
+    let again = run_warren(
+        &[
+            "submit",
+            "--resume",
+            &batch,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(again.code, Some(2));
+    delete_queues(&queue).await;
+}

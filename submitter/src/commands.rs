@@ -9,6 +9,7 @@ use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
 
 use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
+use crate::journal::Journal;
 use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
 use crate::spec::{TaskSpec, read_specs};
@@ -44,6 +45,8 @@ pub struct SubmitCommand {
     pub source: TaskSource,
     /// Wait for the results after submitting.
     pub wait: Option<WaitCommand>,
+    /// Finish this interrupted batch instead of submitting a new one.
+    pub resume: Option<String>,
 }
 
 /// Options of `warren wait` (and of `submit --wait`).
@@ -68,25 +71,57 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
         },
     };
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
-    let receipt = match submitter.submit(&specs, &cmd.options).await {
-        Ok(r) => r,
+    let submitted = match &cmd.resume {
+        None => submitter.submit(&specs, &cmd.options).await,
+        Some(batch) => match Journal::load(batch) {
+            Ok(journal) => {
+                eprintln!(
+                    "resuming batch {batch}: {} of {} task(s) were confirmed before; publishing the rest",
+                    journal.confirmed_count(),
+                    journal.total
+                );
+                submitter.resume(&specs, &cmd.options, journal).await
+            }
+            Err(message) => return fail(&message),
+        },
+    };
+    let receipt = match submitted {
+        Ok(r) => {
+            Journal::remove(&r.batch);
+            r
+        }
         Err(SubmitError::Interrupted {
-            batch,
-            confirmed,
-            total,
+            journal,
             retry_for,
             source,
         }) => {
             // The batch id goes to stdout as on success: scripts must know what will run.
-            println!("{batch}");
+            println!("{}", journal.batch);
             let _ = std::io::stdout().flush();
+            let resume = match (&cmd.source, journal.save()) {
+                (TaskSource::File(file), Ok(_)) if file.as_os_str() != "-" => format!(
+                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
+                    journal.batch,
+                    file.display()
+                ),
+                (_, Ok(_)) => format!(
+                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file FILE \
+                     (FILE holding the same task lines)",
+                    journal.batch
+                ),
+                (_, Err(e)) => format!(
+                    "the record needed to resume could not be written ({}: {e}); do not resubmit the \
+                     whole file, the confirmed tasks would run twice",
+                    Journal::path(&journal.batch).display()
+                ),
+            };
             return fail(&format!(
-                "{source}. Gave up after {retry_for:?} of connection failures (--retry-for): {confirmed} of \
-                 {total} task(s) of batch {batch} were confirmed by RabbitMQ and will run; {} were not \
-                 submitted. Do not resubmit the whole file (the confirmed tasks would run twice): collect \
-                 what runs with `warren wait {batch}` (it cannot know the batch size, so give it --timeout), \
-                 and submit the unconfirmed tasks again as a new batch",
-                total - confirmed
+                "{source}. Gave up after {retry_for:?} of connection failures (--retry-for): {} of \
+                 {} task(s) of batch {} were confirmed by RabbitMQ and will run. Once the broker is \
+                 reachable, {resume}",
+                journal.confirmed_count(),
+                journal.total,
+                journal.batch,
             ));
         }
         Err(e) => return fail(&format!("nothing usable was submitted: {e}")),

@@ -17,6 +17,8 @@ use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
+use crate::journal::Journal;
+use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
 
 /// Publishes in flight at once before waiting for confirms.
@@ -73,18 +75,17 @@ pub enum SubmitError {
     #[error("{0}")]
     Broker(#[from] BrokerError),
     /// The connection failed for longer than the retry budget (or fatally) part-way through:
-    /// the confirmed tasks will run.
+    /// the confirmed tasks will run; the journal says which, for [`Submitter::resume`].
     #[error(
-        "{source}. Gave up on batch {batch} after {retry_for:?} of failures: {confirmed} of {total} \
-         task(s) were confirmed by RabbitMQ and will run; the others were not submitted"
+        "{source}. Gave up on batch {} after {retry_for:?} of failures: {} of {} task(s) were \
+         confirmed by RabbitMQ and will run; the others were not submitted",
+        journal.batch,
+        journal.confirmed_count(),
+        journal.total
     )]
     Interrupted {
-        /// Batch id.
-        batch: String,
-        /// Tasks the broker confirmed.
-        confirmed: usize,
-        /// Tasks in the batch.
-        total: usize,
+        /// The batch and which of its tasks were confirmed.
+        journal: Box<Journal>,
         /// The retry budget that ran out.
         retry_for: Duration,
         /// The last failure.
@@ -142,17 +143,75 @@ impl Submitter {
         specs: &[TaskSpec],
         options: &SubmitOptions,
     ) -> Result<BatchReceipt, SubmitError> {
-        let batch = protocol::new_id();
         let total = u32::try_from(specs.len()).map_err(|_| SubmitError::Task {
             index: specs.len(),
             id: String::new(),
             message: "too many tasks for one batch".into(),
         })?;
-        let token = protocol::new_token();
+        let journal = Journal {
+            batch: protocol::new_id(),
+            token: protocol::new_token(),
+            queue: options.queue.clone(),
+            total,
+            confirmed: Vec::new(),
+        };
+        self.publish_batch(specs, options, journal).await
+    }
+
+    /// Finishes an interrupted submission: publishes, with the same batch, token and `seq`s, only
+    /// the tasks of `specs` (the same task file) that `journal` does not list as confirmed, then
+    /// the manifest.
+    pub async fn resume(
+        &mut self,
+        specs: &[TaskSpec],
+        options: &SubmitOptions,
+        journal: Journal,
+    ) -> Result<BatchReceipt, SubmitError> {
+        if specs.len() != journal.total as usize {
+            return Err(SubmitError::Task {
+                index: specs.len(),
+                id: String::new(),
+                message: format!(
+                    "this task file has {} task(s) but batch {} has {}: give the file the batch was submitted from",
+                    specs.len(),
+                    journal.batch,
+                    journal.total
+                ),
+            });
+        }
+        let options = SubmitOptions {
+            queue: journal.queue.clone(),
+            ..options.clone()
+        };
+        self.publish_batch(specs, &options, journal).await
+    }
+
+    async fn publish_batch(
+        &mut self,
+        specs: &[TaskSpec],
+        options: &SubmitOptions,
+        journal: Journal,
+    ) -> Result<BatchReceipt, SubmitError> {
+        let (batch, token, total) = (journal.batch.clone(), journal.token.clone(), journal.total);
         let messages = encode_batch(specs, &batch, &token, options)?;
-        let mut confirmed = vec![false; messages.len()];
+        let already = SeqSet::from_ranges(&journal.confirmed);
+        let mut confirmed: Vec<bool> = (0..total).map(|seq| already.contains(seq)).collect();
+        let interrupted = |confirmed: &[bool], retry: &RetryBudget, e: BrokerError| {
+            let mut seqs = SeqSet::default();
+            for seq in (0..total).filter(|s| confirmed[*s as usize]) {
+                seqs.insert(seq);
+            }
+            SubmitError::Interrupted {
+                journal: Box::new(Journal {
+                    confirmed: seqs.to_ranges(),
+                    ..journal.clone()
+                }),
+                retry_for: retry.budget(),
+                source: Box::new(e),
+            }
+        };
         let mut retry = RetryBudget::new(options.retry_for);
-        let mut confirmed_before = 0;
+        let mut confirmed_before = confirmed.iter().filter(|c| **c).count();
         loop {
             match self
                 .publish_pass(&batch, &messages, &mut confirmed, options)
@@ -168,15 +227,7 @@ impl Submitter {
                     let delay = match retry.failed() {
                         Some(delay) if !e.is_fatal() => delay,
                         _ if done == 0 => return Err(e.into()),
-                        _ => {
-                            return Err(SubmitError::Interrupted {
-                                batch,
-                                confirmed: done,
-                                total: messages.len(),
-                                retry_for: retry.budget(),
-                                source: Box::new(e),
-                            });
-                        }
+                        _ => return Err(interrupted(&confirmed, &retry, e)),
                     };
                     warn!(
                         "publishing interrupted ({e}); retrying in {delay:.1?}, {} task(s) not yet confirmed",
@@ -219,15 +270,7 @@ impl Submitter {
                         self.reset();
                         tokio::time::sleep(delay).await;
                     }
-                    _ => {
-                        return Err(SubmitError::Interrupted {
-                            batch,
-                            confirmed: messages.len(),
-                            total: messages.len(),
-                            retry_for: retry.budget(),
-                            source: Box::new(e),
-                        });
-                    }
+                    _ => return Err(interrupted(&confirmed, &retry, e)),
                 },
             }
         }
@@ -306,7 +349,8 @@ pub(crate) fn encode_task(
     let reply_to = result_queue(batch);
     let task = TaskEnvelope {
         v: PROTOCOL_VERSION,
-        id: spec.id.clone().unwrap_or_else(protocol::new_id),
+        // Stable: a resumed submission gives the same task the same id.
+        id: spec.id.clone().unwrap_or_else(|| format!("{batch}-{seq}")),
         batch: batch.to_string(),
         seq: Some(seq),
         kind: spec.kind.clone(),

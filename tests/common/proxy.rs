@@ -13,6 +13,7 @@ pub struct Proxy {
     cut: broadcast::Sender<()>,
     refusing: Arc<AtomicBool>,
     cut_after: Arc<AtomicU64>,
+    accepts_left: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,10 +25,15 @@ impl Proxy {
         let (cut, _) = broadcast::channel(4);
         let refusing = Arc::new(AtomicBool::new(false));
         let cut_after = Arc::new(AtomicU64::new(0));
+        let accepts_left = Arc::new(AtomicU64::new(u64::MAX));
         let (cut_tx, refuse, limit) = (cut.clone(), Arc::clone(&refusing), Arc::clone(&cut_after));
+        let left = Arc::clone(&accepts_left);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                if refuse.load(Ordering::SeqCst) {
+                let spent = left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err();
+                if refuse.load(Ordering::SeqCst) || spent {
                     continue; // dropped: the connection is closed at once
                 }
                 let cut = cut_tx.subscribe();
@@ -39,8 +45,14 @@ impl Proxy {
             cut,
             refusing,
             cut_after,
+            accepts_left,
             task,
         }
+    }
+
+    /// Lets only `n` more connections through; later ones are closed at once.
+    pub fn accept_only(&self, n: u64) {
+        self.accepts_left.store(n, Ordering::SeqCst);
     }
 
     /// The AMQP URL that goes through the proxy.
