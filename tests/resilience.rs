@@ -97,15 +97,7 @@ async fn results_outlive_a_killed_submitter_and_wait_collects_them() {
     .unwrap();
     let _ = submitter.wait().await;
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let out = dir.join("later.jsonl");
-    let waited = run_warren(
-        &["wait", &batch, "--output", out.to_str().unwrap()],
-        None,
-        MINUTE,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    let (_, results) = wait_into(&batch, &dir.join("later.jsonl")).await;
     assert_eq!(seqs(&results), (0..100).collect());
     delete_queues(&queue).await;
 }
@@ -551,21 +543,9 @@ async fn a_resumed_wait_mends_a_half_written_output_file_and_writes_each_result_
         ),
     )
     .unwrap();
-    let waited = run_warren(
-        &["wait", &batch, "--output", out.to_str().unwrap()],
-        None,
-        MINUTE,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    assert!(
-        waited.stderr.contains("dropped a partial last line"),
-        "{}",
-        waited.stderr
-    );
-    let text = std::fs::read_to_string(&out).unwrap();
-    let results = read_results(&text);
-    assert_eq!(results.len(), 5, "each result exactly once:\n{text}");
+    let (stderr, results) = wait_into(&batch, &out).await;
+    assert!(stderr.contains("dropped a partial last line"), "{stderr}");
+    assert_eq!(results.len(), 5, "each result exactly once: {results:?}");
     assert_eq!(seqs(&results), (0..5).collect());
     delete_queues(&queue).await;
 }

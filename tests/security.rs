@@ -263,15 +263,7 @@ async fn a_forged_result_is_not_taken_and_the_real_one_is() {
     }
     let _ = conn.close(200, "bye".into()).await;
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let out = dir.join("results.jsonl");
-    let waited = run_warren(
-        &["wait", &batch, "--output", out.to_str().unwrap()],
-        None,
-        MINUTE,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    let (_, results) = wait_into(&batch, &dir.join("results.jsonl")).await;
     assert_eq!(results.len(), 3, "{results:?}");
     for r in &results {
         assert_ne!(r["worker"], "mallory", "a forged result was taken: {r}");

@@ -156,6 +156,21 @@ pub async fn run_warren(args: &[&str], stdin: Option<&str>, within: Duration) ->
     }
 }
 
+/// Runs `warren wait BATCH --output OUT`, asserts it succeeded, and returns its stderr and the
+/// result lines in OUT.
+pub async fn wait_into(batch: &str, out: &Path) -> (String, Vec<Value>) {
+    let out_arg = out.to_str().expect("utf-8 path");
+    let waited = run_warren(
+        &["wait", batch, "--output", out_arg],
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let results = read_results(&std::fs::read_to_string(out).expect("output file"));
+    (waited.stderr, results)
+}
+
 /// Writes task lines to a file.
 pub fn write_tasks(path: &Path, tasks: &[Value]) {
     let text: String = tasks.iter().map(|t| format!("{t}\n")).collect();
