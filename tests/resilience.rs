@@ -700,6 +700,28 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
         stderr.contains("were confirmed by RabbitMQ and will run"),
         "{stderr}"
     );
+    // Another file with as many tasks is not the batch.
+    let edited = dir.join("edited.jsonl");
+    write_tasks(
+        &edited,
+        &(0..5000)
+            .map(|i| json!({"kind": "echo", "args": {"i": i + 1}}))
+            .collect::<Vec<_>>(),
+    );
+    let refused = warren()
+        .env("WARREN_STATE_DIR", &state)
+        .args([
+            "submit",
+            "--resume",
+            &batch,
+            "--file",
+            edited.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not the tasks batch"));
     let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
     let resumed = warren()
         .env("WARREN_STATE_DIR", &state)

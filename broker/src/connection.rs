@@ -79,7 +79,7 @@ pub async fn consumer_channel(
 }
 
 /// Capped, jittered exponential delays for reconnecting: 0.2 s doubling up to `cap`, forever.
-pub fn reconnect_delays(cap: Duration) -> impl Iterator<Item = Duration> {
+pub fn reconnect_delays(cap: Duration) -> backon::ExponentialBackoff {
     use backon::BackoffBuilder;
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -88,6 +88,9 @@ pub fn reconnect_delays(cap: Duration) -> impl Iterator<Item = Duration> {
         .without_max_times()
         .build()
 }
+
+/// Longest pause between attempts of a [`RetryBudget`].
+const RETRY_DELAY_CAP: Duration = Duration::from_secs(3);
 
 /// A retry budget counted from the failure it guards: a run of failures may last `budget`, and
 /// any progress in between (a session that opened, a task confirmed) starts the next run afresh.
@@ -104,24 +107,14 @@ impl RetryBudget {
         Self {
             budget,
             failing_since: None,
-            delays: Self::fresh_delays(),
+            delays: reconnect_delays(RETRY_DELAY_CAP),
         }
-    }
-
-    fn fresh_delays() -> backon::ExponentialBackoff {
-        use backon::BackoffBuilder;
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(3))
-            .with_jitter()
-            .without_max_times()
-            .build()
     }
 
     /// Something worked: the next failure starts a new run with the whole budget.
     pub fn progressed(&mut self) {
         self.failing_since = None;
-        self.delays = Self::fresh_delays();
+        self.delays = reconnect_delays(RETRY_DELAY_CAP);
     }
 
     /// A failure: the delay before the next attempt, or None once failures have lasted the budget.

@@ -14,7 +14,7 @@ use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
 use crate::spec::{TaskSpec, read_specs};
 use crate::status::{queue_status, render};
-use crate::submit::{SubmitError, SubmitOptions, Submitter};
+use crate::submit::{SubmitOptions, Submitter};
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -87,14 +87,15 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     };
     let receipt = match submitted {
         Ok(r) => {
-            Journal::remove(&r.batch);
+            if cmd.resume.is_some() {
+                Journal::remove(&r.batch);
+            }
             r
         }
-        Err(SubmitError::Interrupted {
-            journal,
-            retry_for,
-            source,
-        }) => {
+        Err(e) => {
+            let Some(journal) = e.journal() else {
+                return fail(&format!("nothing usable was submitted: {e}"));
+            };
             // The batch id goes to stdout as on success: scripts must know what will run.
             println!("{}", journal.batch);
             let _ = std::io::stdout().flush();
@@ -109,22 +110,16 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                      (FILE holding the same task lines)",
                     journal.batch
                 ),
-                (_, Err(e)) => format!(
-                    "the record needed to resume could not be written ({}: {e}); do not resubmit the \
+                (_, Err(err)) => format!(
+                    "the record needed to resume could not be written ({}: {err}); do not resubmit the \
                      whole file, the confirmed tasks would run twice",
                     Journal::path(&journal.batch).display()
                 ),
             };
             return fail(&format!(
-                "{source}. Gave up after {retry_for:?} of connection failures (--retry-for): {} of \
-                 {} task(s) of batch {} were confirmed by RabbitMQ and will run. Once the broker is \
-                 reachable, {resume}",
-                journal.confirmed_count(),
-                journal.total,
-                journal.batch,
+                "{e} (--retry-for). Once the broker is reachable, {resume}"
             ));
         }
-        Err(e) => return fail(&format!("nothing usable was submitted: {e}")),
     };
     println!("{}", receipt.batch);
     let _ = std::io::stdout().flush();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::seqset::SeqSet;
+use crate::spec::TaskSpec;
 
 /// An unfinished submission.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +22,20 @@ pub struct Journal {
     pub total: u32,
     /// `seq` ranges (inclusive) that RabbitMQ confirmed.
     pub confirmed: Vec<[u32; 2]>,
+    /// [`fingerprint`] of the batch's tasks, so that a resume with another file is refused.
+    pub fingerprint: String,
+}
+
+/// SHA-256 over the tasks in order: the same task lines give the same fingerprint.
+pub fn fingerprint(specs: &[TaskSpec]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for spec in specs {
+        // Serializing a plain struct of strings, numbers and JSON values cannot fail.
+        hash.update(serde_json::to_vec(spec).unwrap_or_default());
+        hash.update(b"\n");
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Journal {

@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::BufRead;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warren_broker::protocol::validate_id;
 
 /// One task as submitted: a JSON object per line of a tasks file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Handler name: `exec`, `echo`, `sleep`, or one of a custom worker's.

@@ -17,7 +17,7 @@ use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
-use crate::journal::Journal;
+use crate::journal::{Journal, fingerprint};
 use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
 
@@ -93,6 +93,16 @@ pub enum SubmitError {
     },
 }
 
+impl SubmitError {
+    /// The record of an interrupted batch, which [`Submitter::resume`] finishes.
+    pub fn journal(&self) -> Option<&Journal> {
+        match self {
+            SubmitError::Interrupted { journal, .. } => Some(journal),
+            _ => None,
+        }
+    }
+}
+
 /// A connection to the broker for submitting and collecting.
 pub struct Submitter {
     settings: AmqpSettings,
@@ -154,6 +164,7 @@ impl Submitter {
             queue: options.queue.clone(),
             total,
             confirmed: Vec::new(),
+            fingerprint: fingerprint(specs),
         };
         self.publish_batch(specs, options, journal).await
     }
@@ -167,6 +178,17 @@ impl Submitter {
         options: &SubmitOptions,
         journal: Journal,
     ) -> Result<BatchReceipt, SubmitError> {
+        if specs.len() == journal.total as usize && fingerprint(specs) != journal.fingerprint {
+            return Err(SubmitError::Task {
+                index: 0,
+                id: String::new(),
+                message: format!(
+                    "these are not the tasks batch {} was submitted with (same count, other content): \
+                     give the unchanged file; changed tasks go in a new batch",
+                    journal.batch
+                ),
+            });
+        }
         if specs.len() != journal.total as usize {
             return Err(SubmitError::Task {
                 index: specs.len(),

@@ -67,7 +67,11 @@ fn tell(line: String) {
         Err(poisoned) => poisoned.into_inner(),
     };
     if let Err(e) = watcher.stdin.write_all(line.as_bytes()) {
-        warn!("exec watcher is gone ({e}); commands may outlive a killed worker");
+        // Said once: every task would repeat it.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            warn!("exec watcher is gone ({e}); commands may outlive a killed worker");
+        });
     }
 }
 
