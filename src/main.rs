@@ -65,6 +65,8 @@ enum Command {
     Wait(WaitArgs),
     /// Show a task queue's depth, consumers and dead letters.
     Status(StatusArgs),
+    /// Inspect, replay or drop what a task queue set aside (its dead-letter queue).
+    Dlq(DlqArgs),
     /// Size worker pools by queue depth: a Kubernetes Deployment, or local worker processes.
     Autoscale(AutoscaleArgs),
 }
@@ -234,6 +236,49 @@ struct WaitArgs {
 }
 
 #[derive(Args)]
+struct DlqArgs {
+    #[command(subcommand)]
+    action: DlqCommand,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Count dead letters by reason and batch.
+    List(DlqFilterArgs),
+    /// Print dead letters as JSON lines: reason, detail, task, batch, worker, envelope.
+    Show {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Publish dead tasks to the task queue again, as fresh tasks whose results reach their batch.
+    Replay(DlqFilterArgs),
+    /// Drop dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Really drop them (without it, purge says how many it would drop).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct DlqFilterArgs {
+    /// Task queue whose dead letters to use.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Only dead letters of this batch.
+    #[arg(long)]
+    batch: Option<String>,
+    /// Only dead letters set aside for this reason (e.g. too_many_attempts, oversize, delivery_limit).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     /// Task queue to show.
     #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
@@ -340,6 +385,19 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
                 watch,
             )
             .await
+        }
+        Command::Dlq(args) => {
+            let (filter, action) = match args.action {
+                DlqCommand::List(f) => (f, commands::DlqAction::List),
+                DlqCommand::Show { filter, limit } => (filter, commands::DlqAction::Show { limit }),
+                DlqCommand::Replay(f) => (f, commands::DlqAction::Replay),
+                DlqCommand::Purge { filter, yes } => (filter, commands::DlqAction::Purge { yes }),
+            };
+            let selection = warren_submitter::dlq::Filter {
+                batch: filter.batch,
+                reason: filter.reason,
+            };
+            commands::dlq(amqp, &filter.queue, &selection, action).await
         }
         Command::Autoscale(args) => {
             let target = management(args.management_url.clone());

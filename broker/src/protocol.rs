@@ -37,6 +37,8 @@ pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 pub const HEADER_SEQ: &str = "x-warren-seq";
 /// Header carrying a task's `kind`, so a task that cannot be decoded is reported with its kind.
 pub const HEADER_KIND: &str = "x-warren-kind";
+/// Task header: how often the task was replayed from the dead-letter queue (`warren dlq replay`).
+pub const HEADER_REPLAYED: &str = "x-warren-replayed";
 /// Task header: the batch's token, so that even a task whose body cannot be read is answered
 /// with a result its collector accepts.
 pub const HEADER_TOKEN: &str = "x-warren-token";
@@ -156,6 +158,9 @@ pub struct ResultEnvelope {
     pub started_at: String,
     /// When the attempt ended (RFC 3339).
     pub finished_at: String,
+    /// How often the task was replayed from the dead-letter queue (`warren dlq replay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed: Option<u32>,
     /// The task's `token`, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,

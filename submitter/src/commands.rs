@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
+use warren_broker::topology::dead_letter_queue;
 
 use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
+use crate::dlq::{DeadLetters, Filter};
 use crate::journal::Journal;
 use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
@@ -137,6 +139,111 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
 pub async fn wait(amqp: AmqpSettings, batch: &str, cmd: &WaitCommand) -> u8 {
     let mut submitter = Submitter::new(amqp, connection_name("wait"));
     collect(&mut submitter, batch, cmd).await
+}
+
+/// What `warren dlq` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DlqAction {
+    /// Count dead letters by reason and batch.
+    List,
+    /// Print dead letters as JSON lines.
+    Show {
+        /// At most this many.
+        limit: usize,
+    },
+    /// Publish dead tasks to the task queue again.
+    Replay,
+    /// Drop dead letters for good.
+    Purge {
+        /// The user confirmed.
+        yes: bool,
+    },
+}
+
+/// Runs `warren dlq ACTION`; returns the exit status.
+pub async fn dlq(amqp: AmqpSettings, queue: &str, filter: &Filter, action: DlqAction) -> u8 {
+    let letters = match DeadLetters::open(&amqp, queue).await {
+        Ok(l) => l,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let dead = dead_letter_queue(queue);
+    let status = match action {
+        DlqAction::List => match letters.summary(filter).await {
+            Ok(summary) if summary.total == 0 => {
+                println!("no matching dead letters in '{dead}'");
+                EXIT_OK
+            }
+            Ok(summary) => {
+                println!("{:<24} {:<40} {:>8}", "REASON", "BATCH", "COUNT");
+                for ((reason, batch), n) in &summary.by_reason_and_batch {
+                    println!("{reason:<24} {batch:<40} {n:>8}");
+                }
+                println!(
+                    "{} dead letter(s) in '{dead}'; see them with `warren dlq show --queue {queue}`, \
+                     run the tasks again after a fix with `warren dlq replay --queue {queue}` \
+                     (--batch, --reason narrow both)",
+                    summary.total
+                );
+                EXIT_OK
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        DlqAction::Show { limit } => match letters.show(filter, limit).await {
+            Ok(shown) => {
+                for letter in shown {
+                    match serde_json::to_string(&letter) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => return fail(&e.to_string()),
+                    }
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        DlqAction::Replay => match letters.replay(filter).await {
+            Ok(replayed) => {
+                if replayed.tasks == 0 {
+                    eprintln!("no matching dead tasks in '{dead}'");
+                } else {
+                    // The batch id alone on stdout, as `warren submit` prints it, for scripts.
+                    println!("{}", replayed.batch);
+                    eprintln!(
+                        "replayed {} task(s) from '{dead}' to '{queue}' as batch {}; collect their \
+                         results with `warren wait {}`",
+                        replayed.tasks, replayed.batch, replayed.batch
+                    );
+                }
+                if replayed.skipped > 0 {
+                    eprintln!(
+                        "left {} matching message(s) that are not readable tasks (e.g. results whose \
+                         batch was gone); see them with `warren dlq show`, drop them with `warren dlq purge`",
+                        replayed.skipped
+                    );
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(&format!(
+                "replay stopped: {e}. Tasks already replayed are out of '{dead}' and will run; run \
+                 the replay again for the rest"
+            )),
+        },
+        DlqAction::Purge { yes: false } => match letters.summary(filter).await {
+            Ok(summary) => fail(&format!(
+                "purge would drop {} dead letter(s) from '{dead}' for good; add --yes to do it",
+                summary.total
+            )),
+            Err(e) => fail(&e.to_string()),
+        },
+        DlqAction::Purge { yes: true } => match letters.purge(filter).await {
+            Ok(moved) => {
+                eprintln!("dropped {} dead letter(s) from '{dead}'", moved.done);
+                EXIT_OK
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+    };
+    letters.close().await;
+    status
 }
 
 /// Runs `warren status`, once or every `watch` interval until Ctrl-C; returns the exit status.

@@ -17,6 +17,7 @@
 
 pub mod collect;
 pub mod commands;
+pub mod dlq;
 pub mod journal;
 pub mod output;
 pub mod seqset;

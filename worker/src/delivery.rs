@@ -15,8 +15,9 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
     self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_SEQ, HEADER_TOKEN,
-    MESSAGE_TYPE_RESULT, PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_REPLAYED, HEADER_SEQ,
+    HEADER_TOKEN, MESSAGE_TYPE_RESULT, PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError,
+    TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue};
@@ -45,12 +46,11 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             m.redeliveries.inc();
         }
     }
-    let attempt = header_value(&delivery.properties, HEADER_DELIVERY_COUNT)
-        .and_then(|n| n.parse::<u32>().ok())
-        .map_or(1, |n| n.saturating_add(1));
+    let arrival = Arrival::of(&delivery.properties);
+    let attempt = arrival.attempt;
     let mut task = match protocol::decode_task(&delivery.data, ctx.max_message_bytes) {
         Ok(task) => task,
-        Err(error) => return reject_malformed(&ctx, delivery, &error, attempt).await,
+        Err(error) => return reject_malformed(&ctx, delivery, &error, arrival).await,
     };
     if attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX) {
         // RabbitMQ dead-letters the task silently after this delivery; answering now means a
@@ -65,7 +65,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         let result = result_of(
             &ctx,
             &task,
-            attempt,
+            arrival,
             SystemTime::now(),
             TaskStatus::Failed,
             Value::Null,
@@ -85,7 +85,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         let result = result_of(
             &ctx,
             &task,
-            attempt,
+            arrival,
             SystemTime::now(),
             TaskStatus::Rejected,
             Value::Null,
@@ -156,7 +156,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             )),
         ),
     };
-    let result = result_of(&ctx, &task, attempt, started_at, status, output, error);
+    let result = result_of(&ctx, &task, arrival, started_at, status, output, error);
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
     if let Some(m) = &ctx.metrics {
         m.finished
@@ -217,7 +217,12 @@ async fn deliver_result(
 }
 
 /// A message that is not a valid task: answer it if it can be identified, then dead-letter it.
-async fn reject_malformed(ctx: &Context, delivery: Delivery, error: &DecodeError, attempt: u32) {
+async fn reject_malformed(
+    ctx: &Context,
+    delivery: Delivery,
+    error: &DecodeError,
+    arrival: Arrival,
+) {
     let props = &delivery.properties;
     let identity = props
         .message_id()
@@ -243,7 +248,8 @@ async fn reject_malformed(ctx: &Context, delivery: Delivery, error: &DecodeError
                 output: Value::Null,
                 error: Some(task_error.clone()),
                 worker: ctx.worker.clone(),
-                attempt,
+                attempt: arrival.attempt,
+                replayed: arrival.replayed,
                 labels: Default::default(),
                 started_at: now.clone(),
                 finished_at: now,
@@ -331,10 +337,29 @@ fn result_properties(result: &ResultEnvelope) -> BasicProperties {
     }
 }
 
+/// What the delivery's headers say about this run of the task.
+#[derive(Clone, Copy)]
+struct Arrival {
+    /// 1 on the first delivery, +1 on each redelivery.
+    attempt: u32,
+    /// How often the task was replayed from the dead-letter queue, if ever.
+    replayed: Option<u32>,
+}
+
+impl Arrival {
+    fn of(properties: &BasicProperties) -> Self {
+        let number = |name| header_value(properties, name).and_then(|n| n.parse::<u32>().ok());
+        Self {
+            attempt: number(HEADER_DELIVERY_COUNT).map_or(1, |n| n.saturating_add(1)),
+            replayed: number(HEADER_REPLAYED),
+        }
+    }
+}
+
 fn result_of(
     ctx: &Context,
     task: &TaskEnvelope,
-    attempt: u32,
+    arrival: Arrival,
     started_at: SystemTime,
     status: TaskStatus,
     output: Value,
@@ -350,7 +375,8 @@ fn result_of(
         output,
         error,
         worker: ctx.worker.clone(),
-        attempt,
+        attempt: arrival.attempt,
+        replayed: arrival.replayed,
         labels: task.labels.clone(),
         started_at: protocol::timestamp(started_at),
         finished_at: protocol::timestamp(SystemTime::now()),
