@@ -256,9 +256,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| TaskSpec {
             kind: "echo".into(),
             args: json!({ "i": i }),
-            timeout_s: None,
-            id: None,
-            labels: Default::default(),
+            ..TaskSpec::default()
         })
         .collect();
 

@@ -37,6 +37,10 @@ pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 pub const HEADER_SEQ: &str = "x-warren-seq";
 /// Header carrying a task's `kind`, so a task that cannot be decoded is reported with its kind.
 pub const HEADER_KIND: &str = "x-warren-kind";
+/// Task header: how many retries of the task came before this attempt.
+pub const HEADER_RETRIES: &str = "x-warren-retries";
+/// Task header: the errors of the attempts before a retry, as a JSON list of `{kind, message}`.
+pub const HEADER_PREVIOUS_ERRORS: &str = "x-warren-previous-errors";
 /// Task header: how often the task was replayed from the dead-letter queue (`warren dlq replay`).
 pub const HEADER_REPLAYED: &str = "x-warren-replayed";
 /// Task header: the batch's token, so that even a task whose body cannot be read is answered
@@ -73,6 +77,12 @@ pub struct TaskEnvelope {
     /// When the task was submitted (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,
+    /// How often a failed or timed-out attempt is tried again (0, the default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Seconds before the first retry (default 1); doubled for each further one, with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_s: Option<f64>,
     /// The batch's secret, echoed in the result so that a collector can tell a worker's result
     /// from one published by anyone else who can write to the result queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +168,9 @@ pub struct ResultEnvelope {
     pub started_at: String,
     /// When the attempt ended (RFC 3339).
     pub finished_at: String,
+    /// The errors of the attempts before this one, oldest first, when the task was retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_errors: Vec<TaskError>,
     /// How often the task was replayed from the dead-letter queue (`warren dlq replay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replayed: Option<u32>,
@@ -255,7 +268,32 @@ pub fn decode_task(bytes: &[u8], limit: usize) -> Result<TaskEnvelope, DecodeErr
             "timeout_s must be a positive number of seconds, got {t}"
         )));
     }
+    validate_retries(task.max_retries, task.retry_backoff_s).map_err(DecodeError::Invalid)?;
     Ok(task)
+}
+
+/// Most retries a task may ask for.
+pub const MAX_RETRIES: u32 = 100;
+/// Longest pause before a retry, whatever the backoff grows to.
+pub const MAX_RETRY_DELAY_S: f64 = 3600.0;
+
+/// Checks a task's retry settings.
+pub fn validate_retries(max_retries: Option<u32>, backoff_s: Option<f64>) -> Result<(), String> {
+    if let Some(n) = max_retries
+        && n > MAX_RETRIES
+    {
+        return Err(format!(
+            "max_retries is {n}; at most {MAX_RETRIES} are allowed"
+        ));
+    }
+    if let Some(b) = backoff_s
+        && !(b.is_finite() && b > 0.0 && b <= MAX_RETRY_DELAY_S)
+    {
+        return Err(format!(
+            "retry_backoff_s must be a number of seconds above 0 and at most {MAX_RETRY_DELAY_S}, got {b}"
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes a result envelope.
@@ -355,6 +393,8 @@ mod tests {
             labels: BTreeMap::from([("file".into(), "a.tif".into())]),
             reply_to: "warren.results.b1".into(),
             submitted_at: None,
+            max_retries: None,
+            retry_backoff_s: None,
             token: Some("secret".into()),
         }
     }

@@ -84,6 +84,28 @@ pub async fn declare_batch_queues(
     Ok(())
 }
 
+/// The delay queue that holds retries of `task_queue`'s tasks for `delay`: classic (per-queue TTL
+/// works on every RabbitMQ version), with the TTL dead-lettering them back into the task queue.
+/// One queue per distinct delay, so a long delay never holds up a short one; each expires when
+/// unused for a minute after its delay.
+pub async fn declare_retry_queue(
+    channel: &Channel,
+    task_queue: &str,
+    delay: Duration,
+) -> Result<String, BrokerError> {
+    let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
+    let name = format!("{task_queue}.retry.{ms}ms");
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(ms.saturating_add(60_000)),
+    );
+    dead_letter_to(&mut args, task_queue);
+    declare(channel, &name, args).await?;
+    Ok(name)
+}
+
 /// Checks that a queue exists without changing it; returns its ready count and consumers.
 pub async fn inspect(channel: &Channel, queue: &str) -> Result<Queue, BrokerError> {
     channel

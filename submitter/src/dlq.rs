@@ -252,6 +252,8 @@ impl DeadLetters {
                 timeout_s: task.timeout_s,
                 id: Some(task.id),
                 labels: task.labels,
+                max_retries: task.max_retries,
+                retry_backoff_s: task.retry_backoff_s,
             };
             let (body, properties) = encode_task(
                 &spec,

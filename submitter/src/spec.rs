@@ -5,10 +5,10 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use warren_broker::protocol::validate_id;
+use warren_broker::protocol::{validate_id, validate_retries};
 
 /// One task as submitted: a JSON object per line of a tasks file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Handler name: `exec`, `echo`, `sleep`, or one of a custom worker's.
@@ -25,6 +25,12 @@ pub struct TaskSpec {
     /// Free-form labels, copied to the result.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How often a failed or timed-out attempt is tried again (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Seconds before the first retry (default 1), doubled for each further one, with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_s: Option<f64>,
 }
 
 /// A task line that cannot be used, with where it is.
@@ -46,8 +52,7 @@ impl TaskSpec {
             kind: "exec".into(),
             args: serde_json::json!({ "argv": argv }),
             timeout_s: None,
-            id: None,
-            labels: BTreeMap::new(),
+            ..Self::default()
         }
     }
 
@@ -65,6 +70,7 @@ impl TaskSpec {
                 "\"timeout_s\" must be a positive number of seconds, got {t}"
             ));
         }
+        validate_retries(self.max_retries, self.retry_backoff_s)?;
         Ok(())
     }
 }

@@ -381,6 +381,8 @@ pub(crate) fn encode_task(
         labels: spec.labels.clone(),
         reply_to: reply_to.clone(),
         submitted_at: Some(submitted_at.to_string()),
+        max_retries: spec.max_retries,
+        retry_backoff_s: spec.retry_backoff_s,
         token: Some(token.to_string()),
     };
     let body = protocol::encode(&task);

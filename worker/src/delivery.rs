@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -15,12 +16,12 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
     self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_REPLAYED, HEADER_SEQ,
-    HEADER_TOKEN, MESSAGE_TYPE_RESULT, PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError,
-    TaskStatus,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_PREVIOUS_ERRORS,
+    HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN, MESSAGE_TYPE_RESULT,
+    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
-use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue};
+use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
 use crate::handler::{Registry, Task, TaskFailure};
 use crate::health::Health;
@@ -65,7 +66,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         let result = result_of(
             &ctx,
             &task,
-            arrival,
+            &arrival,
             SystemTime::now(),
             TaskStatus::Failed,
             Value::Null,
@@ -85,7 +86,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         let result = result_of(
             &ctx,
             &task,
-            arrival,
+            &arrival,
             SystemTime::now(),
             TaskStatus::Rejected,
             Value::Null,
@@ -132,13 +133,14 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             return;
         }
     };
-    let (status, output, error) = match outcome {
-        Ok(Ok(Ok(output))) => (TaskStatus::Succeeded, output, None),
+    let (status, output, error, permanent) = match outcome {
+        Ok(Ok(Ok(output))) => (TaskStatus::Succeeded, output, None, false),
         Ok(Ok(Err(TaskFailure {
             status,
             error,
             output,
-        }))) => (status, output, Some(error)),
+            permanent,
+        }))) => (status, output, Some(error), permanent),
         Ok(Err(join_error)) => (
             TaskStatus::Failed,
             Value::Null,
@@ -146,6 +148,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
                 "handler_panicked",
                 format!("the '{}' handler panicked: {join_error}", task.kind),
             )),
+            false,
         ),
         Err(_) => (
             TaskStatus::TimedOut,
@@ -154,9 +157,25 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
                 "timeout",
                 format!("task ran longer than its limit of {timeout:?} and was killed"),
             )),
+            false,
         ),
     };
-    let result = result_of(&ctx, &task, arrival, started_at, status, output, error);
+    let retries_left = task
+        .max_retries
+        .unwrap_or(0)
+        .saturating_sub(arrival.retries);
+    if let Some(error) = &error
+        && matches!(status, TaskStatus::Failed | TaskStatus::TimedOut)
+        && !permanent
+        && retries_left > 0
+    {
+        tokio::select! {
+            () = schedule_retry(&ctx, &delivery, &task, &arrival, error) => {}
+            () = abandon.cancelled() => {}
+        }
+        return;
+    }
+    let result = result_of(&ctx, &task, &arrival, started_at, status, output, error);
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
     if let Some(m) = &ctx.metrics {
         m.finished
@@ -171,6 +190,75 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
         () = abandon.cancelled() => {}
     }
+}
+
+/// Sets a failed attempt aside in a delay queue for its backoff (the broker holds it, not this
+/// worker), with the attempt's error added to the task's history, then acknowledges it. The
+/// delay queue dead-letters it back into the task queue when the delay is over.
+async fn schedule_retry(
+    ctx: &Context,
+    delivery: &Delivery,
+    task: &TaskEnvelope,
+    arrival: &Arrival,
+    error: &TaskError,
+) {
+    let retry = arrival.retries + 1;
+    let delay = retry_delay(task.retry_backoff_s.unwrap_or(1.0), retry);
+    // The history travels in a header, which must fit one AMQP frame: keep it small.
+    let mut errors = arrival.previous_errors.clone();
+    let mut latest = error.clone();
+    if let Some((cut, _)) = latest.message.char_indices().nth(MAX_KEPT_ERROR_CHARS) {
+        latest.message.truncate(cut);
+        latest.message.push('…');
+    }
+    errors.push(latest);
+    if errors.len() > MAX_KEPT_ERRORS {
+        errors.drain(..errors.len() - MAX_KEPT_ERRORS);
+    }
+    let history = serde_json::to_string(&errors).unwrap_or_default();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    // A republished message starts its delivery count afresh; the broker's own count is not ours.
+    let mut kept = lapin::types::FieldTable::default();
+    for (name, value) in headers.inner() {
+        if name.as_str() != HEADER_DELIVERY_COUNT {
+            kept.insert(name.clone(), value.clone());
+        }
+    }
+    headers = kept;
+    headers.insert(HEADER_RETRIES.into(), AMQPValue::LongUInt(retry));
+    headers.insert(
+        HEADER_PREVIOUS_ERRORS.into(),
+        AMQPValue::LongString(history.as_str().into()),
+    );
+    let properties = delivery.properties.clone().with_headers(headers);
+    let published = async {
+        let queue = declare_retry_queue(ctx.publisher.channel(), &ctx.queue, delay).await?;
+        ctx.publisher
+            .publish(&queue, &delivery.data, properties)
+            .await
+    };
+    if let Err(e) = published.await {
+        return warn!(task_id = %task.id, "cannot set the task aside for a retry ({e}); it will be redelivered");
+    }
+    info!(task_id = %task.id, batch = %task.batch, retry, of = task.max_retries.unwrap_or(0), "attempt failed ({}); retrying in {delay:.1?}", error.kind);
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        warn!(task_id = %task.id, "retry scheduled but the ack failed ({e}); the task may run again");
+    }
+}
+
+/// Earlier attempts' errors kept for the final result (the most recent ones).
+const MAX_KEPT_ERRORS: usize = 20;
+/// Characters kept of each earlier error's message.
+const MAX_KEPT_ERROR_CHARS: usize = 1000;
+
+/// The pause before retry number `retry` (1-based): `backoff_s` doubled for each retry after the
+/// first, at most an hour, with up to half of it taken off at random so that tasks that failed
+/// together do not all come back together. Rounded to 100 ms, as each distinct delay has a queue.
+fn retry_delay(backoff_s: f64, retry: u32) -> Duration {
+    let full = (backoff_s * 2f64.powi(retry.saturating_sub(1).min(30) as i32))
+        .min(protocol::MAX_RETRY_DELAY_S);
+    let jittered = full * (0.5 + fastrand::f64() * 0.5);
+    Duration::from_millis(((jittered * 10.0).round().max(1.0) as u64) * 100)
 }
 
 /// Publishes a result, then acknowledges the task. A result whose queue is gone (expired batch) is
@@ -248,7 +336,8 @@ async fn reject_malformed(
                 output: Value::Null,
                 error: Some(task_error.clone()),
                 worker: ctx.worker.clone(),
-                attempt: arrival.attempt,
+                attempt: arrival.attempt + arrival.retries,
+                previous_errors: arrival.previous_errors.clone(),
                 replayed: arrival.replayed,
                 labels: Default::default(),
                 started_at: now.clone(),
@@ -338,10 +427,13 @@ fn result_properties(result: &ResultEnvelope) -> BasicProperties {
 }
 
 /// What the delivery's headers say about this run of the task.
-#[derive(Clone, Copy)]
 struct Arrival {
-    /// 1 on the first delivery, +1 on each redelivery.
+    /// 1 on the first delivery of this message, +1 on each redelivery.
     attempt: u32,
+    /// Retries that came before this message (each retry is a new message).
+    retries: u32,
+    /// Their errors, oldest first.
+    previous_errors: Vec<TaskError>,
     /// How often the task was replayed from the dead-letter queue, if ever.
     replayed: Option<u32>,
 }
@@ -351,6 +443,11 @@ impl Arrival {
         let number = |name| header_value(properties, name).and_then(|n| n.parse::<u32>().ok());
         Self {
             attempt: number(HEADER_DELIVERY_COUNT).map_or(1, |n| n.saturating_add(1)),
+            retries: number(HEADER_RETRIES).unwrap_or(0),
+            // Written by a worker; anything unreadable is left out rather than failing the task.
+            previous_errors: header_value(properties, HEADER_PREVIOUS_ERRORS)
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default(),
             replayed: number(HEADER_REPLAYED),
         }
     }
@@ -359,7 +456,7 @@ impl Arrival {
 fn result_of(
     ctx: &Context,
     task: &TaskEnvelope,
-    arrival: Arrival,
+    arrival: &Arrival,
     started_at: SystemTime,
     status: TaskStatus,
     output: Value,
@@ -375,7 +472,8 @@ fn result_of(
         output,
         error,
         worker: ctx.worker.clone(),
-        attempt: arrival.attempt,
+        attempt: arrival.attempt + arrival.retries,
+        previous_errors: arrival.previous_errors.clone(),
         replayed: arrival.replayed,
         labels: task.labels.clone(),
         started_at: protocol::timestamp(started_at),
@@ -414,5 +512,31 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.dec();
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_with_jitter_and_stop_at_an_hour() {
+        for _ in 0..200 {
+            for (backoff, retry, low, high) in [
+                (1.0, 1, 0.5, 1.0),
+                (1.0, 3, 2.0, 4.0),
+                (0.2, 2, 0.2, 0.4),
+                (10.0, 40, 1800.0, 3600.0),
+                (0.01, 1, 0.1, 0.1),
+            ] {
+                let delay = retry_delay(backoff, retry).as_secs_f64();
+                assert!(
+                    (low - 0.05..=high + 0.05).contains(&delay),
+                    "backoff {backoff}, retry {retry}: {delay}"
+                );
+                // Rounded to 100 ms: each distinct delay has a queue of its own.
+                assert_eq!((delay * 1000.0).round() as u64 % 100, 0);
+            }
+        }
     }
 }

@@ -50,6 +50,8 @@ pub struct TaskFailure {
     pub error: TaskError,
     /// Whatever output is worth keeping (e.g. a failed command's stderr).
     pub output: Value,
+    /// Trying again cannot help: the task's `max_retries` are not used.
+    pub permanent: bool,
 }
 
 impl TaskFailure {
@@ -59,6 +61,15 @@ impl TaskFailure {
             status: TaskStatus::Failed,
             error: TaskError::new(kind, message),
             output: Value::Null,
+            permanent: false,
+        }
+    }
+
+    /// The work ran and failed in a way another attempt would repeat: not retried.
+    pub fn permanent(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            permanent: true,
+            ..Self::failed(kind, message)
         }
     }
 
@@ -68,6 +79,7 @@ impl TaskFailure {
             status: TaskStatus::Rejected,
             error: TaskError::new(kind, message),
             output: Value::Null,
+            permanent: true,
         }
     }
 

@@ -25,9 +25,8 @@ fn spec(kind: &str, args: Value) -> TaskSpec {
     TaskSpec {
         kind: kind.into(),
         args,
-        timeout_s: None,
         id: Some(kind.into()),
-        labels: Default::default(),
+        ..TaskSpec::default()
     }
 }
 

@@ -35,6 +35,9 @@ struct ExecArgs {
     stdin: Option<String>,
     #[serde(default)]
     outputs: Vec<PathBuf>,
+    /// Exit codes worth retrying (with the task's `max_retries`); any other failure is final.
+    /// Absent: every failure may be retried.
+    retry_exit_codes: Option<Vec<i32>>,
 }
 
 /// The `exec` handler for a policy.
@@ -152,7 +155,17 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             Some(code) => format!("'{program}' exited with status {code}"),
             None => format!("'{program}' was killed by a signal ({status})"),
         };
-        return Err(TaskFailure::failed("exit_status", message).with_output(output));
+        let retryable = match (&args.retry_exit_codes, status.code()) {
+            (None, _) => true,
+            (Some(codes), Some(code)) => codes.contains(&code),
+            (Some(_), None) => false,
+        };
+        let failure = if retryable {
+            TaskFailure::failed("exit_status", message)
+        } else {
+            TaskFailure::permanent("exit_status", message)
+        };
+        return Err(failure.with_output(output));
     }
     if !missing.is_empty() {
         return Err(TaskFailure::failed(
