@@ -67,6 +67,8 @@ enum Command {
     Status(StatusArgs),
     /// Inspect, replay or drop what a task queue set aside (its dead-letter queue).
     Dlq(DlqArgs),
+    /// Cancel a batch (or one task of it): queued tasks are not run, running ones are stopped.
+    Cancel(CancelArgs),
     /// Size worker pools by queue depth: a Kubernetes Deployment, or local worker processes.
     Autoscale(AutoscaleArgs),
 }
@@ -236,6 +238,15 @@ struct WaitArgs {
 }
 
 #[derive(Args)]
+struct CancelArgs {
+    /// Batch id printed by `warren submit`.
+    batch: String,
+    /// Cancel only this task of the batch.
+    #[arg(long, value_name = "ID")]
+    task: Option<String>,
+}
+
+#[derive(Args)]
 struct DlqArgs {
     #[command(subcommand)]
     action: DlqCommand,
@@ -386,6 +397,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
             )
             .await
         }
+        Command::Cancel(args) => commands::cancel(amqp, &args.batch, args.task.as_deref()).await,
         Command::Dlq(args) => {
             let (filter, action) = match args.action {
                 DlqCommand::List(f) => (f, commands::DlqAction::List),

@@ -83,6 +83,9 @@ pub struct TaskEnvelope {
     /// Seconds before the first retry (default 1); doubled for each further one, with jitter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_backoff_s: Option<f64>,
+    /// After this time (RFC 3339) the task is not run: it gets an `expired` result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     /// The batch's secret, echoed in the result so that a collector can tell a worker's result
     /// from one published by anyone else who can write to the result queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +104,10 @@ pub enum TaskStatus {
     TimedOut,
     /// The worker refused the task without running it (bad envelope, unknown kind, not allowed).
     Rejected,
+    /// The task was cancelled (`warren cancel`): not run, or killed while running.
+    Cancelled,
+    /// The task's `expires_at` had passed when a worker got it: not run.
+    Expired,
 }
 
 impl TaskStatus {
@@ -111,6 +118,8 @@ impl TaskStatus {
             TaskStatus::Failed => "failed",
             TaskStatus::TimedOut => "timed_out",
             TaskStatus::Rejected => "rejected",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Expired => "expired",
         }
     }
 }
@@ -269,7 +278,49 @@ pub fn decode_task(bytes: &[u8], limit: usize) -> Result<TaskEnvelope, DecodeErr
         )));
     }
     validate_retries(task.max_retries, task.retry_backoff_s).map_err(DecodeError::Invalid)?;
+    if let Some(at) = &task.expires_at {
+        parse_time("expires_at", at).map_err(DecodeError::Invalid)?;
+    }
     Ok(task)
+}
+
+/// Parses an RFC 3339 time such as `2026-11-27T18:00:00Z`, naming the field when it is not one.
+pub fn parse_time(field: &str, text: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(text).map_err(|e| {
+        format!("{field} must be an RFC 3339 time such as 2026-11-27T18:00:00Z, got {text:?} ({e})")
+    })
+}
+
+impl TaskEnvelope {
+    /// Whether the task's `expires_at` has passed at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires_at
+            .as_deref()
+            .and_then(|at| parse_time("expires_at", at).ok())
+            .is_some_and(|at| at <= now)
+    }
+}
+
+/// Message type of a cancellation record.
+pub const MESSAGE_TYPE_CANCEL: &str = "warren.cancel";
+
+/// A cancellation, kept in the cancellations stream: a whole batch, or one task of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancellation {
+    /// Envelope version; see [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Batch id.
+    pub batch: String,
+    /// One task of the batch; None cancels the whole batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// When it was cancelled (RFC 3339).
+    pub at: String,
+}
+
+/// Decodes a cancellation record.
+pub fn decode_cancellation(bytes: &[u8]) -> Result<Cancellation, DecodeError> {
+    decode_checked(bytes, 64 * 1024)
 }
 
 /// Most retries a task may ask for.
@@ -395,6 +446,7 @@ mod tests {
             submitted_at: None,
             max_retries: None,
             retry_backoff_s: None,
+            expires_at: None,
             token: Some("secret".into()),
         }
     }
@@ -469,6 +521,8 @@ mod tests {
             TaskStatus::Failed,
             TaskStatus::TimedOut,
             TaskStatus::Rejected,
+            TaskStatus::Cancelled,
+            TaskStatus::Expired,
         ] {
             assert_eq!(
                 serde_json::to_value(s).unwrap(),

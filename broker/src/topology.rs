@@ -84,6 +84,25 @@ pub async fn declare_batch_queues(
     Ok(())
 }
 
+/// The stream of cancellation records (`warren cancel`), read by every worker from the start:
+/// a stream, so every reader sees every record; records older than 7 days are dropped.
+pub const CANCELLATIONS_STREAM: &str = "warren.cancellations";
+
+/// Declares [`CANCELLATIONS_STREAM`].
+pub async fn declare_cancellations(channel: &Channel) -> Result<(), BrokerError> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    args.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(LongString::from("7D")),
+    );
+    declare(channel, CANCELLATIONS_STREAM, args).await?;
+    Ok(())
+}
+
 /// The delay queue that holds retries of `task_queue`'s tasks for `delay`: classic (per-queue TTL
 /// works on every RabbitMQ version), with the TTL dead-lettering them back into the task queue.
 /// One queue per distinct delay, so a long delay never holds up a short one; each expires when

@@ -254,6 +254,7 @@ impl DeadLetters {
                 labels: task.labels,
                 max_retries: task.max_retries,
                 retry_backoff_s: task.retry_backoff_s,
+                expires_at: task.expires_at,
             };
             let (body, properties) = encode_task(
                 &spec,

@@ -5,7 +5,7 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use warren_broker::protocol::{validate_id, validate_retries};
+use warren_broker::protocol::{parse_time, validate_id, validate_retries};
 
 /// One task as submitted: a JSON object per line of a tasks file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct TaskSpec {
     /// Seconds before the first retry (default 1), doubled for each further one, with jitter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_backoff_s: Option<f64>,
+    /// After this time (RFC 3339) the task is not run: it gets an `expired` result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// A task line that cannot be used, with where it is.
@@ -71,6 +74,9 @@ impl TaskSpec {
             ));
         }
         validate_retries(self.max_retries, self.retry_backoff_s)?;
+        if let Some(at) = &self.expires_at {
+            parse_time("\"expires_at\"", at)?;
+        }
         Ok(())
     }
 }

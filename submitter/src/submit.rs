@@ -383,6 +383,7 @@ pub(crate) fn encode_task(
         submitted_at: Some(submitted_at.to_string()),
         max_retries: spec.max_retries,
         retry_backoff_s: spec.retry_backoff_s,
+        expires_at: spec.expires_at.clone(),
         token: Some(token.to_string()),
     };
     let body = protocol::encode(&task);

@@ -23,6 +23,7 @@ use warren_broker::protocol::{
 use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
+use crate::cancel::Cancellations;
 use crate::handler::{Registry, Task, TaskFailure};
 use crate::health::Health;
 
@@ -36,6 +37,8 @@ pub(crate) struct Context {
     pub max_message_bytes: usize,
     /// None when metrics are off: nothing is recorded.
     pub metrics: Option<Health>,
+    /// What `warren cancel` recorded, and the tasks running now.
+    pub cancellations: Cancellations,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
@@ -94,6 +97,50 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         );
         return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
     };
+    let expired = task.expired(SystemTime::now());
+    let running = if expired {
+        None
+    } else {
+        ctx.cancellations.start(&task.batch, &task.id)
+    };
+    let Some(running) = running else {
+        let (status, error) = if expired {
+            let at = task.expires_at.as_deref().unwrap_or_default();
+            (
+                TaskStatus::Expired,
+                TaskError::new(
+                    "expired",
+                    format!("the task expired at {at}, before a worker could run it; not run"),
+                ),
+            )
+        } else {
+            (
+                TaskStatus::Cancelled,
+                TaskError::new(
+                    "cancelled",
+                    format!(
+                        "batch {} or this task was cancelled (warren cancel) before it ran; not run",
+                        task.batch
+                    ),
+                ),
+            )
+        };
+        info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task not run: {}", error.message);
+        let result = result_of(
+            &ctx,
+            &task,
+            &arrival,
+            SystemTime::now(),
+            status,
+            Value::Null,
+            Some(error),
+        );
+        tokio::select! {
+            () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
+            () = abandon.cancelled() => {}
+        }
+        return;
+    };
     // From here `kind` has a registered handler, so as a metric label its values stay few.
     if let Some(m) = &ctx.metrics {
         m.started.with_label_values(&[task.kind.as_str()]).inc();
@@ -121,9 +168,11 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     let _in_flight = ctx.metrics.as_ref().map(InFlight::start);
     // The handler runs as its own task so that a panic in user code becomes a failed result
     // instead of a message that is never acknowledged; dropping the handle aborts it.
-    let running = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
+    let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
     let outcome = tokio::select! {
-        outcome = tokio::time::timeout(timeout, running) => outcome,
+        outcome = tokio::time::timeout(timeout, handler_run) => Some(outcome),
+        // Dropping the handler's future stops it; an exec command's process group is killed.
+        () = running.token.cancelled() => None,
         () = abandon.cancelled() => {
             info!(task_id = %task.id, batch = %task.batch, "task abandoned unfinished; returning it to the queue");
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
@@ -134,14 +183,26 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         }
     };
     let (status, output, error, permanent) = match outcome {
-        Ok(Ok(Ok(output))) => (TaskStatus::Succeeded, output, None, false),
-        Ok(Ok(Err(TaskFailure {
+        None => (
+            TaskStatus::Cancelled,
+            Value::Null,
+            Some(TaskError::new(
+                "cancelled",
+                format!(
+                    "batch {} or this task was cancelled (warren cancel) while it ran; stopped",
+                    task.batch
+                ),
+            )),
+            true,
+        ),
+        Some(Ok(Ok(Ok(output)))) => (TaskStatus::Succeeded, output, None, false),
+        Some(Ok(Ok(Err(TaskFailure {
             status,
             error,
             output,
             permanent,
-        }))) => (status, output, Some(error), permanent),
-        Ok(Err(join_error)) => (
+        })))) => (status, output, Some(error), permanent),
+        Some(Ok(Err(join_error))) => (
             TaskStatus::Failed,
             Value::Null,
             Some(TaskError::new(
@@ -150,7 +211,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             )),
             false,
         ),
-        Err(_) => (
+        Some(Err(_)) => (
             TaskStatus::TimedOut,
             Value::Null,
             Some(TaskError::new(

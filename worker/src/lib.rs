@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod cancel;
 mod delivery;
 pub mod handler;
 pub mod handlers;

@@ -10,13 +10,14 @@ use futures_lite::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{error, info, warn};
 use warren_broker::connection::{confirm_channel, connect, consumer_channel, reconnect_delays};
 use warren_broker::publisher::Publisher;
-use warren_broker::topology::{self, short};
+use warren_broker::topology::{self, CANCELLATIONS_STREAM, short};
 use warren_broker::{AmqpSettings, BrokerError};
 
+use crate::cancel::{self, Cancellations};
 use crate::delivery::{self, Context};
 use crate::handler::{Handler, Registry};
 use crate::handlers::{self, exec::ExecPolicy};
@@ -24,6 +25,8 @@ use crate::health::Health;
 
 /// Default task time limit when a task does not set `timeout_s`.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest wait, at connect, for the cancellations recorded so far to be read.
+const CANCELLATIONS_CATCH_UP: Duration = Duration::from_secs(5);
 /// A session that lasted this long was healthy: the reconnect backoff starts over after it.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Default largest task message accepted.
@@ -100,6 +103,7 @@ pub fn default_name() -> String {
 pub struct Worker {
     config: WorkerConfig,
     registry: Registry,
+    cancellations: Cancellations,
 }
 
 /// Why a worker stopped other than by a shutdown request.
@@ -119,7 +123,11 @@ impl Worker {
         let mut registry = Registry::default();
         registry.insert("echo", handlers::echo);
         registry.insert("sleep", handlers::sleep);
-        Self { config, registry }
+        Self {
+            config,
+            registry,
+            cancellations: Cancellations::default(),
+        }
     }
 
     /// Adds the `exec` handler with `policy`.
@@ -218,6 +226,29 @@ impl Worker {
             .await
             .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
+        // Cancellations are read before any task is taken, so a cancelled task is not started.
+        let (caught_up, is_caught_up) = tokio::sync::oneshot::channel();
+        let _follower = {
+            let (channel, cancellations) = (
+                connection.create_channel().await?,
+                self.cancellations.clone(),
+            );
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                if let Err(e) = cancel::follow(channel, cancellations, caught_up).await {
+                    warn!(
+                        "not following {CANCELLATIONS_STREAM} ({e}); `warren cancel` reaches this worker after it reconnects"
+                    );
+                }
+            }))
+        };
+        if tokio::time::timeout(CANCELLATIONS_CATCH_UP, is_caught_up)
+            .await
+            .is_err()
+        {
+            warn!(
+                "the cancellations were not all read within {CANCELLATIONS_CATCH_UP:?}; going on"
+            );
+        }
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),
@@ -226,6 +257,7 @@ impl Worker {
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
             metrics: metrics.cloned(),
+            cancellations: self.cancellations.clone(),
         });
         *sessions += 1;
         if let Some(m) = metrics {

@@ -1,0 +1,190 @@
+//! Cancellation: what `warren cancel` recorded in the cancellations stream, and the tasks running
+//! now, so that a cancelled task is not started and a running one is stopped. Each worker reads
+//! the whole stream (7 days of records) when it connects and follows it from then on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_lite::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use warren_broker::BrokerError;
+use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
+use warren_broker::publisher::message_properties;
+use warren_broker::topology::{CANCELLATIONS_STREAM, declare_cancellations, short};
+
+/// Cancelled batches and tasks, and the tasks running now; shared by a worker's sessions.
+#[derive(Clone, Default)]
+pub(crate) struct Cancellations(Arc<Mutex<Inner>>);
+
+#[derive(Default)]
+struct Inner {
+    batches: HashSet<String>,
+    tasks: HashSet<(String, String)>,
+    running: HashMap<u64, (String, String, CancellationToken)>,
+    next_id: u64,
+}
+
+impl Inner {
+    fn cancelled(&self, batch: &str, task: &str) -> bool {
+        self.batches.contains(batch) || self.tasks.contains(&(batch.to_string(), task.to_string()))
+    }
+}
+
+/// A running task's registration: its token is cancelled if the task is; dropping it unregisters.
+pub(crate) struct Running {
+    cancellations: Cancellations,
+    id: u64,
+    /// Cancelled when the task is.
+    pub token: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancellations.lock().running.remove(&self.id);
+    }
+}
+
+impl Cancellations {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The data stays consistent under a panic elsewhere: each step is one insert or remove.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a task about to run; None when it is cancelled already.
+    pub(crate) fn start(&self, batch: &str, task: &str) -> Option<Running> {
+        let mut inner = self.lock();
+        if inner.cancelled(batch, task) {
+            return None;
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let token = CancellationToken::new();
+        inner
+            .running
+            .insert(id, (batch.to_string(), task.to_string(), token.clone()));
+        Some(Running {
+            cancellations: self.clone(),
+            id,
+            token,
+        })
+    }
+
+    /// Records a cancellation and stops the matching running tasks.
+    pub(crate) fn record(&self, cancellation: Cancellation) {
+        let mut inner = self.lock();
+        match cancellation.task_id {
+            Some(task) => {
+                inner.tasks.insert((cancellation.batch, task));
+            }
+            None => {
+                inner.batches.insert(cancellation.batch);
+            }
+        }
+        for (batch, task, token) in inner.running.values() {
+            if inner.cancelled(batch, task) {
+                token.cancel();
+            }
+        }
+    }
+}
+
+/// Reads the cancellations stream from its start and records each cancellation, until the
+/// connection ends. `caught_up` is sent once every record written before the call has been read:
+/// the worker appends a marker of its own and waits to read it back. Only returns on error.
+pub(crate) async fn follow(
+    channel: Channel,
+    cancellations: Cancellations,
+    caught_up: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), BrokerError> {
+    // Streams require a prefetch and manual acks.
+    channel.basic_qos(100, BasicQosOptions::default()).await?;
+    declare_cancellations(&channel).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString(LongString::from("first")),
+    );
+    let mut consumer = channel
+        .basic_consume(
+            short(CANCELLATIONS_STREAM)?,
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    // A record with no batch is a reader's marker, not a cancellation.
+    let marker = protocol::new_token();
+    let record = Cancellation {
+        v: PROTOCOL_VERSION,
+        batch: String::new(),
+        task_id: Some(marker.clone()),
+        at: protocol::timestamp(std::time::SystemTime::now()),
+    };
+    channel
+        .basic_publish(
+            "".into(),
+            short(CANCELLATIONS_STREAM)?,
+            BasicPublishOptions::default(),
+            &protocol::encode(&record),
+            message_properties(MESSAGE_TYPE_CANCEL),
+        )
+        .await?;
+    let mut caught_up = Some(caught_up);
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        match protocol::decode_cancellation(&delivery.data) {
+            Ok(c) if c.batch.is_empty() => {
+                if c.task_id.as_deref() == Some(marker.as_str())
+                    && let Some(tx) = caught_up.take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(c) => {
+                debug!(batch = %c.batch, task_id = c.task_id.as_deref().unwrap_or("*"), "cancellation recorded");
+                cancellations.record(c);
+            }
+            Err(e) => warn!("ignoring an unreadable record in {CANCELLATIONS_STREAM}: {e}"),
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    Err(BrokerError::ConsumerCancelled {
+        queue: CANCELLATIONS_STREAM.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cancel(batch: &str, task: Option<&str>) -> Cancellation {
+        Cancellation {
+            v: 1,
+            batch: batch.into(),
+            task_id: task.map(String::from),
+            at: String::new(),
+        }
+    }
+
+    #[test]
+    fn cancelled_tasks_do_not_start_and_running_ones_are_stopped() {
+        let c = Cancellations::default();
+        let a1 = c.start("a", "1").unwrap();
+        let a2 = c.start("a", "2").unwrap();
+        let b1 = c.start("b", "1").unwrap();
+        c.record(cancel("a", Some("2")));
+        assert!(!a1.token.is_cancelled() && a2.token.is_cancelled() && !b1.token.is_cancelled());
+        assert!(c.start("a", "2").is_none());
+        c.record(cancel("b", None));
+        assert!(b1.token.is_cancelled());
+        assert!(c.start("b", "anything").is_none());
+        drop((a1, a2, b1));
+        assert!(c.lock().running.is_empty());
+    }
+}
