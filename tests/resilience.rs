@@ -766,3 +766,107 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
     assert_eq!(again.code, Some(2));
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarts_mid_submit_and_mid_wait_lose_and_repeat_nothing() {
+    let broker = tokio::task::spawn_blocking(common::private_broker::PrivateBroker::start)
+        .await
+        .unwrap();
+    let url = broker.url();
+    let dir = scratch("restart");
+    let queue = "warren.restart";
+    let env = [("WARREN_AMQP_URL", url.as_str())];
+    let _workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::start_with(queue, &dir, &["--concurrency", "16"], &env))
+        .collect();
+    let total = 20_000;
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..total)
+            .map(|i| json!({"kind": "echo", "args": i}))
+            .collect::<Vec<_>>(),
+    );
+    let out = dir.join("results.jsonl");
+    let mut submit = WorkerProcess::spawn(
+        &[
+            "submit",
+            "--queue",
+            queue,
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+            "--output",
+            out.to_str().unwrap(),
+            "--retry-for",
+            "60",
+        ],
+        &dir,
+        &env,
+    );
+    let restart = |broker: &common::private_broker::PrivateBroker| {
+        broker.ctl(&["stop_app"]);
+        std::thread::sleep(Duration::from_secs(2));
+        broker.ctl(&["start_app"]);
+    };
+    // Part-way through publishing...
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    restart(&broker);
+    // ...and again once every task is submitted and results are being collected.
+    submit.wait_for_log("submitted", 1, MINUTE * 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    restart(&broker);
+    assert_eq!(
+        submit.exit_code(MINUTE * 3).await,
+        Some(0),
+        "{}",
+        submit.log_text()
+    );
+    let log = submit.log_text();
+    assert!(
+        log.contains("publishing interrupted"),
+        "the first restart hit the submit: {log}"
+    );
+    assert!(
+        log.contains("collecting interrupted"),
+        "the second hit the wait: {log}"
+    );
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(results.len(), total, "each task exactly one result line");
+    assert_eq!(seqs(&results).len(), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_again_and_again_costs_no_task_and_no_duplicate() {
+    let queue = unique_queue("killloop");
+    let dir = scratch("killloop");
+    let batch = submit_only(&queue, &dir, &sleep_tasks(200, 50)).await;
+    let out = dir.join("results.jsonl");
+    let mut waiting = WorkerProcess::spawn(
+        &["wait", &batch, "--output", out.to_str().unwrap()],
+        &dir,
+        &[],
+    );
+    for round in 1..=6 {
+        let mut worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "8"]);
+        worker.wait_for_log("task finished", 5, MINUTE).await;
+        worker.signal(Signal::SIGKILL);
+        worker.exit_code(MINUTE).await;
+        eprintln!("round {round}: worker killed mid-batch");
+    }
+    let _last = WorkerProcess::start(&queue, &dir, &["--concurrency", "8"]);
+    assert_eq!(
+        waiting.exit_code(MINUTE * 2).await,
+        Some(0),
+        "{}",
+        waiting.log_text()
+    );
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(results.len(), 200, "each task exactly one result line");
+    assert_eq!(seqs(&results), (0..200).collect());
+    assert!(
+        results.iter().any(|r| r["attempt"].as_u64() > Some(1)),
+        "some tasks were cut and ran again"
+    );
+    delete_queues(&queue).await;
+}
