@@ -166,3 +166,37 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a task file holds, reading it gives tasks or an error naming a line; no panic.
+        #[test]
+        fn any_text_is_read_or_refused_with_a_line(text in "(\\PC|\n|\\{|\\}|\"|:|,){0,300}") {
+            match read_specs(text.as_bytes(), "f") {
+                Ok(specs) => prop_assert!(specs.iter().all(|s| !s.kind.trim().is_empty())),
+                // Line 0 names the input as a whole (e.g. no task in it).
+                Err(e) => prop_assert!(!e.message.is_empty() && e.line <= text.lines().count()),
+            }
+        }
+
+        /// Lines written from valid tasks read back as the same tasks.
+        #[test]
+        fn valid_lines_read_back(kinds in proptest::collection::vec("[a-z]{1,10}", 1..20),
+                                 timeout in proptest::option::of(0.001f64..1e5)) {
+            let text: String = kinds
+                .iter()
+                .map(|k| format!("{}\n", serde_json::json!({"kind": k, "args": {"k": k}, "timeout_s": timeout})))
+                .collect();
+            let specs = read_specs(text.as_bytes(), "f").unwrap();
+            prop_assert_eq!(specs.len(), kinds.len());
+            for (spec, kind) in specs.iter().zip(&kinds) {
+                prop_assert_eq!(&spec.kind, kind);
+                prop_assert_eq!(spec.timeout_s, timeout);
+            }
+        }
+    }
+}
