@@ -69,6 +69,8 @@ enum Command {
     Dlq(DlqArgs),
     /// Cancel a batch (or one task of it): queued tasks are not run, running ones are stopped.
     Cancel(CancelArgs),
+    /// List the batches the broker holds: size, collected, waiting results, age, expiry.
+    Batches(BatchesArgs),
     /// Size worker pools by queue depth: a Kubernetes Deployment, or local worker processes.
     Autoscale(AutoscaleArgs),
 }
@@ -238,6 +240,16 @@ struct WaitArgs {
 }
 
 #[derive(Args)]
+struct BatchesArgs {
+    /// One JSON object per batch instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
+    #[arg(long, env = "WARREN_MANAGEMENT_URL")]
+    management_url: Option<String>,
+}
+
+#[derive(Args)]
 struct CancelArgs {
     /// Batch id printed by `warren submit`.
     batch: String,
@@ -396,6 +408,9 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
                 watch,
             )
             .await
+        }
+        Command::Batches(args) => {
+            commands::batches(amqp, &management(args.management_url), args.json).await
         }
         Command::Cancel(args) => commands::cancel(amqp, &args.batch, args.task.as_deref()).await,
         Command::Dlq(args) => {

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -300,6 +300,49 @@ async fn status_shows_busy_workers_and_watch_refreshes() {
         snapshots
             .iter()
             .all(|s| s["tasks"]["queue"] == queue.as_str())
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_lists_what_the_broker_holds_until_it_is_collected() {
+    let queue = unique_queue("batches");
+    let dir = scratch("batches");
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &[
+            json!({"kind": "echo", "args": 1}),
+            json!({"kind": "echo", "args": 2}),
+        ],
+    );
+    let submitted = submit_file(&queue, &file, &[]).await;
+    let batch = submitted.stdout.trim().to_string();
+    let listed = run_warren(&["batches", "--json"], None, MINUTE).await;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let mine: Vec<Value> = read_results(&listed.stdout)
+        .into_iter()
+        .filter(|b| b["batch"] == batch.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "{}", listed.stdout);
+    assert_eq!(mine[0]["total"], 2);
+    assert_eq!(mine[0]["collected"], 0);
+    assert_eq!(mine[0]["queue"], queue.as_str());
+    assert!(mine[0]["age_s"].as_u64().unwrap() < 600);
+    let table = run_warren(&["batches"], None, MINUTE).await;
+    assert!(
+        table.stdout.contains(&batch) && table.stdout.contains("EXPIRES IN"),
+        "{}",
+        table.stdout
+    );
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let after = run_warren(&["batches", "--json"], None, MINUTE).await;
+    assert!(
+        !after.stdout.contains(&batch),
+        "a collected batch is gone: {}",
+        after.stdout
     );
     delete_queues(&queue).await;
 }

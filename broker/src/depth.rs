@@ -74,6 +74,21 @@ struct ApiQueue {
     message_stats: Option<ApiStats>,
 }
 
+/// One queue as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Queue name.
+    pub name: String,
+    /// Messages in it (ready and unacknowledged).
+    pub messages: u64,
+    /// Consumers.
+    pub consumers: u64,
+    /// When it was last used (`YYYY-MM-DD HH:MM:SS`, UTC), when idle.
+    pub idle_since: Option<String>,
+    /// Its `x-expires` argument, in milliseconds.
+    pub expires_ms: Option<u64>,
+}
+
 /// How busy one worker is, from the management API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerLoad {
@@ -210,6 +225,30 @@ impl Management {
             }
         }
         Ok(alarms)
+    }
+
+    /// Every queue of the vhost whose name starts with `prefix`, with its size, consumers, when it
+    /// was last used and its `x-expires`.
+    pub async fn queues(&self, prefix: &str) -> Result<Vec<QueueSummary>, BrokerError> {
+        let all: Vec<serde_json::Value> = self
+            .get_json(&format!(
+                "/api/queues/{}?columns=name,messages,consumers,idle_since,arguments",
+                encode_path(&self.vhost)
+            ))
+            .await?;
+        Ok(all
+            .iter()
+            .filter_map(|q| {
+                let name = q["name"].as_str()?;
+                name.starts_with(prefix).then(|| QueueSummary {
+                    name: name.to_string(),
+                    messages: q["messages"].as_u64().unwrap_or(0),
+                    consumers: q["consumers"].as_u64().unwrap_or(0),
+                    idle_since: q["idle_since"].as_str().map(String::from),
+                    expires_ms: q["arguments"]["x-expires"].as_u64(),
+                })
+            })
+            .collect())
     }
 
     /// Who consumes `queue`: each consumer's connection name (or peer address when unnamed).

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batches;
 pub mod collect;
 pub mod commands;
 pub mod dlq;
