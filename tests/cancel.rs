@@ -3,20 +3,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn by_id(results: Vec<Value>) -> BTreeMap<String, Value> {
-    results
-        .into_iter()
-        .map(|r| (r["task_id"].as_str().unwrap().to_string(), r))
-        .collect()
-}
 
 /// Whether a live process has `needle` in its command line.
 fn running(needle: &str) -> bool {
@@ -53,7 +45,7 @@ async fn a_cancelled_batch_stops_running_tasks_skips_queued_ones_and_wait_ends()
     assert_eq!(cancelled.code, Some(0), "{}", cancelled.stderr);
     let waited = run_warren(&["wait", &batch], None, MINUTE).await;
     assert_eq!(waited.code, Some(1), "{}", waited.stderr);
-    let results = by_id(read_results(&waited.stdout));
+    let results = by_task_id(read_results(&waited.stdout));
     assert_eq!(results.len(), 6, "{results:?}");
     for r in results.values() {
         assert_eq!(r["status"], "cancelled", "{r}");
@@ -97,7 +89,7 @@ async fn one_cancelled_task_and_an_expired_one_are_answered_by_a_worker_that_sta
     // The worker was not running when the cancellation was made: it reads it on start.
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
     let waited = run_warren(&["wait", &batch], None, MINUTE).await;
-    let results = by_id(read_results(&waited.stdout));
+    let results = by_task_id(read_results(&waited.stdout));
     assert_eq!(results["a"]["status"], "succeeded");
     assert_eq!(results["b"]["status"], "cancelled", "{}", results["b"]);
     assert_eq!(results["c"]["status"], "expired", "{}", results["c"]);

@@ -112,10 +112,7 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
         "some tasks failed, so exit 1; stderr: {}",
         done.stderr
     );
-    let results: HashMap<String, Value> = read_results(done.stdout.split_once('\n').unwrap().1)
-        .into_iter()
-        .map(|r| (r["task_id"].as_str().unwrap().to_string(), r))
-        .collect();
+    let results = by_task_id(read_results(done.stdout.split_once('\n').unwrap().1));
     let hash = &results["hash"];
     assert_eq!(hash["status"], "succeeded");
     assert!(

@@ -5,9 +5,7 @@
 mod common;
 
 use common::*;
-use serde_json::{Value, json};
-use std::collections::BTreeMap;
-
+use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_attempts_are_retried_with_backoff_and_their_errors_kept() {
     let queue = unique_queue("retries");
@@ -42,10 +40,7 @@ async fn failed_attempts_are_retried_with_backoff_and_their_errors_kept() {
     )
     .await;
     assert_eq!(done.code, Some(1), "{}", done.stderr);
-    let results: BTreeMap<String, Value> = read_results(&std::fs::read_to_string(&out).unwrap())
-        .into_iter()
-        .map(|r| (r["task_id"].as_str().unwrap().to_string(), r))
-        .collect();
+    let results = by_task_id(read_results(&std::fs::read_to_string(&out).unwrap()));
     assert_eq!(results.len(), 4, "one final result per task: {results:?}");
 
     let flaky = &results["flaky"];

@@ -22,10 +22,9 @@ async fn run_tasks(
     let out = dir.join("results.jsonl");
     let done = submit_file(queue, &file, &["--wait", "--output", out.to_str().unwrap()]).await;
     assert!(done.code.is_some(), "{}", done.stderr);
-    read_results(&std::fs::read_to_string(&out).unwrap_or_default())
-        .into_iter()
-        .filter_map(|r| Some((r["task_id"].as_str()?.to_string(), r)))
-        .collect()
+    by_task_id(read_results(
+        &std::fs::read_to_string(&out).unwrap_or_default(),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

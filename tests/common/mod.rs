@@ -171,6 +171,14 @@ pub async fn wait_into(batch: &str, out: &Path) -> (String, Vec<Value>) {
     (waited.stderr, results)
 }
 
+/// Result lines keyed by task id.
+pub fn by_task_id(results: Vec<Value>) -> std::collections::BTreeMap<String, Value> {
+    results
+        .into_iter()
+        .map(|r| (r["task_id"].as_str().expect("task_id").to_string(), r))
+        .collect()
+}
+
 /// Writes task lines to a file.
 pub fn write_tasks(path: &Path, tasks: &[Value]) {
     let text: String = tasks.iter().map(|t| format!("{t}\n")).collect();
