@@ -92,13 +92,8 @@ async fn dead_tasks_are_listed_shown_replayed_after_a_fix_and_purged() {
     let replayed = dlq(&["replay", "--queue", &queue]).await;
     assert_eq!(replayed.code, Some(0), "{}", replayed.stderr);
     assert!(
-        replayed.stderr.contains("replayed 2 task(s)"),
-        "{}",
-        replayed.stderr
-    );
-    let again = replayed.stdout.trim().to_string();
-    assert!(
-        replayed.stderr.contains(&format!("warren wait {again}")),
+        replayed.stderr.contains("replayed 2 task(s)")
+            && replayed.stderr.contains("into their own batches"),
         "{}",
         replayed.stderr
     );
@@ -109,30 +104,121 @@ async fn dead_tasks_are_listed_shown_replayed_after_a_fix_and_purged() {
         empty.stdout
     );
 
-    // The original batch was answered (two rejections, one success); the replay is a batch of
-    // its own, with the tasks' own ids, and its results are collected like any batch's.
+    // The batch was not collected yet: its collector writes the rejections, waits for the
+    // replays, and writes their results after them; the later line for a task is the one that counts.
     let original = run_warren(&["wait", &fixable], None, MINUTE).await;
+    assert!(original.code.is_some(), "{}", original.stderr);
+    let lines = read_results(&original.stdout);
     assert_eq!(
-        original.code,
-        Some(1),
-        "two tasks were rejected: {}",
-        original.stderr
+        lines.len(),
+        5,
+        "3 answers and 2 replayed results: {lines:?}"
     );
-    let first_run = read_results(&original.stdout);
-    assert_eq!(first_run.len(), 3);
-    let (_, second_run) = wait_into(&again, &dir.join("again.jsonl")).await;
-    assert_eq!(second_run.len(), 2, "{second_run:?}");
-    let originals: Vec<&Value> = first_run
-        .iter()
-        .filter(|r| r["status"] == "rejected")
-        .collect();
-    for r in &second_run {
-        assert_eq!(r["status"], "succeeded", "{r}");
-        assert_eq!(r["replayed"], 1, "{r}");
-        assert!(
-            originals.iter().any(|o| o["task_id"] == r["task_id"]),
+    let last = |seq: u64| {
+        lines
+            .iter()
+            .rev()
+            .find(|r| r["seq"] == seq)
+            .cloned()
+            .unwrap()
+    };
+    for seq in [0, 1] {
+        let r = last(seq);
+        assert_eq!(
+            (r["status"].as_str(), r["replayed"].as_u64()),
+            (Some("succeeded"), Some(1)),
             "{r}"
         );
+        assert_eq!(r["output"]["stdout"], format!("{seq}\n"));
     }
+    assert_eq!(last(2)["status"], "succeeded");
+
+    // A task whose batch was already collected goes to a batch of its own.
+    let gone = submit_tasks(
+        &queue,
+        &dir,
+        "c.jsonl",
+        &[json!({"id": "odd", "kind": "no-such-kind"})],
+    )
+    .await;
+    let answered = run_warren(&["wait", &gone], None, MINUTE).await;
+    assert_eq!(answered.code, Some(1), "{}", answered.stderr);
+    eventually(MINUTE, "the dead task", || async {
+        dlq(&["list", "--queue", &queue, "--batch", &gone])
+            .await
+            .stdout
+            .contains("1 dead letter(s)")
+            .then_some(())
+    })
+    .await;
+    let replayed = dlq(&["replay", "--queue", &queue, "--batch", &gone]).await;
+    let again = replayed.stdout.trim().to_string();
+    assert!(
+        replayed.stderr.contains(&format!("warren wait {again}")),
+        "{}",
+        replayed.stderr
+    );
+    let rerun = run_warren(&["wait", &again], None, MINUTE).await;
+    let rerun = read_results(&rerun.stdout);
+    assert_eq!(rerun.len(), 1, "{rerun:?}");
+    assert_eq!(
+        (rerun[0]["task_id"].as_str(), rerun[0]["replayed"].as_u64()),
+        (Some("odd"), Some(1))
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reaches_a_wait_that_is_already_collecting_its_batch() {
+    let queue = unique_queue("dlqlive");
+    let dir = scratch("dlqlive");
+    let first = WorkerProcess::start(&queue, &dir, &[]);
+    let batch = submit_tasks(
+        &queue,
+        &dir,
+        "a.jsonl",
+        &[
+            json!({"id": "fix-me", "kind": "exec", "args": {"argv": ["sh", "-c", "echo fixed"]}}),
+            json!({"id": "slow", "kind": "sleep", "args": {"ms": 4000}}),
+        ],
+    )
+    .await;
+    let out = dir.join("results.jsonl");
+    let mut waiting = WorkerProcess::spawn(
+        &["wait", &batch, "--output", out.to_str().unwrap()],
+        &dir,
+        &[],
+    );
+    eventually(MINUTE, "the rejection written", || async {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("unknown_kind")
+            .then_some(())
+    })
+    .await;
+    // The fix: the old worker finishes its sleep and leaves; a worker that may run sh comes.
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    first.wait_for_log("shutdown requested", 1, MINUTE).await;
+    let _fixed = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let replayed = dlq(&["replay", "--queue", &queue, "--batch", &batch]).await;
+    assert!(
+        replayed.stderr.contains("into their own batches"),
+        "{}",
+        replayed.stderr
+    );
+    assert!(
+        waiting.exit_code(MINUTE).await.is_some(),
+        "{}",
+        waiting.log_text()
+    );
+    let lines = read_results(&std::fs::read_to_string(&out).unwrap());
+    let last = lines
+        .iter()
+        .rev()
+        .find(|r| r["task_id"] == "fix-me")
+        .unwrap();
+    assert_eq!(last["status"], "succeeded", "{lines:?}");
+    assert_eq!(last["output"]["stdout"], "fixed\n");
+    assert_eq!(lines.len(), 3, "{lines:?}");
     delete_queues(&queue).await;
 }

@@ -205,6 +205,13 @@ pub struct BatchManifest {
     /// `seq` ranges (inclusive `[first, last]`) whose results were already written out.
     #[serde(default)]
     pub collected: Vec<[u32; 2]>,
+    /// Tasks replayed from the dead-letter queue into this batch, as `[seq, replay]` pairs: the
+    /// batch is complete only once a result of each replay is collected too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replays: Vec<[u32; 2]>,
+    /// The `[seq, replay]` pairs whose replayed result was collected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replays_collected: Vec<[u32; 2]>,
     /// The batch's secret, when its tasks carry one: results without it are not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,

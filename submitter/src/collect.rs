@@ -6,7 +6,7 @@
 //! at any point, the next collector finds the newest manifest, skips what it lists, and
 //! collects the rest; at worst a result is written twice, never lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
@@ -182,6 +182,10 @@ struct State {
     consuming: bool,
     /// Whether this process has consumed the results queue before (see `CollectError::Busy`).
     consumed_before: bool,
+    /// `(seq, replay)` of tasks replayed into this batch (`warren dlq replay`), from the manifest.
+    replays: BTreeSet<(u32, u32)>,
+    /// Those whose replayed result is written.
+    replays_collected: BTreeSet<(u32, u32)>,
 }
 
 impl Submitter {
@@ -205,6 +209,8 @@ impl Submitter {
             warned_no_manifest: false,
             consuming: false,
             consumed_before: false,
+            replays: BTreeSet::new(),
+            replays_collected: BTreeSet::new(),
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let mut retry = RetryBudget::new(options.retry_for);
@@ -348,6 +354,7 @@ async fn collect_session(
     loop {
         if let Some(m) = &state.manifest
             && state.written.covers(m.total)
+            && state.replays.is_subset(&state.replays_collected)
         {
             sink.flush()?;
             if let Some(tag) = unacked {
@@ -362,7 +369,7 @@ async fn collect_session(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let tag = delivery.delivery_tag;
-                    if take_result(&results, delivery, state, sink).await? {
+                    if take_result(&results, &manifests, delivery, state, sink).await? {
                         progress.update(&state.counts);
                     }
                     unacked = Some(tag);
@@ -410,6 +417,7 @@ async fn collect_session(
 /// is not a result is rejected, which dead-letters it to the task queue's dead-letter queue.
 async fn take_result(
     channel: &Channel,
+    manifests: &Publisher,
     delivery: Delivery,
     state: &mut State,
     sink: &mut dyn ResultSink,
@@ -434,9 +442,20 @@ async fn take_result(
     // The batch secret stays out of the output.
     let mut result = result;
     result.token = None;
-    let fresh = match result.seq {
-        Some(seq) => state.written.insert(seq),
-        None => true,
+    let fresh = match (result.seq, result.replayed) {
+        (Some(seq), Some(replay)) => {
+            if !state.replays.contains(&(seq, replay)) && state.written.contains(seq) {
+                // The replay may be newer than the manifest read last: read it again first (the
+                // output is flushed, as a checkpoint records what was written).
+                sink.flush()?;
+                checkpoint(manifests, state, None).await?;
+            }
+            let wanted = state.replays.contains(&(seq, replay))
+                && state.replays_collected.insert((seq, replay));
+            state.written.insert(seq) || wanted
+        }
+        (Some(seq), None) => state.written.insert(seq),
+        (None, _) => true,
     };
     if !fresh {
         state.counts.duplicates += 1;
@@ -503,6 +522,12 @@ async fn checkpoint(
         match protocol::decode_manifest(&delivery.data, MAX_RESULT_BYTES) {
             Ok(m) if m.batch == state.batch => {
                 recorded.extend(&SeqSet::from_ranges(&m.collected));
+                state
+                    .replays
+                    .extend(m.replays.iter().map(|[s, r]| (*s, *r)));
+                state
+                    .replays_collected
+                    .extend(m.replays_collected.iter().map(|[s, r]| (*s, *r)));
                 if state
                     .manifest
                     .as_ref()
@@ -534,6 +559,12 @@ async fn checkpoint(
         v: PROTOCOL_VERSION,
         generation: current.generation + 1,
         collected: state.written.to_ranges(),
+        replays: state.replays.iter().map(|(s, r)| [*s, *r]).collect(),
+        replays_collected: state
+            .replays_collected
+            .iter()
+            .map(|(s, r)| [*s, *r])
+            .collect(),
         ..current.clone()
     };
     manifests

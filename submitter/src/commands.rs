@@ -305,14 +305,21 @@ pub async fn dlq(amqp: AmqpSettings, queue: &str, filter: &Filter, action: DlqAc
         },
         DlqAction::Replay => match letters.replay(filter).await {
             Ok(replayed) => {
-                if replayed.tasks == 0 {
+                if replayed.home > 0 {
+                    eprintln!(
+                        "replayed {} task(s) from '{dead}' to '{queue}' into their own batches; \
+                         `warren wait` on those batches writes the new results (each with `replayed`)",
+                        replayed.home
+                    );
+                }
+                if replayed.tasks == 0 && replayed.home == 0 {
                     eprintln!("no matching dead tasks in '{dead}'");
-                } else {
+                } else if replayed.tasks > 0 {
                     // The batch id alone on stdout, as `warren submit` prints it, for scripts.
                     println!("{}", replayed.batch);
                     eprintln!(
-                        "replayed {} task(s) from '{dead}' to '{queue}' as batch {}; collect their \
-                         results with `warren wait {}`",
+                        "replayed {} task(s) whose batch is gone from '{dead}' to '{queue}' as batch \
+                         {}; collect their results with `warren wait {}`",
                         replayed.tasks, replayed.batch, replayed.batch
                     );
                 }

@@ -8,18 +8,20 @@ use std::collections::BTreeMap;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use serde_json::Value;
 use warren_broker::BrokerError;
 use warren_broker::connection::{confirm_channel, connect};
 use warren_broker::protocol::{
-    self, BatchManifest, HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, HEADER_DEAD_WORKER,
-    HEADER_REPLAYED, MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
+    self, BatchManifest, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
+    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_REPLAYED, MESSAGE_TYPE_MANIFEST,
+    MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties};
 use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
 
+use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
 use crate::submit::{SubmitOptions, encode_task};
 use warren_broker::AmqpSettings;
@@ -136,9 +138,11 @@ pub struct Moved {
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
-    /// The new batch the tasks were published in (empty of tasks when none matched).
+    /// Tasks published again into their own batch.
+    pub home: u32,
+    /// The new batch for tasks whose batch was gone.
     pub batch: String,
-    /// Tasks published again.
+    /// Tasks published again into the new batch.
     pub tasks: u32,
     /// Matching messages left alone: not tasks (e.g. results set aside), or unreadable.
     pub skipped: u64,
@@ -218,11 +222,13 @@ impl DeadLetters {
         Ok(shown)
     }
 
-    /// Runs each matching dead task again, as a task of a new batch (the tasks were answered in
-    /// their own batch already, by the result that set them aside): published to the task queue
-    /// with a fresh delivery count and confirmed before it leaves the dead-letter queue, then the
-    /// new batch's manifest, so `warren wait NEW` collects the new results. Messages that are not
-    /// tasks, or cannot be read as one, are left where they are.
+    /// Runs each matching dead task again, published to the task queue with a fresh delivery
+    /// count and confirmed before it leaves the dead-letter queue. A task whose batch is still in
+    /// the broker goes back to that batch: its manifest first records the replay, so the batch's
+    /// collector waits for and writes the new result although it wrote the one that set the task
+    /// aside. Tasks whose batch is gone (collected or expired) go to one new batch, so
+    /// `warren wait NEW` collects them. Messages that are not tasks, or cannot be read as one,
+    /// are left where they are.
     pub async fn replay(&self, filter: &Filter) -> Result<Replayed, BrokerError> {
         let options = SubmitOptions::new(self.task_queue.as_str());
         let (batch, token) = (protocol::new_id(), protocol::new_token());
@@ -246,6 +252,24 @@ impl DeadLetters {
                     continue;
                 }
             };
+            let replay = header_value(&delivery.properties, HEADER_REPLAYED)
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0)
+                + 1;
+            if let Some(seq) = task.seq
+                && self.record_replay(&task.batch, seq, replay).await?
+            {
+                self.publisher
+                    .publish(
+                        &self.task_queue,
+                        &delivery.data,
+                        home_properties(&delivery.properties, replay),
+                    )
+                    .await?;
+                walk.take(&delivery).await?;
+                replayed.home += 1;
+                continue;
+            }
             let spec = TaskSpec {
                 kind: task.kind,
                 args: task.args,
@@ -265,11 +289,8 @@ impl DeadLetters {
                 &options,
             )
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
-            let times = header_value(&delivery.properties, HEADER_REPLAYED)
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or(0);
             let mut headers = properties.headers().clone().unwrap_or_default();
-            headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(times + 1));
+            headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
             self.publisher
                 .publish(&self.task_queue, &body, properties.with_headers(headers))
                 .await?;
@@ -292,6 +313,8 @@ impl DeadLetters {
             queue: self.task_queue.clone(),
             generation: 0,
             collected: Vec::new(),
+            replays: Vec::new(),
+            replays_collected: Vec::new(),
             token: Some(token),
         };
         self.publisher
@@ -302,6 +325,67 @@ impl DeadLetters {
             )
             .await?;
         Ok(replayed)
+    }
+
+    /// Records in `batch`'s manifest that its task `seq` is replayed (`replay`-th time), so its
+    /// collector waits for that result. False when the batch is gone or has no manifest.
+    async fn record_replay(&self, batch: &str, seq: u32, replay: u32) -> Result<bool, BrokerError> {
+        // A channel of its own: a missing queue closes the channel it is asked on.
+        let probe = self.connection.create_channel().await?;
+        let open = topology::inspect(&probe, &result_queue(batch))
+            .await
+            .is_ok();
+        let _ = probe.close(200, "done".into()).await;
+        if !open {
+            return Ok(false);
+        }
+        let channel = confirm_channel(&self.connection).await?;
+        let queue = manifest_queue(batch);
+        let (mut newest, mut collected, mut taken) =
+            (None::<BatchManifest>, SeqSet::default(), None);
+        let mut replays = std::collections::BTreeSet::from([[seq, replay]]);
+        let mut replays_collected = std::collections::BTreeSet::new();
+        while let Some(message) = channel
+            .basic_get(short(&queue)?, BasicGetOptions::default())
+            .await?
+        {
+            let delivery = message.delivery;
+            taken = Some(delivery.delivery_tag);
+            if let Ok(m) = protocol::decode_manifest(&delivery.data, 16 << 20)
+                && m.batch == batch
+            {
+                collected.extend(&SeqSet::from_ranges(&m.collected));
+                replays.extend(m.replays.iter().copied());
+                replays_collected.extend(m.replays_collected.iter().copied());
+                if newest.as_ref().is_none_or(|n| m.generation >= n.generation) {
+                    newest = Some(m);
+                }
+            }
+        }
+        let (Some(current), Some(last)) = (newest, taken) else {
+            // Closing the channel gives back whatever was taken.
+            let _ = channel.close(200, "done".into()).await;
+            return Ok(false);
+        };
+        let next = BatchManifest {
+            generation: current.generation + 1,
+            collected: collected.to_ranges(),
+            replays: replays.into_iter().collect(),
+            replays_collected: replays_collected.into_iter().collect(),
+            ..current
+        };
+        Publisher::new(channel.clone())
+            .publish(
+                &queue,
+                &protocol::encode(&next),
+                message_properties(MESSAGE_TYPE_MANIFEST),
+            )
+            .await?;
+        channel
+            .basic_ack(last, BasicAckOptions { multiple: true })
+            .await?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(true)
     }
 
     /// Drops the matching dead letters for good (all of them, without a filter).
@@ -332,6 +416,31 @@ impl DeadLetters {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
+}
+
+/// A dead task's properties for going back to its task queue: Warren's and RabbitMQ's
+/// dead-letter headers and the delivery count removed, the replay counted.
+fn home_properties(properties: &BasicProperties, replay: u32) -> BasicProperties {
+    const DROPPED: [&str; 6] = [
+        HEADER_DEAD_REASON,
+        HEADER_DEAD_DETAIL,
+        HEADER_DEAD_QUEUE,
+        HEADER_DEAD_WORKER,
+        HEADER_DELIVERY_COUNT,
+        "x-death",
+    ];
+    let mut headers = FieldTable::default();
+    for (name, value) in properties.headers().clone().unwrap_or_default().inner() {
+        let name_str = name.as_str();
+        if !DROPPED.contains(&name_str)
+            && !name_str.starts_with("x-first-death")
+            && !name_str.starts_with("x-last-death")
+        {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+    headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
+    properties.clone().with_headers(headers)
 }
 
 /// The dead letters present when a walk started, one at a time.

@@ -268,6 +268,8 @@ impl Submitter {
             queue: options.queue.clone(),
             generation: 0,
             collected: Vec::new(),
+            replays: Vec::new(),
+            replays_collected: Vec::new(),
             token: Some(token),
         };
         loop {
