@@ -215,17 +215,6 @@ impl Worker {
         let publisher = Publisher::new(confirm_channel(&connection).await?);
         let channel = consumer_channel(&connection, cfg.concurrency).await?;
         topology::declare_task_queue(&channel, &cfg.queue).await?;
-        let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
-        let mut consumer = channel
-            .basic_consume(
-                short(&cfg.queue)?,
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
-        info!(queue = %cfg.queue, concurrency = cfg.concurrency, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
         // Cancellations are read before any task is taken, so a cancelled task is not started.
         let (caught_up, is_caught_up) = tokio::sync::oneshot::channel();
         let _follower = {
@@ -249,6 +238,17 @@ impl Worker {
                 "the cancellations were not all read within {CANCELLATIONS_CATCH_UP:?}; going on"
             );
         }
+        let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
+        let mut consumer = channel
+            .basic_consume(
+                short(&cfg.queue)?,
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
+        info!(queue = %cfg.queue, concurrency = cfg.concurrency, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),
