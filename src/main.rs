@@ -128,8 +128,9 @@ struct AutoscaleArgs {
     /// Observe and log decisions; change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Where to serve /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:9478")]
+    /// Where to serve /metrics, /healthz and /readyz (this machine only by default; the
+    /// Kubernetes manifests set 0.0.0.0:9478).
+    #[arg(long, default_value = "127.0.0.1:9478")]
     metrics_addr: std::net::SocketAddr,
     /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]

@@ -297,6 +297,9 @@ async fn dry_run_decides_but_changes_nothing() {
     let log = scaler.log_text();
     assert!(log.contains("reason=\"wake_from_zero\""), "{log}");
     assert!(!log.contains("worker started"), "{log}");
+    // Marked as a dry run, and said once rather than at every poll.
+    assert!(log.contains("dry_run=true"), "{log}");
+    assert_eq!(log.matches("would scale").count(), 1, "{log}");
     scaler.signal(Signal::SIGTERM);
     assert_eq!(scaler.exit_code(MINUTE).await, Some(0));
     delete_queues(&queue).await;

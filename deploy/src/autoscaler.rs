@@ -38,8 +38,13 @@ pub async fn run_pool<B: Backend>(
     info!(pool, backend = %backend.describe(), min = spec.policy.min, max = spec.policy.max, dry_run = spec.dry_run, "autoscaling");
     let started = Instant::now();
     let mut state = PolicyState::default();
-    let mut last_reason = None;
+    let mut last_logged = None;
     let mut woke_at: Option<Instant> = None;
+    // The pool as last seen, and whether the backend failed since: during an outage the policy
+    // keeps getting the queue's readings (so its windows stay honest), nothing is changed, and
+    // the first poll after one never shrinks.
+    let mut last_seen: Option<u32> = None;
+    let mut outage = false;
     let mut ticker = tokio::time::interval(spec.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -47,6 +52,8 @@ pub async fn run_pool<B: Backend>(
             _ = ticker.tick() => {}
             () = stop.cancelled() => break,
         }
+        // The loop came round: `/healthz` fails when it stops doing so (a hung call).
+        metrics.endpoints.beat();
         let depth = match probe.depth(pool).await {
             Ok(d) => {
                 metrics.ready.with_label_values(&[pool]).set(d.ready as f64);
@@ -77,12 +84,28 @@ pub async fn run_pool<B: Backend>(
             }
         };
         let status = match backend.status().await {
-            Ok(s) => s,
+            Ok(s) => {
+                metrics.backend_up.with_label_values(&[pool]).set(1.0);
+                s
+            }
             Err(e) => {
                 report(&metrics, pool, &e);
+                metrics.backend_up.with_label_values(&[pool]).set(0.0);
+                metrics.set_ready(false);
+                outage = true;
+                if let Some(current) = last_seen {
+                    let input = Input {
+                        now: started.elapsed(),
+                        depth,
+                        current,
+                        stalled: 0,
+                    };
+                    state = decide(&spec.policy, &state, &input).1;
+                }
                 continue;
             }
         };
+        last_seen = Some(status.replicas);
         metrics
             .current
             .with_label_values(&[pool])
@@ -111,8 +134,17 @@ pub async fn run_pool<B: Backend>(
             current: status.replicas,
             stalled: status.stalled,
         };
-        let (decision, next) = decide(&spec.policy, &state, &input);
+        let (mut decision, next) = decide(&spec.policy, &state, &input);
         state = next;
+        if std::mem::take(&mut outage) && decision.desired < status.replicas {
+            info!(
+                pool,
+                current = status.replicas,
+                wanted = decision.desired,
+                "the backend answers again; not shrinking on the first poll after an outage"
+            );
+            decision.desired = status.replicas;
+        }
         metrics
             .desired
             .with_label_values(&[pool])
@@ -130,7 +162,8 @@ pub async fn run_pool<B: Backend>(
             &decision,
             &input,
             status.stalled_detail.as_deref(),
-            &mut last_reason,
+            spec.dry_run,
+            &mut last_logged,
         );
         if decision.desired == status.replicas || spec.dry_run {
             continue;
@@ -170,24 +203,28 @@ fn report(metrics: &Metrics, pool: &str, error: &BackendError) {
         .inc();
 }
 
+/// Logs a decision when it differs from the last one logged (what the pool should be, and why),
+/// so a steady pool, or a dry run that changes nothing, does not log every poll.
 fn log_decision(
     pool: &str,
     decision: &Decision,
     input: &Input,
     stalled: Option<&str>,
-    last: &mut Option<Reason>,
+    dry_run: bool,
+    last: &mut Option<(u32, Reason)>,
 ) {
     let (ready, unacked) = input
         .depth
         .map_or((None, None), |d| (Some(d.ready), d.unacked));
     let changed = decision.desired != input.current;
-    if changed || *last != Some(decision.reason) {
+    if *last != Some((decision.desired, decision.reason)) {
         match decision.reason {
             Reason::PoolUnhealthy => warn!(
                 pool,
                 current = input.current,
                 ready,
                 unacked,
+                dry_run,
                 "not growing the pool: workers are not starting ({})",
                 stalled.unwrap_or("unknown reason")
             ),
@@ -198,10 +235,15 @@ fn log_decision(
                 ready,
                 unacked,
                 reason = reason.as_str(),
+                dry_run,
                 "{}",
-                if changed { "scaling" } else { "holding" }
+                match (changed, dry_run) {
+                    (true, false) => "scaling",
+                    (true, true) => "would scale (dry run: nothing changed)",
+                    (false, _) => "holding",
+                }
             ),
         }
     }
-    *last = Some(decision.reason);
+    *last = Some((decision.desired, decision.reason));
 }

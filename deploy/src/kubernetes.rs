@@ -74,8 +74,25 @@ pub async fn client(context: Option<&str>) -> Result<Client, BackendError> {
             ))
         })?,
     };
-    Client::try_from(config)
-        .map_err(|e| unreachable(format!("cannot build a Kubernetes client: {e}")))
+    client_with_timeouts(config, API_TIMEOUT)
+}
+
+/// Longest wait for the API server to accept a connection, and for each read of an answer: a
+/// paused or overloaded API server must fail a call, not stall the control loop silently.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client for `config` whose calls fail after `timeout` without a connection or an answer.
+pub fn client_with_timeouts(
+    mut config: kube::Config,
+    timeout: Duration,
+) -> Result<Client, BackendError> {
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    Client::try_from(config).map_err(|e| BackendError {
+        kind: BackendErrorKind::Unreachable,
+        message: format!("cannot build a Kubernetes client: {e}"),
+    })
 }
 
 impl KubernetesBackend {

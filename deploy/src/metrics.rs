@@ -26,6 +26,8 @@ pub struct Metrics {
     pub scale_events: IntCounterVec,
     /// Errors, by kind (probe, api, ...).
     pub errors: IntCounterVec,
+    /// 1 while the backend answers.
+    pub backend_up: GaugeVec,
     /// Time from a backlog appearing with no workers to the first worker being ready.
     pub backlog_to_ready: HistogramVec,
     /// Served endpoints (`/metrics`, `/healthz`, `/readyz`).
@@ -97,6 +99,11 @@ impl Metrics {
                 "warren_autoscaler_scale_events_total",
                 "Scale changes made.",
                 &["pool", "direction"],
+            )?,
+            backend_up: gauge(
+                "warren_autoscaler_backend_up",
+                "1 while the backend (the Kubernetes API, or the local processes) answers.",
+                &["pool"],
             )?,
             errors: counter(
                 "warren_autoscaler_errors_total",

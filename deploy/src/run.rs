@@ -40,9 +40,17 @@ pub async fn autoscale(
 ) -> Result<(), String> {
     let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
     if let Some(addr) = options.metrics_addr {
+        // A poll may legitimately spend a few API timeouts; longer than that, the loop is stuck.
+        let slowest_poll = pools
+            .iter()
+            .filter_map(|p| p.poll().ok())
+            .max()
+            .unwrap_or_default();
+        let stale_after = slowest_poll * 3 + crate::kubernetes::API_TIMEOUT * 3;
         metrics
             .endpoints
             .clone()
+            .fail_health_when_stale(stale_after)
             .spawn(addr)
             .await
             .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;

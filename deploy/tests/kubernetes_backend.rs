@@ -270,3 +270,36 @@ async fn the_backend_makes_exactly_the_calls_it_declares() {
         .collect();
     assert_eq!(made, declared);
 }
+
+#[tokio::test]
+async fn a_hung_api_server_fails_the_call_instead_of_stalling_the_loop() {
+    // An API server that accepts connections and never answers, as one paused with SIGSTOP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = kube::Config::new(url.parse().unwrap());
+    let client =
+        warren_deploy::kubernetes::client_with_timeouts(config, Duration::from_secs(1)).unwrap();
+    let mut backend = KubernetesBackend::new(
+        client,
+        "pipelines",
+        "warren-worker",
+        Duration::from_secs(300),
+    );
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), backend.status())
+        .await
+        .expect("the call must time out on its own")
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Unreachable, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -32,6 +32,9 @@ pub struct Endpoints {
     pub registry: Registry,
     ready: Arc<AtomicBool>,
     names: Arc<Mutex<Vec<String>>>,
+    /// When set, `/healthz` fails once no [`Endpoints::beat`] came for this long.
+    stale_after: Option<std::time::Duration>,
+    last_beat: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl Endpoints {
@@ -56,6 +59,32 @@ impl Endpoints {
     /// no samples yet (Prometheus pages omit those).
     pub fn metric_names(&self) -> Vec<String> {
         self.names.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Makes `/healthz` fail when [`Endpoints::beat`] has not been called for `after` (once it
+    /// has been called at all): a control loop that hangs is then restarted by its supervisor.
+    pub fn fail_health_when_stale(mut self, after: std::time::Duration) -> Self {
+        self.stale_after = Some(after);
+        self
+    }
+
+    /// Records that the process's loop completed a round.
+    pub fn beat(&self) {
+        if let Ok(mut last) = self.last_beat.lock() {
+            *last = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Why `/healthz` fails, if it does.
+    fn unhealthy(&self) -> Option<String> {
+        let after = self.stale_after?;
+        let last = (*self.last_beat.lock().ok()?)?;
+        (last.elapsed() > after).then(|| {
+            format!(
+                "the control loop has not completed a poll for {:.0?} (limit {after:?})",
+                last.elapsed()
+            )
+        })
     }
 
     /// Marks the process ready or not.
@@ -87,8 +116,20 @@ impl Endpoints {
     /// Serves the endpoints on `listener` until the process ends.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         let ready = Arc::clone(&self.ready);
+        let health = self.clone();
         let app = Router::new()
-            .route(HEALTH_PATH, get(|| async { "ok" }))
+            .route(
+                HEALTH_PATH,
+                get(move || {
+                    let problem = health.unhealthy();
+                    async move {
+                        match problem {
+                            None => (StatusCode::OK, "ok".to_string()).into_response(),
+                            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+                        }
+                    }
+                }),
+            )
             .route(
                 READY_PATH,
                 get(move || {
@@ -217,5 +258,32 @@ impl Health {
     /// Marks the worker ready (consuming) or not.
     pub fn set_ready(&self, ready: bool) {
         self.endpoints.set_ready(ready);
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_once_the_loop_stops_beating() {
+        let plain = Endpoints::default();
+        assert!(
+            plain.unhealthy().is_none(),
+            "without a limit, always healthy"
+        );
+        let endpoints =
+            Endpoints::default().fail_health_when_stale(std::time::Duration::from_millis(50));
+        assert!(
+            endpoints.unhealthy().is_none(),
+            "healthy before the first beat"
+        );
+        endpoints.beat();
+        assert!(endpoints.unhealthy().is_none());
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let why = endpoints.unhealthy().expect("stale");
+        assert!(why.contains("has not completed a poll"), "{why}");
+        endpoints.beat();
+        assert!(endpoints.unhealthy().is_none());
     }
 }

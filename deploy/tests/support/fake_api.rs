@@ -29,6 +29,8 @@ pub struct Cluster {
     pub calls: Vec<(Call, Option<String>)>,
     /// Scripted failures for the next matching calls: (resource, verb, HTTP code).
     pub failures: VecDeque<(String, String, u16)>,
+    /// While true every call fails with 503, as an API server in an outage.
+    pub down: bool,
 }
 
 pub type Shared = Arc<Mutex<Cluster>>;
@@ -188,6 +190,13 @@ pub async fn handle(
         }
     };
     let mut c = cluster.lock().expect("cluster lock");
+    if c.down {
+        return Ok(status_error(
+            503,
+            "ServiceUnavailable",
+            "the API server is down (scripted by the test)",
+        ));
+    }
     c.calls.push((
         (group.into(), resource.into(), verb.into()),
         if verb == "patch" {
