@@ -135,6 +135,11 @@ struct AutoscaleArgs {
     /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     management_url: Option<String>,
+    /// Seconds a worker pod may stay not ready (counted from its Ready condition's last change,
+    /// so a pod reconnecting after a broker blip is not "not starting") before it counts as stuck.
+    /// Growth stops while half or more of the pool is stuck.
+    #[arg(long, default_value_t = 300.0)]
+    start_timeout: f64,
     /// Seconds local workers get to finish their tasks when the autoscaler stops.
     #[arg(long, default_value_t = 60.0)]
     stop_grace: f64,
@@ -470,13 +475,16 @@ async fn run_autoscaler(
     let Some(stop_grace) = seconds(args.stop_grace) else {
         return usage("--stop-grace must be a positive number of seconds");
     };
+    let Some(start_timeout) = seconds(args.start_timeout) else {
+        return usage("--start-timeout must be a positive number of seconds");
+    };
     let options = AutoscaleOptions {
         amqp,
         management,
         metrics_addr: Some(args.metrics_addr),
         dry_run: args.dry_run,
         stop_grace,
-        not_ready_after: Duration::from_secs(300),
+        not_ready_after: start_timeout,
     };
     match autoscale(pools, options, warren_worker::shutdown_signal()).await {
         Ok(()) => 0,

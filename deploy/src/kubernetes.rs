@@ -214,16 +214,32 @@ impl KubernetesBackend {
                 return Some(format!("pod {name}: {reason}"));
             }
         }
-        let ready = status
+        let condition = status
             .conditions
             .iter()
             .flatten()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
+            .find(|c| c.type_ == "Ready");
+        if condition.is_some_and(|c| c.status == "True") {
+            return None;
+        }
+        // Not ready since its Ready condition last changed: a pod that was ready a moment ago
+        // and is reconnecting after a broker blip is not "not starting". Without the condition,
+        // since the pod was created.
         let created = pod.metadata.creation_timestamp.as_ref()?.0;
-        let age = Timestamp::now().duration_since(created);
+        let since = condition
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map_or(created, |t| t.0);
+        let not_ready = Timestamp::now().duration_since(since).as_secs();
         let limit = i64::try_from(self.not_ready_after.as_secs()).unwrap_or(i64::MAX);
-        (!ready && age.as_secs() > limit)
-            .then(|| format!("pod {name}: not ready after {}s", age.as_secs()))
+        // A Ready condition that changed well after creation means the pod was ready before.
+        let was_ready = since.duration_since(created).as_secs() > 60;
+        (not_ready > limit).then(|| {
+            if was_ready {
+                format!("pod {name}: was ready, not ready for {not_ready}s")
+            } else {
+                format!("pod {name}: never became ready in {not_ready}s")
+            }
+        })
     }
 
     /// Ranks pods for deletion: idle pods get cost 0 and busy ones their running task count.

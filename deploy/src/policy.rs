@@ -215,7 +215,9 @@ pub fn decide(
     next.recent.push_back((input.now, target));
 
     if target > current {
-        if input.stalled > 0 {
+        // One stuck pod among healthy ones does not stop growth; half or more of them does
+        // (new pods would most likely get stuck the same way).
+        if input.stalled > 0 && input.stalled.saturating_mul(2) >= current {
             return (hold(Reason::PoolUnhealthy), next);
         }
         let reason = if current == 0 {
@@ -486,6 +488,20 @@ mod tests {
                 stalled(6, 0, 10, Reason::WaitingToScaleDown),
             ],
         );
+    }
+
+    #[test]
+    fn one_stuck_pod_among_healthy_ones_does_not_stop_growth() {
+        let with_stalled = |t, ready, stalled, desired, reason| Row {
+            t,
+            depth: Some((ready, Some(0))),
+            stalled,
+            desired,
+            reason,
+        };
+        replay(&config(), 5, &[with_stalled(0, 40, 1, 10, Reason::ScaleUp)]);
+        // Half or more of the pool stuck: hold.
+        replay(&config(), 4, &[with_stalled(0, 40, 2, 4, Reason::PoolUnhealthy)]);
     }
 
     #[test]

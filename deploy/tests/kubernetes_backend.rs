@@ -5,7 +5,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::fake_api::{Cluster, Shared, client, pod};
+use support::fake_api::{Cluster, Shared, client, not_ready_pod, pod};
 use warren_broker::depth::WorkerLoad;
 use warren_deploy::backend::{Backend, BackendErrorKind};
 use warren_deploy::kubernetes::{API_CALLS, DELETION_COST, KubernetesBackend};
@@ -301,5 +301,40 @@ async fn a_hung_api_server_fails_the_call_instead_of_stalling_the_loop() {
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn not_ready_is_measured_from_the_ready_condition_not_the_pod_age() {
+    let cluster = Cluster::with_deployment("warren-worker", 3);
+    {
+        let mut c = cluster.lock().unwrap();
+        // Up for an hour, not ready for 4 s while it reconnects after a broker blip: fine.
+        c.pods.insert(
+            "blip".into(),
+            not_ready_pod("blip", "warren-worker", 3600, 4),
+        );
+        // Never became ready in 400 s.
+        c.pods.insert(
+            "never".into(),
+            not_ready_pod("never", "warren-worker", 402, 400),
+        );
+        // Was ready, and has not been for 400 s.
+        c.pods.insert(
+            "lost".into(),
+            not_ready_pod("lost", "warren-worker", 3600, 400),
+        );
+    }
+    let status = backend(&cluster, "warren-worker").status().await.unwrap();
+    let detail = status.stalled_detail.unwrap_or_default();
+    assert_eq!(status.stalled, 2, "{detail}");
+    assert!(!detail.contains("blip"), "{detail}");
+    assert!(
+        detail.contains("never: never became ready in 400s"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("lost: was ready, not ready for 400s"),
+        "{detail}"
     );
 }

@@ -70,6 +70,32 @@ pub fn deployment(name: &str, replicas: i32) -> Deployment {
     }
 }
 
+/// A pod of deployment `app`, created `age_s` ago, whose Ready condition is False since
+/// `not_ready_s` ago, as the API server reports conditions with their transition times.
+pub fn not_ready_pod(name: &str, app: &str, age_s: i64, not_ready_s: i64) -> Pod {
+    let ago = |s: i64| {
+        Time(
+            Timestamp::now()
+                .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(s))
+                .expect("time"),
+        )
+    };
+    let mut pod = pod(name, app, None);
+    pod.metadata.creation_timestamp = Some(ago(age_s));
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            last_transition_time: Some(ago(not_ready_s)),
+            ..Default::default()
+        }]);
+        for c in status.container_statuses.iter_mut().flatten() {
+            c.ready = false;
+        }
+    }
+    pod
+}
+
 /// A pod of deployment `app`, ready or stuck waiting for `waiting`.
 pub fn pod(name: &str, app: &str, waiting: Option<&str>) -> Pod {
     let ready = waiting.is_none();
