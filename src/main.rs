@@ -135,6 +135,11 @@ struct AutoscaleArgs {
     /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
     #[arg(long, env = "WARREN_MANAGEMENT_URL")]
     management_url: Option<String>,
+    /// Never patch pods (kubernetes backend): no pod-deletion-cost ranking before a scale-down,
+    /// so the Role needs no `patch pods`. The ReplicaSet picks which pods go; their tasks still
+    /// finish (SIGTERM drain).
+    #[arg(long)]
+    no_pod_patching: bool,
     /// Seconds a worker pod may stay not ready (counted from its Ready condition's last change,
     /// so a pod reconnecting after a broker blip is not "not starting") before it counts as stuck.
     /// Growth stops while half or more of the pool is stuck.
@@ -485,6 +490,7 @@ async fn run_autoscaler(
         dry_run: args.dry_run,
         stop_grace,
         not_ready_after: start_timeout,
+        patch_pods: !args.no_pod_patching,
     };
     match autoscale(pools, options, warren_worker::shutdown_signal()).await {
         Ok(()) => 0,

@@ -374,3 +374,47 @@ fn the_pod_monitor_selects_the_warren_pods_on_their_metrics_port() {
         );
     }
 }
+
+#[test]
+fn the_admission_policy_lets_the_autoscaler_change_only_the_deletion_cost() {
+    let dir = Path::new(DIR).join("admission");
+    let kustomization: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(kustomization["resources"][0], "pod-patch-policy.yaml");
+    let text = std::fs::read_to_string(dir.join("pod-patch-policy.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .unwrap();
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .unwrap();
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"][0], "Deny");
+    // It applies to the ServiceAccount the autoscaler Deployment runs as, in the base's namespace.
+    let base: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(Path::new(DIR).join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let namespace = base["namespace"].as_str().unwrap();
+    let account = format!("system:serviceaccount:{namespace}:warren-autoscaler");
+    let condition = policy["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(condition.contains(&account), "{condition}");
+    assert!(
+        std::fs::read_to_string(Path::new(DIR).join("autoscaler.yaml"))
+            .unwrap()
+            .contains("serviceAccountName: warren-autoscaler")
+    );
+    // The one annotation it allows is the one the code sets.
+    assert!(text.contains(&format!("'{}'", warren_deploy::kubernetes::DELETION_COST)));
+    for rule in ["object.spec == oldObject.spec", "labels", "ownerReferences"] {
+        assert!(text.contains(rule), "the policy checks {rule}");
+    }
+}

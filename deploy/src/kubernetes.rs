@@ -52,6 +52,8 @@ pub struct KubernetesBackend {
     /// A pod not ready this long after it was created counts as stalled.
     not_ready_after: Duration,
     costs: HashMap<String, String>,
+    /// Whether to set pod-deletion-cost before a scale-down (needs `patch pods`).
+    patch_pods: bool,
 }
 
 /// A client from the in-cluster service account inside a pod, else from the kubeconfig
@@ -96,6 +98,14 @@ pub fn client_with_timeouts(
 }
 
 impl KubernetesBackend {
+    /// Never patches pods: no pod-deletion-cost ranking before a scale-down, so the Role needs
+    /// no `patch pods`; the ReplicaSet then picks which pods go, and the SIGTERM drain still
+    /// lets their tasks finish.
+    pub fn without_pod_patching(mut self) -> Self {
+        self.patch_pods = false;
+        self
+    }
+
     /// The Deployment `name` in `namespace`, through `client`.
     pub fn new(client: Client, namespace: &str, name: &str, not_ready_after: Duration) -> Self {
         Self {
@@ -105,6 +115,7 @@ impl KubernetesBackend {
             pods: Api::namespaced(client, namespace),
             not_ready_after,
             costs: HashMap::new(),
+            patch_pods: true,
         }
     }
 
@@ -305,7 +316,7 @@ impl Backend for KubernetesBackend {
     async fn scale(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
         // Read again: the size may have changed since `status` (another controller, a user).
         let (deployment, current) = self.deployment().await?;
-        if i64::from(desired) < i64::from(current) {
+        if self.patch_pods && i64::from(desired) < i64::from(current) {
             // Best effort: a pod can take a task between marking and scaling; the SIGTERM drain
             // is the safety net.
             if let Err(e) = self.mark_deletion_costs(&deployment, loads).await {

@@ -501,7 +501,11 @@ mod tests {
         };
         replay(&config(), 5, &[with_stalled(0, 40, 1, 10, Reason::ScaleUp)]);
         // Half or more of the pool stuck: hold.
-        replay(&config(), 4, &[with_stalled(0, 40, 2, 4, Reason::PoolUnhealthy)]);
+        replay(
+            &config(),
+            4,
+            &[with_stalled(0, 40, 2, 4, Reason::PoolUnhealthy)],
+        );
     }
 
     #[test]

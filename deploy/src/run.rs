@@ -28,6 +28,8 @@ pub struct AutoscaleOptions {
     pub dry_run: bool,
     /// How long local workers get to finish when the autoscaler stops.
     pub stop_grace: Duration,
+    /// Set pod-deletion-cost on pods before a scale-down (needs `patch pods` in the Role).
+    pub patch_pods: bool,
     /// A pod not ready this long after creation counts as stalled.
     pub not_ready_after: Duration,
 }
@@ -83,12 +85,15 @@ pub async fn autoscale(
                     pool.namespace.unwrap_or_default(),
                     pool.deployment.unwrap_or_default(),
                 );
-                let backend = KubernetesBackend::new(
+                let mut backend = KubernetesBackend::new(
                     client,
                     &namespace,
                     &deployment,
                     options.not_ready_after,
                 );
+                if !options.patch_pods {
+                    backend = backend.without_pod_patching();
+                }
                 loops.spawn(run_pool(spec, backend, probe, metrics, stop));
             }
         }

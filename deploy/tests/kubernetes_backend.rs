@@ -338,3 +338,33 @@ async fn not_ready_is_measured_from_the_ready_condition_not_the_pod_age() {
         "{detail}"
     );
 }
+
+#[tokio::test]
+async fn without_pod_patching_a_scale_down_touches_no_pod() {
+    let cluster = Cluster::with_deployment("warren-worker", 3);
+    {
+        let mut c = cluster.lock().unwrap();
+        for name in ["busy", "idle"] {
+            c.pods.insert(name.into(), pod(name, "warren-worker", None));
+        }
+    }
+    let mut b = backend(&cluster, "warren-worker").without_pod_patching();
+    b.scale(1, &[load("busy", 3), load("idle", 0)])
+        .await
+        .unwrap();
+    let c = cluster.lock().unwrap();
+    let verbs: Vec<String> = c
+        .calls
+        .iter()
+        .map(|((_, r, v), _)| format!("{v} {r}"))
+        .collect();
+    assert!(
+        !verbs.iter().any(|v| v == "patch pods" || v == "list pods"),
+        "{verbs:?}"
+    );
+    assert!(
+        verbs.iter().any(|v| v == "patch deployments/scale"),
+        "{verbs:?}"
+    );
+    assert!(c.pods.values().all(|p| p.metadata.annotations.is_none()));
+}
