@@ -870,3 +870,79 @@ async fn a_worker_killed_again_and_again_costs_no_task_and_no_duplicate() {
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_while_publishing_names_the_batch_and_a_resume_finishes_it() {
+    let queue = unique_queue("ctrlc");
+    let dir = scratch("ctrlc");
+    let state = dir.join("state");
+    let total = 30_000;
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..total)
+            .map(|i| json!({"kind": "echo", "args": i}))
+            .collect::<Vec<_>>(),
+    );
+    let state_dir = state.to_str().unwrap();
+    let mut submit = WorkerProcess::spawn(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        &dir,
+        &[("WARREN_STATE_DIR", state_dir)],
+    );
+    // The batch is named before anything is sent.
+    submit.wait_for_log("as batch ", 1, MINUTE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    submit.signal(Signal::SIGINT);
+    assert_eq!(
+        submit.exit_code(MINUTE).await,
+        Some(130),
+        "{}",
+        submit.log_text()
+    );
+    let log = submit.log_text();
+    let batch = log
+        .split("as batch ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("batch id")
+        .to_string();
+    assert!(
+        log.contains("were confirmed by RabbitMQ and will run"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("warren submit --resume {batch} --file")),
+        "{log}"
+    );
+    assert!(log.contains(&format!("warren cancel {batch}")), "{log}");
+    let _worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "64"]);
+    let resumed = warren()
+        .env("WARREN_STATE_DIR", &state)
+        .args([
+            "submit",
+            "--resume",
+            &batch,
+            "--file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let (_, results) = wait_into(&batch, &dir.join("results.jsonl")).await;
+    assert_eq!(results.len(), total, "each task exactly one result line");
+    assert_eq!(seqs(&results).len(), total);
+    delete_queues(&queue).await;
+}

@@ -3,6 +3,8 @@
 
 use std::io::{BufReader, IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use warren_broker::AmqpSettings;
@@ -21,7 +23,7 @@ use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
 use crate::spec::{TaskSpec, read_specs};
 use crate::status::{queue_status, render};
-use crate::submit::{SubmitOptions, Submitter};
+use crate::submit::{SubmitError, SubmitOptions, Submitter};
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -31,6 +33,8 @@ pub const EXIT_TASK_FAILED: u8 = 1;
 pub const EXIT_USAGE_OR_CONNECTION: u8 = 2;
 /// Exit status: stopped waiting before every result was in (timeout or Ctrl-C).
 pub const EXIT_INCOMPLETE: u8 = 3;
+/// Exit status: `submit` stopped by Ctrl-C while publishing (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Where the tasks of `warren submit` come from.
 #[derive(Debug, Clone)]
@@ -78,8 +82,33 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
         },
     };
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
+    // Ctrl-C stops publishing cleanly: what is in flight is confirmed, and the batch can be
+    // finished with --resume (or stopped with `warren cancel`).
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_ctrl_c = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let options = SubmitOptions {
+        stop: Some(Arc::clone(&stop)),
+        ..cmd.options.clone()
+    };
     let submitted = match &cmd.resume {
-        None => submitter.submit(&specs, &cmd.options).await,
+        None => match Journal::new_batch(&specs, &options.queue) {
+            Ok(journal) => {
+                // Said first, so an interrupted submit never leaves a batch nobody can name.
+                eprintln!(
+                    "submitting {} task(s) to '{}' as batch {}",
+                    journal.total, options.queue, journal.batch
+                );
+                submitter.submit_as(&specs, &options, journal).await
+            }
+            Err(e) => Err(e),
+        },
         Some(batch) => match Journal::load(batch) {
             Ok(journal) => {
                 eprintln!(
@@ -87,7 +116,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                     journal.confirmed_count(),
                     journal.total
                 );
-                submitter.resume(&specs, &cmd.options, journal).await
+                submitter.resume(&specs, &options, journal).await
             }
             Err(message) => return fail(&message),
         },
@@ -123,6 +152,13 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                     Journal::path(&journal.batch).display()
                 ),
             };
+            if matches!(e, SubmitError::Stopped { .. }) {
+                eprintln!(
+                    "error: {e}. To {resume}; to stop the confirmed ones instead: warren cancel {}",
+                    journal.batch
+                );
+                return EXIT_INTERRUPTED;
+            }
             return fail(&format!(
                 "{e} (--retry-for). Once the broker is reachable, {resume}"
             ));

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
+use crate::submit::SubmitError;
+use warren_broker::protocol;
 
 /// An unfinished submission.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +41,23 @@ pub fn fingerprint(specs: &[TaskSpec]) -> String {
 }
 
 impl Journal {
+    /// The record of a new batch of `specs` for `queue`: a fresh id and token, nothing confirmed.
+    pub fn new_batch(specs: &[TaskSpec], queue: &str) -> Result<Self, SubmitError> {
+        let total = u32::try_from(specs.len()).map_err(|_| SubmitError::Task {
+            index: specs.len(),
+            id: String::new(),
+            message: "too many tasks for one batch".into(),
+        })?;
+        Ok(Self {
+            batch: protocol::new_id(),
+            token: protocol::new_token(),
+            queue: queue.to_string(),
+            total,
+            confirmed: Vec::new(),
+            fingerprint: fingerprint(specs),
+        })
+    }
+
     /// How many tasks were confirmed.
     pub fn confirmed_count(&self) -> u64 {
         SeqSet::from_ranges(&self.confirmed).len()

@@ -3,6 +3,8 @@
 //! confirmed; then the batch manifest is published so any process can collect the results.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use lapin::types::{AMQPValue, LongString, ShortString};
@@ -35,6 +37,10 @@ pub struct SubmitOptions {
     pub retry_for: Duration,
     /// Largest encoded task accepted (workers dead-letter larger ones).
     pub max_message_bytes: usize,
+    /// Set to stop publishing (e.g. on Ctrl-C): what is in flight is confirmed, the rest is not
+    /// sent, and the submission ends with [`SubmitError::Stopped`], which [`Submitter::resume`]
+    /// finishes.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl SubmitOptions {
@@ -45,6 +51,7 @@ impl SubmitOptions {
             result_expiry: topology::DEFAULT_RESULT_EXPIRY,
             retry_for: Duration::from_secs(20),
             max_message_bytes: 16 << 20,
+            stop: None,
         }
     }
 }
@@ -74,6 +81,17 @@ pub enum SubmitError {
     /// The broker could not be used, even after retrying.
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    /// Publishing was stopped on request (`SubmitOptions::stop`); the confirmed tasks will run.
+    #[error(
+        "stopped: {} of {} task(s) of batch {} were confirmed by RabbitMQ and will run; the others were not submitted",
+        journal.confirmed_count(),
+        journal.total,
+        journal.batch
+    )]
+    Stopped {
+        /// The batch and which of its tasks were confirmed.
+        journal: Box<Journal>,
+    },
     /// The connection failed for longer than the retry budget (or fatally) part-way through:
     /// the confirmed tasks will run; the journal says which, for [`Submitter::resume`].
     #[error(
@@ -97,7 +115,9 @@ impl SubmitError {
     /// The record of an interrupted batch, which [`Submitter::resume`] finishes.
     pub fn journal(&self) -> Option<&Journal> {
         match self {
-            SubmitError::Interrupted { journal, .. } => Some(journal),
+            SubmitError::Interrupted { journal, .. } | SubmitError::Stopped { journal } => {
+                Some(journal)
+            }
             _ => None,
         }
     }
@@ -153,19 +173,18 @@ impl Submitter {
         specs: &[TaskSpec],
         options: &SubmitOptions,
     ) -> Result<BatchReceipt, SubmitError> {
-        let total = u32::try_from(specs.len()).map_err(|_| SubmitError::Task {
-            index: specs.len(),
-            id: String::new(),
-            message: "too many tasks for one batch".into(),
-        })?;
-        let journal = Journal {
-            batch: protocol::new_id(),
-            token: protocol::new_token(),
-            queue: options.queue.clone(),
-            total,
-            confirmed: Vec::new(),
-            fingerprint: fingerprint(specs),
-        };
+        let journal = Journal::new_batch(specs, &options.queue)?;
+        self.publish_batch(specs, options, journal).await
+    }
+
+    /// Submits `specs` as the new batch `journal` describes (from [`Journal::new_batch`]), so
+    /// the caller knows the batch id before anything is sent.
+    pub async fn submit_as(
+        &mut self,
+        specs: &[TaskSpec],
+        options: &SubmitOptions,
+        journal: Journal,
+    ) -> Result<BatchReceipt, SubmitError> {
         self.publish_batch(specs, options, journal).await
     }
 
@@ -218,20 +237,23 @@ impl Submitter {
         let messages = encode_batch(specs, &batch, &token, options)?;
         let already = SeqSet::from_ranges(&journal.confirmed);
         let mut confirmed: Vec<bool> = (0..total).map(|seq| already.contains(seq)).collect();
-        let interrupted = |confirmed: &[bool], retry: &RetryBudget, e: BrokerError| {
+        // The record of what was confirmed, for a resume.
+        let record = |confirmed: &[bool]| {
             let mut seqs = SeqSet::default();
             for seq in (0..total).filter(|s| confirmed[*s as usize]) {
                 seqs.insert(seq);
             }
-            SubmitError::Interrupted {
-                journal: Box::new(Journal {
-                    confirmed: seqs.to_ranges(),
-                    ..journal.clone()
-                }),
+            Box::new(Journal {
+                confirmed: seqs.to_ranges(),
+                ..journal.clone()
+            })
+        };
+        let interrupted =
+            |confirmed: &[bool], retry: &RetryBudget, e: BrokerError| SubmitError::Interrupted {
+                journal: record(confirmed),
                 retry_for: retry.budget(),
                 source: Box::new(e),
-            }
-        };
+            };
         let mut retry = RetryBudget::new(options.retry_for);
         let mut confirmed_before = confirmed.iter().filter(|c| **c).count();
         loop {
@@ -239,7 +261,12 @@ impl Submitter {
                 .publish_pass(&batch, &messages, &mut confirmed, options)
                 .await
             {
-                Ok(()) => break,
+                Ok(true) => break,
+                Ok(false) => {
+                    return Err(SubmitError::Stopped {
+                        journal: record(&confirmed),
+                    });
+                }
                 Err(e) => {
                     let done = confirmed.iter().filter(|c| **c).count();
                     if done > confirmed_before {
@@ -308,7 +335,7 @@ impl Submitter {
         messages: &[(Vec<u8>, BasicProperties)],
         confirmed: &mut [bool],
         options: &SubmitOptions,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         let (_, publisher) = self.connection().await?;
         let publisher = publisher.clone();
         topology::declare_task_queue(publisher.channel(), &options.queue).await?;
@@ -320,9 +347,18 @@ impl Submitter {
         )
         .await?;
         let mut in_flight = VecDeque::with_capacity(CONFIRM_WINDOW);
+        let mut stopped = false;
         for (index, (body, properties)) in messages.iter().enumerate() {
             if confirmed[index] {
                 continue;
+            }
+            if options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                stopped = true;
+                break;
             }
             if in_flight.len() >= CONFIRM_WINDOW {
                 let (done, pending): (usize, warren_broker::publisher::PendingConfirm) = in_flight
@@ -342,7 +378,7 @@ impl Submitter {
             pending.confirmed().await?;
             confirmed[done] = true;
         }
-        Ok(())
+        Ok(!stopped)
     }
 }
 
