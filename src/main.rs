@@ -365,6 +365,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         Command::Submit(args) => {
             let source = match (args.single, args.file) {
                 (Some(SingleTask::Exec { timeout_s, argv }), None) => {
+                    warn_about_flags_after_exec(&argv);
                     TaskSource::Single(TaskSpec {
                         timeout_s,
                         ..TaskSpec::exec(argv)
@@ -545,6 +546,31 @@ fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
         timeout,
         retry_for,
     })
+}
+
+/// Everything after `exec --` goes to the program, so a warren flag there is almost always a
+/// mistake (`... exec -- sha256sum f --wait` waits for nothing and passes `--wait` on).
+fn warn_about_flags_after_exec(argv: &[String]) {
+    const SUBMIT_FLAGS: [&str; 8] = [
+        "--wait",
+        "--output",
+        "--timeout",
+        "--queue",
+        "--file",
+        "--retry-for",
+        "--amqp-url",
+        "--timeout-s",
+    ];
+    for arg in argv.iter().skip(1) {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        if SUBMIT_FLAGS.contains(&flag) {
+            eprintln!(
+                "warning: '{arg}' comes after `exec --`, so it is passed to '{}' as an argument, not to warren; \
+                 put warren's flags before `exec`, e.g. `warren submit --wait exec -- {} ...`",
+                argv[0], argv[0]
+            );
+        }
+    }
 }
 
 fn seconds(value: f64) -> Option<Duration> {

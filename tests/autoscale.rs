@@ -304,3 +304,25 @@ async fn dry_run_decides_but_changes_nothing() {
     assert_eq!(scaler.exit_code(MINUTE).await, Some(0));
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_command_that_cannot_run_fails_at_once_with_advice() {
+    let mut cmd = warren();
+    cmd.env("PATH", "/usr/bin:/bin").args([
+        "autoscale",
+        "--backend",
+        "local",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--",
+        "warren",
+        "worker",
+    ]);
+    let out = tokio::time::timeout(MINUTE, cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cargo install --path ."), "{stderr}");
+}

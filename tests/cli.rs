@@ -346,3 +346,31 @@ async fn batches_lists_what_the_broker_holds_until_it_is_collected() {
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warren_flag_after_exec_dashes_is_warned_about() {
+    let queue = unique_queue("flagafter");
+    let out = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "exec",
+            "--",
+            "sha256sum",
+            "/etc/hostname",
+            "--wait",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("'--wait' comes after `exec --`")
+            && out.stderr.contains("warren submit --wait exec --"),
+        "{}",
+        out.stderr
+    );
+    delete_queues(&queue).await;
+}

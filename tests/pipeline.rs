@@ -112,6 +112,15 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
         "some tasks failed, so exit 1; stderr: {}",
         done.stderr
     );
+    // The summary names the tasks that did not succeed, with their error kinds.
+    for named in [
+        "exit3 (exit_status)",
+        "slow (timeout)",
+        "rm (not_allowed)",
+        "outputs (missing_outputs)",
+    ] {
+        assert!(done.stderr.contains(named), "{named}: {}", done.stderr);
+    }
     let results = by_task_id(read_results(done.stdout.split_once('\n').unwrap().1));
     let hash = &results["hash"];
     assert_eq!(hash["status"], "succeeded");

@@ -47,6 +47,19 @@ impl LocalBackend {
         if command.is_empty() {
             return Err("the local backend needs the worker command after `--`, e.g. `-- warren worker --queue warren.tasks`".into());
         }
+        // Found now or never: otherwise every poll would fail to start a worker, for ever.
+        if let Err(e) = which::which(&command[0]) {
+            let advice = if command[0] == "warren" {
+                " Put warren on PATH with `cargo install --path .` (from the repository), or give \
+                 its full path, e.g. `-- target/release/warren worker ...`"
+            } else {
+                " Give its full path, or put it on PATH"
+            };
+            return Err(format!(
+                "the worker command '{}' cannot be run ({e}).{advice}",
+                command[0]
+            ));
+        }
         Ok(Self {
             command,
             prefix: prefix.into(),

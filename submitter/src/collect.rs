@@ -65,7 +65,12 @@ pub struct Counts {
     pub duplicates: u64,
     /// Of the results this collector wrote, those that needed more than one attempt.
     pub retried: u64,
+    /// The first few tasks this collector wrote that did not succeed: (task id, error kind).
+    pub failed_examples: Vec<(String, String)>,
 }
+
+/// Failed tasks named in a summary.
+pub const FAILED_EXAMPLES: usize = 10;
 
 impl Counts {
     /// Results that did not succeed, among those this collector wrote.
@@ -467,6 +472,18 @@ async fn take_result(
     }
     if result.attempt > 1 {
         state.counts.retried += 1;
+    }
+    if result.status != TaskStatus::Succeeded
+        && state.counts.failed_examples.len() < FAILED_EXAMPLES
+    {
+        let kind = result
+            .error
+            .as_ref()
+            .map_or(result.status.as_str().to_string(), |e| e.kind.clone());
+        state
+            .counts
+            .failed_examples
+            .push((result.task_id.clone(), kind));
     }
     state.counts.done = state.written.len() + state.without_seq;
     *state
