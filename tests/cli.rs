@@ -374,3 +374,64 @@ async fn a_warren_flag_after_exec_dashes_is_warned_about() {
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_a_missing_queue_lists_the_task_queues_that_exist() {
+    let queue = unique_queue("statusq");
+    let dir = scratch("statusq");
+    let file = dir.join("t.jsonl");
+    write_tasks(&file, &[json!({"kind": "echo"})]);
+    assert_eq!(submit_file(&queue, &file, &[]).await.code, Some(0));
+    let out = run_warren(&["status", "--queue", "no.such.queue"], None, MINUTE).await;
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr.contains("'no.such.queue' does not exist yet"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&queue),
+        "the existing queue is listed: {}",
+        out.stderr
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_output_path_is_refused_before_anything_is_sent() {
+    let queue = unique_queue("badout");
+    let dir = scratch("badout");
+    let file = dir.join("t.jsonl");
+    write_tasks(&file, &[json!({"kind": "echo"})]);
+    let out = submit_file(
+        &queue,
+        &file,
+        &["--wait", "--output", "/no/such/dir/r.jsonl"],
+    )
+    .await;
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr.contains("nothing was submitted"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.trim().is_empty(), "no batch: {}", out.stdout);
+    let (conn, channel) = raw_channel().await;
+    let exists = warren_queue_exists(&channel, &queue).await;
+    assert!(!exists, "nothing was declared or sent");
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+async fn warren_queue_exists(channel: &lapin::Channel, queue: &str) -> bool {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .is_ok()
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use warren_broker::AmqpSettings;
 use warren_broker::BrokerError;
 use warren_broker::connection::{confirm_channel, connect};
-use warren_broker::depth::ManagementTarget;
+use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, CANCELLATIONS_STREAM, dead_letter_queue, result_queue};
@@ -81,6 +81,20 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             Err(message) => return fail(&message),
         },
     };
+    // A results file that cannot be written is found before anything is sent.
+    if let Some(WaitCommand {
+        output: Some(path), ..
+    }) = &cmd.wait
+        && let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        return fail(&format!(
+            "cannot open output file {}: {e}; nothing was submitted",
+            path.display()
+        ));
+    }
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
     // Ctrl-C stops publishing cleanly: what is in flight is confirmed, and the batch can be
     // finished with --resume (or stopped with `warren cancel`).
@@ -235,6 +249,35 @@ pub async fn batches(amqp: AmqpSettings, management: &ManagementTarget, json: bo
     }
     println!("collect one with `warren wait BATCH`; stop one with `warren cancel BATCH`");
     EXIT_OK
+}
+
+/// Says that `queue` does not exist, and which task queues do (those with a `.dead` sibling).
+async fn missing_queue(amqp: &AmqpSettings, management: &ManagementTarget, queue: &str) -> String {
+    let mut message = format!(
+        "task queue '{queue}' does not exist yet: the first `warren worker` or `warren submit` on it creates it"
+    );
+    let listed = match Management::new(management, amqp) {
+        Ok(api) => api.queues("").await.ok(),
+        Err(_) => None,
+    };
+    if let Some(queues) = listed {
+        let names: std::collections::BTreeSet<&str> =
+            queues.iter().map(|q| q.name.as_str()).collect();
+        let tasks: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| names.contains(format!("{n}.dead").as_str()))
+            .collect();
+        message += &if tasks.is_empty() {
+            ". There are no task queues yet".to_string()
+        } else {
+            format!(
+                ". Task queues here: {} (pick one with --queue)",
+                tasks.join(", ")
+            )
+        };
+    }
+    message
 }
 
 /// Runs `warren cancel BATCH [--task ID]`; returns the exit status.
@@ -404,6 +447,9 @@ pub async fn status(
     loop {
         let status = match queue_status(&amqp, management, queue).await {
             Ok(status) => status,
+            Err(BrokerError::QueueNotFound { .. }) => {
+                return fail(&missing_queue(&amqp, management, queue).await);
+            }
             Err(e) => return fail(&e.to_string()),
         };
         let text = if json {
