@@ -107,7 +107,8 @@ async fn interrupted_and_killed_waits_leave_the_rest_for_the_next_one() {
     let queue = unique_queue("rewait");
     let dir = scratch("rewait");
     let batch = submit_only(&queue, &dir, &sleep_tasks(200, 25)).await;
-    let _worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "2"]);
+    let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "2"]);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
     // A wait that gives up: its results are recorded as collected.
     let first = dir.join("first.jsonl");
     let stopped = run_warren(

@@ -16,6 +16,9 @@ use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_
 use warren_broker::publisher::message_properties;
 use warren_broker::topology::{CANCELLATIONS_STREAM, declare_cancellations, short};
 
+/// Records of the cancellations stream acknowledged at once while reading its history.
+const HISTORY_WINDOW: u16 = 250;
+
 /// Cancelled batches and tasks, and the tasks running now; shared by a worker's sessions.
 #[derive(Clone, Default)]
 pub(crate) struct Cancellations(Arc<Mutex<Inner>>);
@@ -102,8 +105,12 @@ pub(crate) async fn follow(
     cancellations: Cancellations,
     caught_up: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(), BrokerError> {
-    // Streams require a prefetch and manual acks.
-    channel.basic_qos(100, BasicQosOptions::default()).await?;
+    // Streams require a prefetch and manual acks. The history is read in large windows and
+    // acknowledged in batches: one round of credit per record made a worker start in ~1 s with
+    // a few thousand records.
+    channel
+        .basic_qos(HISTORY_WINDOW * 4, BasicQosOptions::default())
+        .await?;
     declare_cancellations(&channel).await?;
     let mut args = FieldTable::default();
     args.insert(
@@ -136,15 +143,13 @@ pub(crate) async fn follow(
         )
         .await?;
     let mut caught_up = Some(caught_up);
+    let mut unacked = 0u16;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
+        let mut at_marker = false;
         match protocol::decode_cancellation(&delivery.data) {
             Ok(c) if c.batch.is_empty() => {
-                if c.task_id.as_deref() == Some(marker.as_str())
-                    && let Some(tx) = caught_up.take()
-                {
-                    let _ = tx.send(());
-                }
+                at_marker = c.task_id.as_deref() == Some(marker.as_str());
             }
             Ok(c) => {
                 debug!(batch = %c.batch, task_id = c.task_id.as_deref().unwrap_or("*"), "cancellation recorded");
@@ -152,7 +157,15 @@ pub(crate) async fn follow(
             }
             Err(e) => warn!("ignoring an unreadable record in {CANCELLATIONS_STREAM}: {e}"),
         }
-        delivery.ack(BasicAckOptions::default()).await?;
+        unacked += 1;
+        // Batched while reading the history; one by one once caught up (records are rare then).
+        if unacked >= HISTORY_WINDOW || at_marker || caught_up.is_none() {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+            unacked = 0;
+        }
+        if at_marker && let Some(tx) = caught_up.take() {
+            let _ = tx.send(());
+        }
     }
     Err(BrokerError::ConsumerCancelled {
         queue: CANCELLATIONS_STREAM.into(),
