@@ -28,6 +28,28 @@ async fn a_bad_task_line_is_named_and_nothing_is_submitted() {
         done.stderr
     );
     assert!(done.stdout.is_empty(), "no batch id for a refused batch");
+    // Arguments a worker would refuse are refused here too, naming the line and the field.
+    for (line, field) in [
+        (
+            r#"{"kind":"exec","args":{"argv":["ls"],"env":{"N":1}}}"#,
+            "env.N",
+        ),
+        (r#"{"kind":"exec","args":{"argv":[]}}"#, "argv"),
+        (
+            r#"{"kind":"exec","args":{"argv":["ls"],"cdw":"/tmp"}}"#,
+            "cdw",
+        ),
+        (r#"{"kind":"sleep","args":{"ms":"soon"}}"#, "ms"),
+    ] {
+        std::fs::write(&file, format!("{{\"kind\":\"echo\"}}\n{line}\n")).unwrap();
+        let done = submit_file(&queue, &file, &[]).await;
+        assert_eq!(done.code, Some(2), "{line}: {}", done.stderr);
+        assert!(
+            done.stderr.contains("line 2") && done.stderr.contains(field),
+            "{line}: {}",
+            done.stderr
+        );
+    }
     let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
     assert_eq!(
         status.code,

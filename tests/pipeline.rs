@@ -98,7 +98,7 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     let tasks = vec![
         json!({"id": "hash", "kind": "exec", "args": {"argv": ["sha256sum", data]}}),
         json!({"id": "exit3", "kind": "exec", "args": {"argv": ["sh", "-c", "echo bad input >&2; exit 3"]}}),
-        json!({"id": "slow", "kind": "exec", "args": {"argv": ["sleep", "30"]}, "timeout_s": 1}),
+        json!({"id": "slow", "kind": "exec", "args": {"argv": ["sh", "-c", "echo started; echo working >&2; sleep 30"]}, "timeout_s": 1}),
         json!({"id": "rm", "kind": "exec", "args": {"argv": ["rm", "-rf", dir.join("nothing")]}}),
         json!({"id": "outputs", "kind": "exec", "args": {"argv": ["sh", "-c", "echo x > made.tif"], "cwd": dir, "outputs": ["made.tif", "never.tif"]}}),
         json!({"id": "made", "kind": "exec", "args": {"argv": ["sh", "-c", "printf 1234 > ok.tif"], "cwd": dir, "outputs": ["ok.tif"]}}),
@@ -141,6 +141,11 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     );
     assert_eq!(exit3["output"]["stderr"], "bad input\n");
     assert_eq!(results["slow"]["status"], "timed_out");
+    // A command that ran too long is reported with what it wrote until then.
+    assert_eq!(results["slow"]["error"]["kind"], "timeout");
+    assert_eq!(results["slow"]["output"]["stdout"], "started\n");
+    assert_eq!(results["slow"]["output"]["stderr"], "working\n");
+    assert_eq!(results["slow"]["output"]["exit_code"], Value::Null);
     assert_eq!(results["rm"]["status"], "rejected");
     assert_eq!(results["rm"]["error"]["kind"], "not_allowed");
     assert_eq!(results["outputs"]["error"]["kind"], "missing_outputs");
@@ -221,7 +226,7 @@ fn identified(id: &str, reply_to: &str) -> BasicProperties {
 }
 
 fn envelope(id: &str, kind: &str, reply_to: &str, args: Value) -> Value {
-    json!({"v": 1, "id": id, "batch": "raw-batch", "kind": kind, "args": args, "reply_to": reply_to})
+    json!({"v": 1, "id": id, "batch": "raw-batch", "seq": 0, "kind": kind, "args": args, "reply_to": reply_to})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,6 +246,22 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     let mut future = envelope("future", "echo", &replies, json!(null));
     future["v"] = json!(99);
     let big = envelope("big", "echo", &replies, json!("x".repeat(5000)));
+    let mut no_seq = envelope("noseq", "echo", &replies, json!(null));
+    no_seq.as_object_mut().unwrap().remove("seq");
+    // A binary `id` is not a string, however valid its bytes would be as UTF-8.
+    let mut binary_id = Vec::new();
+    rmpv::encode::write_value(
+        &mut binary_id,
+        &rmpv::Value::Map(vec![
+            ("v".into(), 1.into()),
+            ("id".into(), rmpv::Value::Binary(b"binary".to_vec())),
+            ("batch".into(), "raw-batch".into()),
+            ("seq".into(), 1.into()),
+            ("kind".into(), "echo".into()),
+            ("reply_to".into(), replies.as_str().into()),
+        ]),
+    )
+    .unwrap();
     let cases: Vec<(&str, Vec<u8>, BasicProperties)> = vec![
         (
             "garbage",
@@ -260,20 +281,25 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
             b"\x00\x01".to_vec(),
             BasicProperties::default(),
         ),
+        ("noseq", pack(&no_seq), identified("noseq", &replies)),
+        ("binary", binary_id, identified("binary", &replies)),
     ];
     for (_, body, props) in &cases {
         publish_raw(&channel, &queue, body, props.clone()).await;
     }
-    // The worker is still serving: a good task after all the bad ones succeeds.
+    // The worker is still serving: a good task after all the bad ones succeeds. Its nil labels
+    // are the same as none, and the envelope's id wins over a different message_id.
+    let mut good = envelope("good", "echo", &replies, json!({"ok": true}));
+    good["labels"] = json!(null);
     publish_raw(
         &channel,
         &queue,
-        &pack(&envelope("good", "echo", &replies, json!({"ok": true}))),
-        identified("good", &replies),
+        &pack(&good),
+        identified("message-id-of-good", &replies),
     )
     .await;
 
-    let results: HashMap<String, Value> = eventually(MINUTE, "6 replies", || async {
+    let results: HashMap<String, Value> = eventually(MINUTE, "8 replies", || async {
         let got = drain(&channel, &replies).await;
         (!got.is_empty()).then_some(got)
     })
@@ -285,7 +311,7 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
     })
     .collect();
     let mut results = results;
-    while results.len() < 6 {
+    while results.len() < 8 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         for d in drain(&channel, &replies).await {
             let r: Value = rmp_serde::from_slice(&d.data).unwrap();
@@ -298,6 +324,8 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
         ("missing", "missing_field"),
         ("big", "oversize"),
         ("unknown", "unknown_kind"),
+        ("noseq", "missing_field"),
+        ("binary", "invalid_field"),
     ];
     for (id, kind) in expected {
         let r = &results[id];
@@ -305,15 +333,19 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
         assert_eq!(r["error"]["kind"], kind, "{id}: {r}");
         assert!(!r["error"]["message"].as_str().unwrap().is_empty());
     }
+    for (id, field) in [("noseq", "seq"), ("binary", "id")] {
+        let message = results[id]["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{id}: {message}");
+    }
     assert_eq!(results["good"]["status"], "succeeded");
 
-    let dead = eventually(MINUTE, "6 dead letters", || async {
+    let dead = eventually(MINUTE, "8 dead letters", || async {
         let got = drain(&channel, &format!("{queue}.dead")).await;
         (!got.is_empty()).then_some(got)
     })
     .await;
     let mut dead = dead;
-    while dead.len() < 6 {
+    while dead.len() < 8 {
         tokio::time::sleep(Duration::from_millis(200)).await;
         dead.extend(drain(&channel, &format!("{queue}.dead")).await);
     }
@@ -327,13 +359,14 @@ async fn bad_input_is_answered_dead_lettered_and_never_stops_the_worker() {
         "missing_field",
         "oversize",
         "unknown_kind",
+        "invalid_field",
     ]
     .map(String::from)
     .into();
     assert_eq!(reasons, want);
     assert_eq!(
         dead.len(),
-        6,
+        8,
         "every bad message is dead-lettered exactly once"
     );
     let anonymous = dead

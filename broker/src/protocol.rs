@@ -11,6 +11,9 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod strict;
+pub use strict::nil_as_default;
+
 /// Major version of the envelope format. Workers accept exactly this version.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// AMQP `content_type` of every Warren message.
@@ -46,6 +49,19 @@ pub const HEADER_REPLAYED: &str = "x-warren-replayed";
 /// Task header: the batch's token, so that even a task whose body cannot be read is answered
 /// with a result its collector accepts.
 pub const HEADER_TOKEN: &str = "x-warren-token";
+/// Largest task message a worker accepts by default (its `--max-message-bytes`), and the largest
+/// `warren submit` sends by default.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// The `x-warren-*` headers a task message may carry (see `docs/protocol.md`, "Task message").
+pub const TASK_HEADERS: [&str; 7] = [
+    HEADER_VERSION,
+    HEADER_SEQ,
+    HEADER_KIND,
+    HEADER_RETRIES,
+    HEADER_PREVIOUS_ERRORS,
+    HEADER_REPLAYED,
+    HEADER_TOKEN,
+];
 /// Longest task or batch id accepted: ids travel in AMQP short-string properties (255 bytes).
 pub const MAX_ID_LEN: usize = 200;
 
@@ -55,27 +71,41 @@ pub struct TaskEnvelope {
     /// Envelope version; see [`PROTOCOL_VERSION`].
     pub v: u32,
     /// Task id, unique within its batch (user-given or generated).
+    #[serde(deserialize_with = "strict::string")]
     pub id: String,
     /// Id of the batch the task belongs to.
+    #[serde(deserialize_with = "strict::string")]
     pub batch: String,
-    /// Position of the task in its batch (0-based), used to track which results are in.
+    /// Position of the task in its batch (0-based), used to track which results are in. Required
+    /// on the wire ([`decode_task`] refuses a task without it); an `Option` so that a result can
+    /// still be built for such a task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u32>,
     /// Handler name: `exec`, `echo`, `sleep` or one registered by a custom worker.
+    #[serde(deserialize_with = "strict::string")]
     pub kind: String,
-    /// Handler arguments; their shape is the handler's business.
-    #[serde(default)]
+    /// Handler arguments, in the JSON data model; their shape is the handler's business.
+    #[serde(default, deserialize_with = "strict::json")]
     pub args: Value,
     /// Wall-clock limit for one attempt, in seconds; the worker's default applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
     /// Free-form labels, copied to the result.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "strict::labels"
+    )]
     pub labels: BTreeMap<String, String>,
     /// Queue the result is published to (through the default exchange).
+    #[serde(deserialize_with = "strict::string")]
     pub reply_to: String,
     /// When the task was submitted (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub submitted_at: Option<String>,
     /// How often a failed or timed-out attempt is tried again (0, the default: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,12 +114,79 @@ pub struct TaskEnvelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_backoff_s: Option<f64>,
     /// After this time (RFC 3339) the task is not run: it gets an `expired` result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub expires_at: Option<String>,
     /// The batch's secret, echoed in the result so that a collector can tell a worker's result
     /// from one published by anyone else who can write to the result queue.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "strict::opt_string"
+    )]
     pub token: Option<String>,
+}
+
+/// Arguments of an `exec` task (see `docs/protocol.md`, "Handler arguments").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecArgs {
+    /// The program and its arguments; the program must be allowed by the worker.
+    pub argv: Vec<String>,
+    /// Variables added to the command's clean environment.
+    #[serde(
+        default,
+        deserialize_with = "nil_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub env: BTreeMap<String, String>,
+    /// Working folder of the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<std::path::PathBuf>,
+    /// Text written to the command's stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Files (relative to `cwd`) the command must have created when it exits 0.
+    #[serde(
+        default,
+        deserialize_with = "nil_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub outputs: Vec<std::path::PathBuf>,
+    /// Exit codes worth retrying (with the task's `max_retries`); any other failure is final.
+    /// Absent: every failure may be retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_exit_codes: Option<Vec<i32>>,
+}
+
+/// Arguments of a `sleep` task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SleepArgs {
+    /// How long to sleep, in milliseconds.
+    pub ms: u64,
+}
+
+/// Checks the arguments of a task for one of the built-in kinds (`exec`, `sleep`) against the
+/// shape its handler reads, naming the field that does not fit. Other kinds are not checked.
+pub fn check_builtin_args(kind: &str, args: &Value) -> Result<(), String> {
+    fn shape<T: serde::de::DeserializeOwned>(args: &Value) -> Result<T, String> {
+        serde_path_to_error::deserialize(args.clone()).map_err(|e| format!("args: {e}"))
+    }
+    match kind {
+        "exec" => {
+            let exec: ExecArgs = shape(args)?;
+            if exec.argv.is_empty() {
+                return Err("args: argv is empty: give at least the program to run".into());
+            }
+            Ok(())
+        }
+        "sleep" => shape::<SleepArgs>(args).map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// Outcome of one task attempt.
@@ -140,6 +237,137 @@ impl TaskError {
             kind: kind.into(),
             message: message.into(),
         }
+    }
+}
+
+/// The error kinds Warren itself reports, each with the status it comes with. A custom
+/// handler may report kinds of its own; `docs/protocol.md` lists these (a test holds it to this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The command exited non-zero or was killed by a signal.
+    ExitStatus,
+    /// The command succeeded but a declared output does not exist.
+    MissingOutputs,
+    /// The program could not be started.
+    SpawnFailed,
+    /// A custom handler panicked.
+    HandlerPanicked,
+    /// The worker could not wait for the command it started.
+    WaitFailed,
+    /// The task reached the delivery limit without finishing.
+    TooManyAttempts,
+    /// The attempt ran past its time limit.
+    Timeout,
+    /// `exec` of a program the worker does not allow.
+    NotAllowed,
+    /// `exec` setting an environment variable the worker does not allow.
+    EnvNotAllowed,
+    /// `exec` with a `cwd` that is not a folder on the worker.
+    CwdMissing,
+    /// The arguments do not fit the handler.
+    InvalidArgs,
+    /// No handler of the task's kind on the worker.
+    UnknownKind,
+    /// The task's batch, or the task, was cancelled.
+    Cancelled,
+    /// The task's `expires_at` had passed.
+    Expired,
+    /// The body is not a MessagePack map.
+    Undecodable,
+    /// The envelope's version is not spoken.
+    UnsupportedVersion,
+    /// A required field is absent.
+    MissingField,
+    /// A field has a value of the wrong type or out of range.
+    InvalidField,
+    /// The message is larger than the worker accepts.
+    Oversize,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order of the document's table.
+    pub const ALL: [ErrorKind; 19] = [
+        ErrorKind::ExitStatus,
+        ErrorKind::MissingOutputs,
+        ErrorKind::SpawnFailed,
+        ErrorKind::HandlerPanicked,
+        ErrorKind::WaitFailed,
+        ErrorKind::TooManyAttempts,
+        ErrorKind::Timeout,
+        ErrorKind::NotAllowed,
+        ErrorKind::EnvNotAllowed,
+        ErrorKind::CwdMissing,
+        ErrorKind::InvalidArgs,
+        ErrorKind::UnknownKind,
+        ErrorKind::Cancelled,
+        ErrorKind::Expired,
+        ErrorKind::Undecodable,
+        ErrorKind::UnsupportedVersion,
+        ErrorKind::MissingField,
+        ErrorKind::InvalidField,
+        ErrorKind::Oversize,
+    ];
+
+    /// The kind as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::ExitStatus => "exit_status",
+            ErrorKind::MissingOutputs => "missing_outputs",
+            ErrorKind::SpawnFailed => "spawn_failed",
+            ErrorKind::HandlerPanicked => "handler_panicked",
+            ErrorKind::WaitFailed => "wait_failed",
+            ErrorKind::TooManyAttempts => "too_many_attempts",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::NotAllowed => "not_allowed",
+            ErrorKind::EnvNotAllowed => "env_not_allowed",
+            ErrorKind::CwdMissing => "cwd_missing",
+            ErrorKind::InvalidArgs => "invalid_args",
+            ErrorKind::UnknownKind => "unknown_kind",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Expired => "expired",
+            ErrorKind::Undecodable => "undecodable",
+            ErrorKind::UnsupportedVersion => "unsupported_version",
+            ErrorKind::MissingField => "missing_field",
+            ErrorKind::InvalidField => "invalid_field",
+            ErrorKind::Oversize => "oversize",
+        }
+    }
+
+    /// The result status a task gets with this kind.
+    pub fn status(self) -> TaskStatus {
+        match self {
+            ErrorKind::ExitStatus
+            | ErrorKind::MissingOutputs
+            | ErrorKind::SpawnFailed
+            | ErrorKind::HandlerPanicked
+            | ErrorKind::WaitFailed
+            | ErrorKind::TooManyAttempts
+            | ErrorKind::CwdMissing => TaskStatus::Failed,
+            ErrorKind::Timeout => TaskStatus::TimedOut,
+            ErrorKind::Cancelled => TaskStatus::Cancelled,
+            ErrorKind::Expired => TaskStatus::Expired,
+            ErrorKind::NotAllowed
+            | ErrorKind::EnvNotAllowed
+            | ErrorKind::InvalidArgs
+            | ErrorKind::UnknownKind
+            | ErrorKind::Undecodable
+            | ErrorKind::UnsupportedVersion
+            | ErrorKind::MissingField
+            | ErrorKind::InvalidField
+            | ErrorKind::Oversize => TaskStatus::Rejected,
+        }
+    }
+}
+
+impl From<ErrorKind> for String {
+    fn from(kind: ErrorKind) -> Self {
+        kind.as_str().to_string()
+    }
+}
+
+impl PartialEq<ErrorKind> for String {
+    fn eq(&self, kind: &ErrorKind) -> bool {
+        self == kind.as_str()
     }
 }
 
@@ -249,13 +477,13 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Short machine-readable kind, used as error kind and dead-letter reason.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            DecodeError::Oversize { .. } => "oversize",
-            DecodeError::UnsupportedVersion { .. } => "unsupported_version",
-            DecodeError::MissingField(_) => "missing_field",
-            DecodeError::Undecodable(_) => "undecodable",
-            DecodeError::Invalid(_) => "invalid_field",
+            DecodeError::Oversize { .. } => ErrorKind::Oversize,
+            DecodeError::UnsupportedVersion { .. } => ErrorKind::UnsupportedVersion,
+            DecodeError::MissingField(_) => ErrorKind::MissingField,
+            DecodeError::Undecodable(_) => ErrorKind::Undecodable,
+            DecodeError::Invalid(_) => ErrorKind::InvalidField,
         }
     }
 }
@@ -269,6 +497,9 @@ pub fn encode<T: Serialize>(envelope: &T) -> Vec<u8> {
 /// Decodes a task envelope, checking size and version first so the error names the real cause.
 pub fn decode_task(bytes: &[u8], limit: usize) -> Result<TaskEnvelope, DecodeError> {
     let task: TaskEnvelope = decode_checked(bytes, limit)?;
+    if task.seq.is_none() {
+        return Err(DecodeError::MissingField("seq".into()));
+    }
     validate_id("id", &task.id)?;
     validate_id("batch", &task.batch)?;
     if task.kind.is_empty() {
@@ -411,11 +642,28 @@ fn decode_checked<T: serde::de::DeserializeOwned>(
             });
         }
     }
-    rmp_serde::from_slice(bytes).map_err(|e| {
-        let text = e.to_string();
-        match text.strip_prefix("missing field ") {
-            Some(field) => DecodeError::MissingField(field.trim_matches('`').to_string()),
-            None => DecodeError::Undecodable(text),
+    let mut reader = rmp_serde::Deserializer::from_read_ref(bytes);
+    serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let text = e.inner().to_string();
+        if let Some(field) = text.strip_prefix("missing field ") {
+            return DecodeError::MissingField(field.trim_matches('`').to_string());
+        }
+        let at_root = e.path().iter().next().is_none();
+        match e.inner() {
+            // A value of the wrong type (or out of range) in a named field.
+            rmp_serde::decode::Error::TypeMismatch(marker) if !at_root => {
+                DecodeError::Invalid(format!(
+                    "{}: a value of the wrong type (MessagePack {marker:?})",
+                    e.path()
+                ))
+            }
+            rmp_serde::decode::Error::Syntax(_) | rmp_serde::decode::Error::OutOfRange
+                if !at_root =>
+            {
+                DecodeError::Invalid(format!("{}: {text}", e.path()))
+            }
+            // Not MessagePack, truncated, too deeply nested, or not a map at all.
+            _ => DecodeError::Undecodable(text),
         }
     })
 }
@@ -467,13 +715,13 @@ mod tests {
     #[test]
     fn oversize_is_reported_before_decoding() {
         let err = decode_task(&encode(&task()), 10).unwrap_err();
-        assert_eq!(err.kind(), "oversize");
+        assert_eq!(err.kind().as_str(), "oversize");
     }
 
     #[test]
     fn garbage_is_undecodable() {
         let err = decode_task(b"\xc1\xc1 not msgpack", 1 << 20).unwrap_err();
-        assert_eq!(err.kind(), "undecodable");
+        assert_eq!(err.kind().as_str(), "undecodable");
     }
 
     #[test]
@@ -481,7 +729,7 @@ mod tests {
         let mut t = task();
         t.v = 2;
         let err = decode_task(&encode(&t), 1 << 20).unwrap_err();
-        assert_eq!(err.kind(), "unsupported_version");
+        assert_eq!(err.kind().as_str(), "unsupported_version");
         assert!(err.to_string().contains('2'), "{err}");
     }
 
@@ -492,14 +740,14 @@ mod tests {
         )
         .unwrap();
         let err = decode_task(&bytes, 1 << 20).unwrap_err();
-        assert_eq!(err.kind(), "missing_field");
+        assert_eq!(err.kind().as_str(), "missing_field");
         assert!(err.to_string().contains("kind"), "{err}");
     }
 
     #[test]
     fn unknown_fields_are_ignored() {
         let bytes = rmp_serde::to_vec_named(&serde_json::json!({
-            "v": 1, "id": "x", "batch": "b", "kind": "echo", "reply_to": "q", "future_field": 7
+            "v": 1, "id": "x", "batch": "b", "seq": 0, "kind": "echo", "reply_to": "q", "future_field": 7
         }))
         .unwrap();
         assert_eq!(decode_task(&bytes, 1 << 20).unwrap().kind, "echo");
@@ -510,15 +758,138 @@ mod tests {
         let mut t = task();
         t.id = "x".repeat(MAX_ID_LEN + 1);
         assert_eq!(
-            decode_task(&encode(&t), 1 << 20).unwrap_err().kind(),
+            decode_task(&encode(&t), 1 << 20)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "invalid_field"
         );
         let mut t = task();
         t.timeout_s = Some(-1.0);
         assert_eq!(
-            decode_task(&encode(&t), 1 << 20).unwrap_err().kind(),
+            decode_task(&encode(&t), 1 << 20)
+                .unwrap_err()
+                .kind()
+                .as_str(),
             "invalid_field"
         );
+    }
+
+    /// A task map with one field replaced (or removed, with `None`), encoded with rmpv so that
+    /// values serde would never produce (binary, integer keys, NaN) can be sent.
+    fn raw_task(field: &str, value: Option<rmpv::Value>) -> Vec<u8> {
+        use rmpv::Value as V;
+        let mut fields: Vec<(V, V)> = vec![
+            (V::from("v"), V::from(1)),
+            (V::from("id"), V::from("t1")),
+            (V::from("batch"), V::from("b1")),
+            (V::from("seq"), V::from(0)),
+            (V::from("kind"), V::from("echo")),
+            (V::from("reply_to"), V::from("warren.results.b1")),
+        ];
+        fields.retain(|(k, _)| k.as_str() != Some(field));
+        if let Some(value) = value {
+            fields.push((V::from(field), value));
+        }
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &V::Map(fields)).unwrap();
+        bytes
+    }
+
+    fn refusal(bytes: &[u8]) -> (String, String) {
+        let err = decode_task(bytes, 1 << 20).unwrap_err();
+        (err.kind().as_str().to_string(), err.to_string())
+    }
+
+    #[test]
+    fn binary_strings_are_refused_with_the_field_named() {
+        for field in ["id", "batch", "kind", "reply_to", "token", "expires_at"] {
+            let (kind, message) =
+                refusal(&raw_task(field, Some(rmpv::Value::Binary(b"abc".to_vec()))));
+            assert_eq!(kind, "invalid_field", "{field}: {message}");
+            assert!(
+                message.contains(field) && message.contains("binary"),
+                "{field}: {message}"
+            );
+        }
+        let labels = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(b"v".to_vec()))]);
+        let (kind, message) = refusal(&raw_task("labels", Some(labels)));
+        assert_eq!(kind, "invalid_field", "{message}");
+        assert!(message.contains("labels"), "{message}");
+    }
+
+    #[test]
+    fn args_outside_the_json_model_are_refused_with_the_path_named() {
+        use rmpv::Value as V;
+        let nan = V::Map(vec![(
+            "x".into(),
+            V::Array(vec![V::from(1), V::F64(f64::NAN)]),
+        )]);
+        let (kind, message) = refusal(&raw_task("args", Some(nan)));
+        assert_eq!(kind, "invalid_field", "{message}");
+        assert!(
+            message.contains("args.x[1]") && message.contains("finite"),
+            "{message}"
+        );
+        let int_key = V::Map(vec![(V::from(1), V::from("one"))]);
+        let (kind, message) = refusal(&raw_task("args", Some(int_key)));
+        assert_eq!(kind, "invalid_field", "{message}");
+        assert!(
+            message.contains("args") && message.contains("keys"),
+            "{message}"
+        );
+        let binary = V::Map(vec![("data".into(), V::Binary(vec![0, 1]))]);
+        let (kind, message) = refusal(&raw_task("args", Some(binary)));
+        assert_eq!(kind, "invalid_field", "{message}");
+        assert!(message.contains("args.data"), "{message}");
+    }
+
+    #[test]
+    fn nil_in_an_optional_field_is_the_same_as_absent() {
+        for field in [
+            "args",
+            "timeout_s",
+            "labels",
+            "submitted_at",
+            "token",
+            "max_retries",
+            "expires_at",
+            "retry_backoff_s",
+        ] {
+            let task = decode_task(&raw_task(field, Some(rmpv::Value::Nil)), 1 << 20);
+            assert!(task.is_ok(), "nil {field}: {:?}", task.err());
+        }
+        for field in ["id", "batch", "kind", "reply_to", "seq"] {
+            let (kind, message) = refusal(&raw_task(field, Some(rmpv::Value::Nil)));
+            assert!(
+                kind == "invalid_field" || kind == "missing_field",
+                "nil {field}: {kind} {message}"
+            );
+            assert!(message.contains(field), "{message}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field_and_garbage_is_undecodable() {
+        let (kind, message) = refusal(&raw_task("timeout_s", Some("soon".into())));
+        assert_eq!(kind, "invalid_field");
+        assert!(message.contains("timeout_s"), "{message}");
+        let (kind, message) = refusal(&raw_task("seq", Some(rmpv::Value::from(-1))));
+        assert_eq!(kind, "invalid_field");
+        assert!(message.contains("seq"), "{message}");
+        let mut not_a_map = Vec::new();
+        rmpv::encode::write_value(&mut not_a_map, &rmpv::Value::from("hello")).unwrap();
+        assert_eq!(refusal(&not_a_map).0, "undecodable");
+        let mut truncated = raw_task("args", Some(rmpv::Value::from("x".repeat(100))));
+        truncated.truncate(truncated.len() - 10);
+        assert_eq!(refusal(&truncated).0, "undecodable");
+    }
+
+    #[test]
+    fn a_task_without_seq_is_refused() {
+        let (kind, message) = refusal(&raw_task("seq", None));
+        assert_eq!(kind, "missing_field");
+        assert!(message.contains("seq"), "{message}");
     }
 
     #[test]

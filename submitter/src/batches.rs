@@ -89,7 +89,8 @@ async fn newest_manifest(
         .basic_get(short(&queue).ok()?, BasicGetOptions::default())
         .await
     {
-        if let Ok(m) = protocol::decode_manifest(&message.delivery.data, 16 << 20)
+        if let Ok(m) =
+            protocol::decode_manifest(&message.delivery.data, protocol::DEFAULT_MAX_MESSAGE_BYTES)
             && newest.as_ref().is_none_or(|n| m.generation >= n.generation)
         {
             newest = Some(m);

@@ -177,8 +177,6 @@ struct State {
     batch: String,
     manifest: Option<BatchManifest>,
     written: SeqSet,
-    /// Results without a `seq` (from third-party submitters): written, but not trackable.
-    without_seq: u64,
     counts: Counts,
     /// When collection started, to tell the user if the manifest is slow to appear.
     started: Instant,
@@ -208,7 +206,6 @@ impl Submitter {
             batch: batch.to_string(),
             manifest: None,
             written: options.already_written.clone(),
-            without_seq: 0,
             counts: Counts::default(),
             started: Instant::now(),
             warned_no_manifest: false,
@@ -468,7 +465,13 @@ async fn take_result(
     }
     sink.write(&result)?;
     if result.seq.is_none() {
-        state.without_seq += 1;
+        // Only a task that was refused for lacking its seq is answered without one: it cannot
+        // fill any of the batch's slots, so the batch cannot complete.
+        warn!(
+            batch = %state.batch, task_id = %result.task_id,
+            "a result without a seq was written but cannot be counted: every task of a batch collected by \
+             'warren wait' must carry its seq (docs/protocol.md); this batch will not complete, stop with Ctrl-C or --timeout"
+        );
     }
     if result.attempt > 1 {
         state.counts.retried += 1;
@@ -485,7 +488,7 @@ async fn take_result(
             .failed_examples
             .push((result.task_id.clone(), kind));
     }
-    state.counts.done = state.written.len() + state.without_seq;
+    state.counts.done = state.written.len();
     *state
         .counts
         .by_status
@@ -564,7 +567,7 @@ async fn checkpoint(
     if first_sight {
         state.counts.earlier = state.written.len();
     }
-    state.counts.done = state.written.len() + state.without_seq;
+    state.counts.done = state.written.len();
     let Some(current) = &state.manifest else {
         // The submitter has not published the manifest yet.
         return Ok(());

@@ -351,7 +351,8 @@ impl DeadLetters {
         {
             let delivery = message.delivery;
             taken = Some(delivery.delivery_tag);
-            if let Ok(m) = protocol::decode_manifest(&delivery.data, 16 << 20)
+            if let Ok(m) =
+                protocol::decode_manifest(&delivery.data, protocol::DEFAULT_MAX_MESSAGE_BYTES)
                 && m.batch == batch
             {
                 collected.extend(&SeqSet::from_ranges(&m.collected));

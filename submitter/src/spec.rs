@@ -5,7 +5,7 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use warren_broker::protocol::{parse_time, validate_id, validate_retries};
+use warren_broker::protocol::{check_builtin_args, parse_time, validate_id, validate_retries};
 
 /// One task as submitted: a JSON object per line of a tasks file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,7 +77,9 @@ impl TaskSpec {
         if let Some(at) = &self.expires_at {
             parse_time("\"expires_at\"", at)?;
         }
-        Ok(())
+        // What a worker would refuse with `invalid_args` is refused here, before anything is sent.
+        check_builtin_args(&self.kind, &self.args)
+            .map_err(|e| format!("a '{}' task's {e}", self.kind))
     }
 }
 

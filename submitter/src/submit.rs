@@ -50,7 +50,7 @@ impl SubmitOptions {
             queue: queue.into(),
             result_expiry: topology::DEFAULT_RESULT_EXPIRY,
             retry_for: Duration::from_secs(20),
-            max_message_bytes: 16 << 20,
+            max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
             stop: None,
         }
     }

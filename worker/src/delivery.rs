@@ -15,7 +15,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
-    self, DecodeError, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
+    self, DecodeError, ErrorKind, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
     HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_PREVIOUS_ERRORS,
     HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN, MESSAGE_TYPE_RESULT,
     PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
@@ -24,7 +24,7 @@ use warren_broker::publisher::{Publisher, header_value, message_properties, with
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
 use crate::cancel::Cancellations;
-use crate::handler::{Registry, Task, TaskFailure};
+use crate::handler::{Registry, TIMEOUT_GRACE, Task, TaskFailure};
 use crate::health::Health;
 
 /// What every delivery of a session shares.
@@ -60,7 +60,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         // RabbitMQ dead-letters the task silently after this delivery; answering now means a
         // task that keeps killing its workers still gets a result and `wait` does not hang.
         let error = TaskError::new(
-            "too_many_attempts",
+            ErrorKind::TooManyAttempts,
             format!(
                 "task was delivered {attempt} times without finishing (does it crash or exhaust its worker?); \
                  not run again, dead-lettered"
@@ -79,7 +79,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     }
     let Some(handler) = ctx.registry.get(&task.kind) else {
         let error = TaskError::new(
-            "unknown_kind",
+            ErrorKind::UnknownKind,
             format!(
                 "no handler for kind '{}' on this worker (it has: {})",
                 task.kind,
@@ -109,7 +109,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             (
                 TaskStatus::Expired,
                 TaskError::new(
-                    "expired",
+                    ErrorKind::Expired,
                     format!("the task expired at {at}, before a worker could run it; not run"),
                 ),
             )
@@ -117,7 +117,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             (
                 TaskStatus::Cancelled,
                 TaskError::new(
-                    "cancelled",
+                    ErrorKind::Cancelled,
                     format!(
                         "batch {} or this task was cancelled (warren cancel) before it ran; not run",
                         task.batch
@@ -170,7 +170,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     // instead of a message that is never acknowledged; dropping the handle aborts it.
     let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
     let outcome = tokio::select! {
-        outcome = tokio::time::timeout(timeout, handler_run) => Some(outcome),
+        outcome = tokio::time::timeout(timeout + TIMEOUT_GRACE, handler_run) => Some(outcome),
         // Dropping the handler's future stops it; an exec command's process group is killed.
         () = running.token.cancelled() => None,
         () = abandon.cancelled() => {
@@ -187,7 +187,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             TaskStatus::Cancelled,
             Value::Null,
             Some(TaskError::new(
-                "cancelled",
+                ErrorKind::Cancelled,
                 format!(
                     "batch {} or this task was cancelled (warren cancel) while it ran; stopped",
                     task.batch
@@ -206,7 +206,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             TaskStatus::Failed,
             Value::Null,
             Some(TaskError::new(
-                "handler_panicked",
+                ErrorKind::HandlerPanicked,
                 format!("the '{}' handler panicked: {join_error}", task.kind),
             )),
             false,
@@ -215,7 +215,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             TaskStatus::TimedOut,
             Value::Null,
             Some(TaskError::new(
-                "timeout",
+                ErrorKind::Timeout,
                 format!("task ran longer than its limit of {timeout:?} and was killed"),
             )),
             false,

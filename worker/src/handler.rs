@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use warren_broker::protocol::{TaskError, TaskStatus};
+use warren_broker::protocol::{ErrorKind, TaskError, TaskStatus};
 
 /// A task as a handler sees it.
 #[derive(Debug, Clone)]
@@ -25,21 +25,27 @@ pub struct Task {
     pub attempt: u32,
     /// Labels, as submitted.
     pub labels: BTreeMap<String, String>,
-    /// Time limit of this attempt; the runtime enforces it by dropping the handler's future.
+    /// Time limit of this attempt. A handler may stop at it by itself and return
+    /// [`TaskFailure::timed_out`] with what it has; otherwise the runtime drops the handler's
+    /// future [`TIMEOUT_GRACE`] later and reports a timeout without output.
     pub timeout: Duration,
 }
 
 impl Task {
     /// Deserializes the arguments into `T`; a mismatch is a `rejected` failure naming the problem.
     pub fn args_as<T: DeserializeOwned>(&self) -> Result<T, TaskFailure> {
-        serde_json::from_value(self.args.clone()).map_err(|e| {
+        // The path names the offending field, e.g. `env.GDAL_CACHEMAX: invalid type: ...`.
+        serde_path_to_error::deserialize(self.args.clone()).map_err(|e| {
             TaskFailure::rejected(
-                "invalid_args",
+                ErrorKind::InvalidArgs,
                 format!("arguments of a '{}' task: {e}", self.kind),
             )
         })
     }
 }
+
+/// How long after a task's limit the runtime drops a handler that did not stop by itself.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a handler did not succeed; becomes the result's status, error and output.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +76,14 @@ impl TaskFailure {
         Self {
             permanent: true,
             ..Self::failed(kind, message)
+        }
+    }
+
+    /// The work ran past the task's limit and was stopped (see [`Task::timeout`]).
+    pub fn timed_out(message: impl Into<String>) -> Self {
+        Self {
+            status: TaskStatus::TimedOut,
+            ..Self::failed(ErrorKind::Timeout, message)
         }
     }
 

@@ -30,7 +30,7 @@ const CANCELLATIONS_CATCH_UP: Duration = Duration::from_secs(5);
 /// A session that lasted this long was healthy: the reconnect backoff starts over after it.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Default largest task message accepted.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub use warren_broker::protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

@@ -4,25 +4,27 @@ pub mod exec;
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::json;
+use warren_broker::protocol::SleepArgs;
 
-use crate::handler::{HandlerResult, Task};
+use crate::handler::{HandlerResult, Task, TaskFailure};
 
 /// `echo`: returns its arguments unchanged.
 pub async fn echo(task: Task) -> HandlerResult {
     Ok(task.args)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SleepArgs {
-    ms: u64,
-}
-
 /// `sleep`: waits `{"ms": N}` milliseconds, then succeeds.
 pub async fn sleep(task: Task) -> HandlerResult {
     let args: SleepArgs = task.args_as()?;
-    tokio::time::sleep(Duration::from_millis(args.ms)).await;
+    let wanted = Duration::from_millis(args.ms);
+    if wanted > task.timeout {
+        tokio::time::sleep(task.timeout).await;
+        return Err(TaskFailure::timed_out(format!(
+            "slept for the task's limit of {:?} of the {:?} asked",
+            task.timeout, wanted
+        )));
+    }
+    tokio::time::sleep(wanted).await;
     Ok(json!({ "slept_ms": args.ms }))
 }

@@ -4,13 +4,10 @@
 mod policy;
 mod reaper;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -20,25 +17,11 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::handler::{HandlerFuture, Task, TaskFailure};
 pub use policy::{BASE_ENV, DEFAULT_MAX_OUTPUT_BYTES, ExecPolicy, is_dangerous_env};
 use reaper::ProcessGroup;
+use warren_broker::protocol::{ErrorKind, ExecArgs};
 
 /// How long output is still read after a command exits: a background process that escaped the
 /// command's process group (`setsid`) and holds its stdout must not hold up the result.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecArgs {
-    argv: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    cwd: Option<PathBuf>,
-    stdin: Option<String>,
-    #[serde(default)]
-    outputs: Vec<PathBuf>,
-    /// Exit codes worth retrying (with the task's `max_retries`); any other failure is final.
-    /// Absent: every failure may be retried.
-    retry_exit_codes: Option<Vec<i32>>,
-}
 
 /// The `exec` handler for a policy.
 pub fn handler(policy: ExecPolicy) -> impl Fn(Task) -> HandlerFuture + Send + Sync + 'static {
@@ -54,7 +37,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     let args: ExecArgs = task.args_as()?;
     let Some(program) = args.argv.first() else {
         return Err(TaskFailure::rejected(
-            "invalid_args",
+            ErrorKind::InvalidArgs,
             "argv is empty: give at least the program to run",
         ));
     };
@@ -64,7 +47,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
         && !cwd.is_dir()
     {
         return Err(TaskFailure::failed(
-            "cwd_missing",
+            ErrorKind::CwdMissing,
             format!(
                 "cannot start '{program}': its cwd {} is not a folder on this worker",
                 cwd.display()
@@ -97,7 +80,10 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     }
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| {
-        TaskFailure::failed("spawn_failed", format!("cannot start '{program}': {e}"))
+        TaskFailure::failed(
+            ErrorKind::SpawnFailed,
+            format!("cannot start '{program}': {e}"),
+        )
     })?;
     let group = ProcessGroup::register(child.id());
     if let (Some(text), Some(mut stdin)) = (args.stdin, child.stdin.take()) {
@@ -110,12 +96,25 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     let limit = policy.max_output_bytes();
     let stdout = tokio::spawn(capture(child.stdout.take(), limit, stop_reading.clone()));
     let stderr = tokio::spawn(capture(child.stderr.take(), limit, stop_reading.clone()));
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| TaskFailure::failed("wait_failed", format!("waiting for '{program}': {e}")))?;
-    // The result follows the command's exit: what it started in the background dies with it.
+    // The limit is enforced here rather than only by the runtime dropping this future, so that a
+    // command that runs too long is reported with the output it wrote until then.
+    let waited = tokio::time::timeout(task.timeout, child.wait()).await;
+    // The result follows the command's exit: what it started in the background dies with it (and
+    // on a timeout, the command's whole process group is killed here).
     drop(group);
+    let status = match waited {
+        Ok(status) => Some(status.map_err(|e| {
+            TaskFailure::failed(
+                ErrorKind::WaitFailed,
+                format!("waiting for '{program}': {e}"),
+            )
+        })?),
+        Err(_) => {
+            // Reap the killed leader; the drain below bounds the wait for its pipes.
+            let _ = tokio::time::timeout(OUTPUT_DRAIN, child.wait()).await;
+            None
+        }
+    };
     let _drain_deadline = {
         let stop = stop_reading.clone();
         AbortOnDropHandle::new(tokio::spawn(async move {
@@ -140,8 +139,8 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
         }
     }
     let output = json!({
-        "exit_code": status.code(),
-        "signal": std::os::unix::process::ExitStatusExt::signal(&status),
+        "exit_code": status.and_then(|s| s.code()),
+        "signal": status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
         "stdout": stdout.text(),
         "stderr": stderr.text(),
         "stdout_bytes": stdout.total,
@@ -150,6 +149,13 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
         "duration_ms": duration_ms,
         "outputs": outputs,
     });
+    let Some(status) = status else {
+        return Err(TaskFailure::timed_out(format!(
+            "'{program}' ran longer than its limit of {:?}; its process group was killed (output up to then is kept)",
+            task.timeout
+        ))
+        .with_output(output));
+    };
     if !status.success() {
         let message = match status.code() {
             Some(code) => format!("'{program}' exited with status {code}"),
@@ -161,15 +167,15 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             (Some(_), None) => false,
         };
         let failure = if retryable {
-            TaskFailure::failed("exit_status", message)
+            TaskFailure::failed(ErrorKind::ExitStatus, message)
         } else {
-            TaskFailure::permanent("exit_status", message)
+            TaskFailure::permanent(ErrorKind::ExitStatus, message)
         };
         return Err(failure.with_output(output));
     }
     if !missing.is_empty() {
         return Err(TaskFailure::failed(
-            "missing_outputs",
+            ErrorKind::MissingOutputs,
             format!(
                 "'{program}' succeeded but did not create: {}",
                 missing.join(", ")
@@ -228,6 +234,8 @@ async fn capture(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
     use std::time::Duration;
     use warren_broker::protocol::TaskStatus;
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use tracing::warn;
 
 use crate::handler::TaskFailure;
+use warren_broker::protocol::ErrorKind;
 
 /// Default cap on captured bytes of stdout and of stderr, each.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
@@ -201,7 +202,7 @@ impl ExecPolicy {
                 Some(path) => path.clone(),
                 None => {
                     return Err(TaskFailure::rejected(
-                        "not_allowed",
+                        ErrorKind::NotAllowed,
                         format!(
                             "program '{program}' is not allowed on this worker; start the worker with \
                              --allow-exec {program} (or --allow-exec '*' to allow any program)"
@@ -212,7 +213,7 @@ impl ExecPolicy {
         };
         let path = path.ok_or_else(|| {
             TaskFailure::failed(
-                "spawn_failed",
+                ErrorKind::SpawnFailed,
                 format!(
                     "cannot start '{program}': not found on the worker's PATH ({}); install it \
                      on the worker or give its full path",
@@ -235,7 +236,7 @@ impl ExecPolicy {
         for (name, value) in task_env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
                 return Err(TaskFailure::rejected(
-                    "invalid_args",
+                    ErrorKind::InvalidArgs,
                     format!(
                         "env variable {name:?} is not valid: names may not be empty or hold '=' or NUL, values may not hold NUL"
                     ),
@@ -244,7 +245,7 @@ impl ExecPolicy {
             if is_dangerous_env(name) && !self.task_env_allowed.contains(&name.to_ascii_uppercase())
             {
                 return Err(TaskFailure::rejected(
-                    "env_not_allowed",
+                    ErrorKind::EnvNotAllowed,
                     format!(
                         "a task may not set {name}: it can change which code a command runs. If this \
                          pipeline needs it, start the worker with --allow-task-env {name}"
