@@ -142,7 +142,7 @@ async fn shrinking_while_long_tasks_run_neither_redelivers_nor_loses_a_task() {
     write_tasks(&file, &tasks);
     let done = submit_file(&queue, &file, &["--wait"]).await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
-    let results = read_results(done.stdout.split_once('\n').unwrap().1);
+    let results = read_results(&done.stdout);
     assert_eq!(results.len(), 26, "every task exactly once");
     let ids: BTreeSet<&str> = results
         .iter()
@@ -325,4 +325,41 @@ async fn a_worker_command_that_cannot_run_fails_at_once_with_advice() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cargo install --path ."), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaler_declares_its_queue_so_a_submit_without_create_queue_is_accepted() {
+    let queue = unique_queue("declares");
+    let dir = scratch("declares");
+    let mut scaler = autoscaler(
+        &queue,
+        &dir,
+        "--min 0 --max 1",
+        &["worker", "--queue", &queue],
+    );
+    eventually(MINUTE, "the autoscaler to declare its queue", || async {
+        let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+        (status.code == Some(0)).then_some(())
+    })
+    .await;
+    let file = dir.join("tasks.jsonl");
+    write_tasks(&file, &[json!({"kind": "echo", "args": 1})]);
+    let done = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(read_results(&done.stdout).len(), 1);
+    scaler.signal(Signal::SIGTERM);
+    assert_eq!(scaler.exit_code(MINUTE).await, Some(0));
+    delete_queues(&queue).await;
 }

@@ -73,7 +73,15 @@ async fn an_unreachable_broker_is_named_without_the_password() {
     let mut cmd = warren();
     cmd.env("WARREN_AMQP_URL", "amqp://guest:topsecret@127.0.0.1:1/%2f");
     let out = cmd
-        .args(["submit", "--retry-for", "1", "exec", "--", "true"])
+        .args([
+            "submit",
+            "--create-queue",
+            "--retry-for",
+            "1",
+            "exec",
+            "--",
+            "true",
+        ])
         .output()
         .await
         .unwrap();
@@ -92,7 +100,10 @@ async fn an_unreachable_broker_is_named_without_the_password() {
 
 #[tokio::test]
 async fn refused_credentials_fail_fast_for_submitters_and_workers() {
-    for args in [vec!["submit", "exec", "--", "true"], vec!["worker"]] {
+    for args in [
+        vec!["submit", "--create-queue", "exec", "--", "true"],
+        vec!["worker"],
+    ] {
         let mut cmd = warren();
         cmd.env("WARREN_AMQP_URL", "amqp://guest:wrong@127.0.0.1:5672/%2f");
         let out = tokio::time::timeout(MINUTE, cmd.args(&args).output())
@@ -116,7 +127,15 @@ async fn the_password_can_come_from_a_file() {
     cmd.env("WARREN_AMQP_URL", "amqp://guest@127.0.0.1:5672/%2f")
         .env("WARREN_AMQP_PASSWORD_FILE", &secret);
     let out = cmd
-        .args(["submit", "--queue", &queue, "exec", "--", "true"])
+        .args([
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "exec",
+            "--",
+            "true",
+        ])
         .output()
         .await
         .unwrap();
@@ -188,7 +207,11 @@ async fn status_shows_depth_and_dead_letters() {
 async fn a_worker_serves_health_readiness_and_metrics() {
     let queue = unique_queue("health");
     let dir = scratch("health");
-    let worker = WorkerProcess::start(&queue, &dir, &["--metrics-addr", "127.0.0.1:0"]);
+    let worker = WorkerProcess::start(
+        &queue,
+        &dir,
+        &["--metrics-addr", "127.0.0.1:0", "--allow-exec", "true"],
+    );
     let url = worker.metrics_url().await;
     let base = url.trim_end_matches("/metrics").to_string();
     worker.wait_for_log("consuming", 1, MINUTE).await;
@@ -205,7 +228,8 @@ async fn a_worker_serves_health_readiness_and_metrics() {
         &file,
         &[
             serde_json::json!({"kind": "echo"}),
-            serde_json::json!({"kind": "sleep", "args": {"ms": "x"}}),
+            // Valid for submit, refused by the worker's exec handler.
+            serde_json::json!({"kind": "exec", "args": {"argv": ["true"], "env": {"LD_PRELOAD": "x.so"}}}),
         ],
     );
     assert_eq!(submit_file(&queue, &file, &["--wait"]).await.code, Some(1));
@@ -221,7 +245,7 @@ async fn a_worker_serves_health_readiness_and_metrics() {
     assert_eq!(
         sample(
             &page,
-            "warren_worker_tasks_finished_total{kind=\"sleep\",status=\"rejected\"}"
+            "warren_worker_tasks_finished_total{kind=\"exec\",status=\"rejected\"}"
         ),
         Some(1.0),
         "{page}"
@@ -247,7 +271,7 @@ async fn json_logs_carry_the_task_and_batch_on_every_task_line() {
             serde_json::json!({"kind": "nope"}),
         ],
     );
-    let done = submit_file(&queue, &file, &["--wait"]).await;
+    let done = submit_file(&queue, &file, &["--wait", "--print-batch-id"]).await;
     let batch = done.stdout.lines().next().unwrap().to_string();
     worker.wait_for_log("dead-lettering", 1, MINUTE).await;
     let lines: Vec<Value> = worker
@@ -375,6 +399,7 @@ async fn a_warren_flag_after_exec_dashes_is_warned_about() {
     let out = run_warren(
         &[
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "exec",
@@ -456,4 +481,58 @@ async fn warren_queue_exists(channel: &lapin::Channel, queue: &str) -> bool {
         )
         .await
         .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_nobody_declared_is_refused_and_a_queue_without_workers_is_named() {
+    let queue = unique_queue("typo");
+    let refused = run_warren(
+        &["submit", "--queue", &queue, "exec", "--", "true"],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("does not exist") && refused.stderr.contains("--create-queue"),
+        "{}",
+        refused.stderr
+    );
+    let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+    assert_eq!(
+        status.code,
+        Some(2),
+        "nothing was created: {}",
+        status.stdout
+    );
+
+    // Created on request; with no worker, the wait says so instead of showing an ETA for ever.
+    let waited = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &queue,
+            "--create-queue",
+            "--wait",
+            "--timeout",
+            "8",
+            "--warn-no-worker-after",
+            "1",
+            "exec",
+            "--",
+            "true",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(waited.code, Some(3), "{}", waited.stderr);
+    assert!(
+        waited
+            .stderr
+            .contains(&format!("no worker is consuming '{queue}'")),
+        "{}",
+        waited.stderr
+    );
+    delete_queues(&queue).await;
 }

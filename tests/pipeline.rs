@@ -27,7 +27,12 @@ async fn a_batch_of_1000_echo_tasks_returns_1000_matching_results() {
     let done = submit_file(
         &queue,
         &file,
-        &["--wait", "--output", out.to_str().unwrap()],
+        &[
+            "--wait",
+            "--print-batch-id",
+            "--output",
+            out.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(done.code, Some(0), "stderr: {}", done.stderr);
@@ -60,16 +65,25 @@ async fn tasks_on_stdin_and_results_on_stdout() {
         .map(|i| format!("{{\"kind\":\"echo\",\"args\":[{i}],\"id\":\"task-{i}\"}}\n"))
         .collect();
     let done = run_warren(
-        &["submit", "--queue", &queue, "--file", "-", "--wait"],
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "--file",
+            "-",
+            "--wait",
+        ],
         Some(&input),
         MINUTE,
     )
     .await;
     assert_eq!(done.code, Some(0), "stderr: {}", done.stderr);
-    let mut lines = done.stdout.lines();
-    let batch = lines.next().expect("batch id first");
-    let results = read_results(&lines.collect::<Vec<_>>().join("\n"));
+    // Stdout holds only result lines (it can be piped to jq); the batch id is on stderr.
+    let results = read_results(&done.stdout);
     assert_eq!(results.len(), 50);
+    let batch = results[0]["batch"].as_str().unwrap();
+    assert!(done.stderr.contains(batch), "{}", done.stderr);
     for r in &results {
         assert_eq!(r["batch"], batch);
         assert_eq!(r["task_id"], format!("task-{}", r["output"][0]));
@@ -121,7 +135,7 @@ async fn exec_tasks_report_success_failure_timeout_and_refusal() {
     ] {
         assert!(done.stderr.contains(named), "{named}: {}", done.stderr);
     }
-    let results = by_task_id(read_results(done.stdout.split_once('\n').unwrap().1));
+    let results = by_task_id(read_results(&done.stdout));
     let hash = &results["hash"];
     assert_eq!(hash["status"], "succeeded");
     assert!(
@@ -170,6 +184,7 @@ async fn a_single_exec_task_from_the_command_line_then_wait() {
     let submitted = run_warren(
         &[
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "exec",
@@ -198,6 +213,76 @@ async fn a_single_exec_task_from_the_command_line_then_wait() {
     let again = run_warren(&["wait", batch], None, MINUTE).await;
     assert_eq!(again.code, Some(2));
     assert!(again.stderr.contains("not found"), "{}", again.stderr);
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_exec_task_sets_cwd_env_labels_outputs_and_id_from_flags() {
+    let queue = unique_queue("execflags");
+    let dir = scratch("execflags");
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let done = run_warren(
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "--wait",
+            "exec",
+            "--cwd",
+            dir.to_str().unwrap(),
+            "--env",
+            "GDAL_CACHEMAX=64",
+            "--label",
+            "step=cog",
+            "--outputs",
+            "made.txt",
+            "--id",
+            "scene-1",
+            "--timeout-s",
+            "30",
+            "--",
+            "sh",
+            "-c",
+            "echo $GDAL_CACHEMAX > made.txt; pwd",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let results = read_results(&done.stdout);
+    let r = &results[0];
+    assert_eq!(r["task_id"], "scene-1");
+    assert_eq!(r["labels"]["step"], "cog");
+    assert_eq!(
+        r["output"]["stdout"].as_str().unwrap().trim(),
+        dir.to_str().unwrap()
+    );
+    assert_eq!(r["output"]["outputs"][0]["path"], "made.txt");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("made.txt")).unwrap(),
+        "64\n"
+    );
+    // A flag that is not NAME=VALUE is a usage error, before anything is sent.
+    let bad = run_warren(
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "exec",
+            "--env",
+            "NOVALUE",
+            "--",
+            "sh",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("NAME=VALUE"), "{}", bad.stderr);
     delete_queues(&queue).await;
 }
 

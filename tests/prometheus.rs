@@ -57,7 +57,14 @@ async fn a_real_prometheus_scrapes_a_worker_and_an_autoscaler() {
     let worker = WorkerProcess::start(
         &queue,
         &dir,
-        &["--metrics-addr", "127.0.0.1:0", "--concurrency", "4"],
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--concurrency",
+            "4",
+            "--allow-exec",
+            "true",
+        ],
     );
     let worker_metrics = worker.metrics_url().await;
     let scaler = WorkerProcess::spawn(
@@ -118,7 +125,8 @@ async fn a_real_prometheus_scrapes_a_worker_and_an_autoscaler() {
     let mut tasks: Vec<Value> = (0..30)
         .map(|i| json!({"kind": "echo", "args": {"i": i}}))
         .collect();
-    tasks.push(json!({"kind": "sleep", "args": {"ms": "not a number"}}));
+    // Valid for submit, refused by the worker's exec handler.
+    tasks.push(json!({"kind": "exec", "args": {"argv": ["true"], "env": {"LD_PRELOAD": "x.so"}}}));
     tasks.push(json!({"kind": "no-such-handler"}));
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);

@@ -1,75 +1,42 @@
-//! End-to-end: the Python example client (pika + msgpack) against the real worker and broker.
+//! End-to-end: the Python package `clients/python` (warren_client) against the real worker and
+//! broker. Its own unittest suite does the checking; this starts the worker it needs.
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
 
-const MINUTE: Duration = Duration::from_secs(60);
-
-async fn python(args: &[&str]) -> std::process::Output {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/python/warren_client.py"
-    );
-    let run = tokio::process::Command::new("python3")
-        .arg(script)
-        .args(args)
-        .env("WARREN_AMQP_URL", AMQP_URL)
-        .output();
-    tokio::time::timeout(MINUTE, run)
-        .await
-        .expect("python client finished")
-        .expect("python3 runs")
+/// The interpreter with warren_client installed: tests/run makes a virtualenv and names it in
+/// WARREN_PYTHON.
+fn python() -> String {
+    std::env::var("WARREN_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_client_submits_and_collects() {
+async fn the_python_package_submits_collects_and_interoperates_with_the_cli() {
     let queue = unique_queue("python");
     let dir = scratch("python");
-    let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let out = python(&["--queue", &queue, "--count", "25"]).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "8"]);
+    worker
+        .wait_for_log("consuming", 1, Duration::from_secs(60))
+        .await;
+    let run = tokio::process::Command::new(python())
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/tests"))
+        .env("WARREN_TEST_QUEUE", &queue)
+        .env("WARREN_BIN", env!("CARGO_BIN_EXE_warren"))
+        .env("WARREN_AMQP_URL", AMQP_URL)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the Python tests finished")
+        .expect("python runs (tests/run installs warren_client into a virtualenv)");
     assert_eq!(
         out.status.code(),
         Some(0),
-        "stderr: {}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut lines = stdout.lines();
-    let batch = lines.next().expect("batch id");
-    let results = read_results(&lines.collect::<Vec<_>>().join("\n"));
-    assert_eq!(results.len(), 25);
-    let ns: BTreeSet<u64> = results
-        .iter()
-        .map(|r| r["output"]["n"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ns, (0..25).collect());
-    assert!(
-        results
-            .iter()
-            .all(|r| r["batch"] == batch && r["labels"]["from"] == "python")
-    );
-    delete_queues(&queue).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_batch_can_be_collected_by_warren_wait() {
-    let queue = unique_queue("pywait");
-    let dir = scratch("pywait");
-    let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let out = python(&["--queue", &queue, "--count", "7", "--no-wait"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let batch = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let waited = run_warren(&["wait", &batch], None, MINUTE).await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    assert_eq!(read_results(&waited.stdout).len(), 7);
     delete_queues(&queue).await;
 }

@@ -73,11 +73,13 @@ async fn results_outlive_a_killed_submitter_and_wait_collects_them() {
     let mut submitter = warren()
         .args([
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "--file",
             file.to_str().unwrap(),
             "--wait",
+            "--print-batch-id",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -288,6 +290,7 @@ async fn a_submitter_whose_connection_drops_republishes_what_was_unconfirmed() {
         .env("WARREN_AMQP_URL", proxy.url())
         .args([
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "--file",
@@ -466,6 +469,7 @@ async fn a_port_that_never_answers_times_out_every_process() {
     let submitted = run_warren(
         &[
             "submit",
+            "--create-queue",
             "--amqp-url",
             &url,
             "--connect-timeout",
@@ -605,7 +609,14 @@ async fn a_memory_alarm_is_reported_and_the_batch_goes_through_once_it_clears() 
     );
     let url = broker.url();
     let mut submit = WorkerProcess::spawn(
-        &["submit", "--queue", queue, "--file", file.to_str().unwrap()],
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            queue,
+            "--file",
+            file.to_str().unwrap(),
+        ],
         &dir,
         &[("WARREN_AMQP_URL", url.as_str())],
     );
@@ -679,6 +690,7 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
         .env("WARREN_STATE_DIR", &state)
         .args([
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "--retry-for",
@@ -713,6 +725,7 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
         .env("WARREN_STATE_DIR", &state)
         .args([
             "submit",
+            "--create-queue",
             "--resume",
             &batch,
             "--file",
@@ -728,6 +741,7 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
         .env("WARREN_STATE_DIR", &state)
         .args([
             "submit",
+            "--create-queue",
             "--resume",
             &batch,
             "--file",
@@ -755,6 +769,7 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
     let again = run_warren(
         &[
             "submit",
+            "--create-queue",
             "--resume",
             &batch,
             "--file",
@@ -792,6 +807,7 @@ async fn broker_restarts_mid_submit_and_mid_wait_lose_and_repeat_nothing() {
     let mut submit = WorkerProcess::spawn(
         &[
             "submit",
+            "--create-queue",
             "--queue",
             queue,
             "--file",
@@ -889,6 +905,7 @@ async fn ctrl_c_while_publishing_names_the_batch_and_a_resume_finishes_it() {
     let mut submit = WorkerProcess::spawn(
         &[
             "submit",
+            "--create-queue",
             "--queue",
             &queue,
             "--file",
@@ -928,6 +945,7 @@ async fn ctrl_c_while_publishing_names_the_batch_and_a_resume_finishes_it() {
         .env("WARREN_STATE_DIR", &state)
         .args([
             "submit",
+            "--create-queue",
             "--resume",
             &batch,
             "--file",

@@ -81,9 +81,16 @@ async fn workers_and_submitters_speak_amqps() {
     );
 
     let mut submit = warren();
-    submit
-        .envs(env)
-        .args(["submit", "--queue", &queue, "--wait", "exec", "--", "true"]);
+    submit.envs(env).args([
+        "submit",
+        "--create-queue",
+        "--queue",
+        &queue,
+        "--wait",
+        "exec",
+        "--",
+        "true",
+    ]);
     let out = tokio::time::timeout(MINUTE, submit.output())
         .await
         .unwrap()
@@ -91,12 +98,7 @@ async fn workers_and_submitters_speak_amqps() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // This worker has no exec handler: its `unknown_kind` answer proves the round trip over TLS.
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let results = read_results(
-        String::from_utf8_lossy(&out.stdout)
-            .split_once('\n')
-            .unwrap()
-            .1,
-    );
+    let results = read_results(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(results[0]["error"]["kind"], "unknown_kind", "{results:?}");
     delete_queues(&queue).await;
 }
@@ -112,7 +114,15 @@ async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
             format!("amqps://guest:guest@127.0.0.1:{port}/%2f"),
         )
         .env_remove("SSL_CERT_FILE")
-        .args(["submit", "--retry-for", "1", "exec", "--", "true"]);
+        .args([
+            "submit",
+            "--create-queue",
+            "--retry-for",
+            "1",
+            "exec",
+            "--",
+            "true",
+        ]);
     let out = tokio::time::timeout(MINUTE, submit.output())
         .await
         .unwrap()

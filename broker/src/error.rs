@@ -62,6 +62,16 @@ pub enum BrokerError {
         /// What the broker said.
         detail: String,
     },
+    /// A submitter was asked to publish to a task queue nobody declared (a mistyped name, most
+    /// often), and not to create it.
+    #[error(
+        "task queue '{queue}' does not exist, so no worker or autoscaler serves it: check the name \
+         (`warren status` lists the task queues), or pass --create-queue to create it and submit anyway"
+    )]
+    TaskQueueMissing {
+        /// Queue name.
+        queue: String,
+    },
     /// A queue that must exist does not.
     #[error("queue '{queue}' does not exist (never created, already collected, or expired)")]
     QueueNotFound {
@@ -118,6 +128,7 @@ impl BrokerError {
         matches!(
             self,
             BrokerError::AccessRefused { .. }
+                | BrokerError::TaskQueueMissing { .. }
                 | BrokerError::UntrustedCertificate { .. }
                 | BrokerError::QueueMismatch { .. }
                 | BrokerError::Config(_)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Queue};
+use lapin::{Channel, Connection, Queue};
 
 use crate::error::BrokerError;
 
@@ -123,6 +123,23 @@ pub async fn declare_retry_queue(
     dead_letter_to(&mut args, task_queue);
     declare(channel, &name, args).await?;
     Ok(name)
+}
+
+/// Checks that the task queue `queue` exists, on a channel of its own (a failed passive declare
+/// closes its channel).
+pub async fn require_task_queue(connection: &Connection, queue: &str) -> Result<(), BrokerError> {
+    let channel = connection.create_channel().await?;
+    let found = inspect(&channel, queue).await;
+    if found.is_ok() {
+        let _ = channel.close(200, "checked".into()).await;
+    }
+    match found {
+        Ok(_) => Ok(()),
+        Err(BrokerError::QueueNotFound { .. }) => Err(BrokerError::TaskQueueMissing {
+            queue: queue.to_string(),
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks that a queue exists without changing it; returns its ready count and consumers.

@@ -7,7 +7,7 @@ use warren_broker::connection::connect;
 use warren_broker::depth::{
     DepthSource, Management, ManagementTarget, QueueDepth, WorkerLoad, combine, passive_depth,
 };
-use warren_broker::{AmqpSettings, BrokerError};
+use warren_broker::{AmqpSettings, BrokerError, topology};
 
 /// Probes one queue's depth, remembering which source works.
 pub struct DepthProbe {
@@ -16,6 +16,7 @@ pub struct DepthProbe {
     connection: Option<Connection>,
     channel: Option<Channel>,
     last_source: Option<DepthSource>,
+    declare_missing: bool,
 }
 
 impl DepthProbe {
@@ -36,7 +37,15 @@ impl DepthProbe {
             connection: None,
             channel: None,
             last_source: None,
+            declare_missing: true,
         }
+    }
+
+    /// Whether a task queue that does not exist is declared (default) or only reported empty
+    /// (for a dry run, which changes nothing).
+    pub fn declaring_missing(mut self, declare: bool) -> Self {
+        self.declare_missing = declare;
+        self
     }
 
     /// The depth of `queue`: `ready` from a passive declare (exact and immediate), `unacked` and
@@ -113,6 +122,18 @@ impl DepthProbe {
             .as_ref()
             .ok_or_else(|| BrokerError::Invalid("no channel".into()))?;
         // A failed declare (e.g. no such queue) closes only the channel; it is reopened next time.
-        passive_depth(channel, queue).await
+        match passive_depth(channel, queue).await {
+            Err(BrokerError::QueueNotFound { .. }) if self.declare_missing => {
+                // This pool serves the queue, so it creates it: `warren submit` refuses a queue
+                // nobody declared, and a pool at zero workers has nobody else to declare it.
+                let channel = connection.create_channel().await?;
+                topology::declare_task_queue(&channel, queue).await?;
+                info!(queue, "declared the task queue this pool serves");
+                let depth = passive_depth(&channel, queue).await;
+                self.channel = Some(channel);
+                depth
+            }
+            other => other,
+        }
     }
 }

@@ -69,7 +69,8 @@ pub async fn autoscale(
             poll: pool.poll()?,
             dry_run: options.dry_run,
         };
-        let probe = DepthProbe::new(options.amqp.clone(), &options.management);
+        let probe = DepthProbe::new(options.amqp.clone(), &options.management)
+            .declaring_missing(!options.dry_run);
         let (metrics, stop) = (metrics.clone(), stop.clone());
         match pool.backend {
             BackendKind::Local => {

@@ -37,6 +37,11 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 const RESULT_PREFETCH: u16 = 1000;
 /// How often written results are checkpointed and acknowledged.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How often the task queue's consumers are counted while waiting.
+const CONSUMER_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Default of [`CollectOptions::warn_no_worker_after`]: a pool scaling up from zero takes a few
+/// seconds; a mistyped queue never gets a worker.
+pub const NO_CONSUMER_WARN_AFTER: Duration = Duration::from_secs(30);
 /// How long to wait for a batch's manifest before telling the user it is missing.
 const NO_MANIFEST_HINT_AFTER: Duration = Duration::from_secs(10);
 /// Unacknowledged results that trigger a checkpoint before the next tick.
@@ -67,6 +72,8 @@ pub struct Counts {
     pub retried: u64,
     /// The first few tasks this collector wrote that did not succeed: (task id, error kind).
     pub failed_examples: Vec<(String, String)>,
+    /// Consumers of the batch's task queue when last counted (None: not known).
+    pub consumers: Option<u64>,
 }
 
 /// Failed tasks named in a summary.
@@ -154,6 +161,8 @@ pub struct CollectOptions {
     /// Seqs already in the sink from an earlier, interrupted collection (see
     /// [`crate::output::open_output`]): skipped as duplicates and recorded as collected.
     pub already_written: SeqSet,
+    /// How long the task queue may have no consumer, with results outstanding, before a warning.
+    pub warn_no_worker_after: Duration,
 }
 
 impl From<lapin::Error> for CollectError {
@@ -168,6 +177,7 @@ impl Default for CollectOptions {
             timeout: None,
             retry_for: Duration::from_secs(20),
             already_written: SeqSet::default(),
+            warn_no_worker_after: NO_CONSUMER_WARN_AFTER,
         }
     }
 }
@@ -189,6 +199,12 @@ struct State {
     replays: BTreeSet<(u32, u32)>,
     /// Those whose replayed result is written.
     replays_collected: BTreeSet<(u32, u32)>,
+    warn_no_worker_after: Duration,
+    /// When the task queue's consumers were last counted.
+    consumers_checked: Option<Instant>,
+    /// Since when the task queue has had no consumer.
+    no_consumer_since: Option<Instant>,
+    warned_no_consumer: bool,
 }
 
 impl Submitter {
@@ -213,6 +229,10 @@ impl Submitter {
             consumed_before: false,
             replays: BTreeSet::new(),
             replays_collected: BTreeSet::new(),
+            warn_no_worker_after: options.warn_no_worker_after,
+            consumers_checked: None,
+            no_consumer_since: None,
+            warned_no_consumer: false,
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let mut retry = RetryBudget::new(options.retry_for);
@@ -387,6 +407,9 @@ async fn collect_session(
                 None => return Err(BrokerError::ConsumerCancelled { queue: results_queue.clone() }.into()),
             },
             _ = ticker.tick() => {
+                if watch_consumers(connection, state).await {
+                    progress.update(&state.counts);
+                }
                 let known = state.manifest.is_some();
                 if !known && !state.warned_no_manifest && state.started.elapsed() > NO_MANIFEST_HINT_AFTER {
                     state.warned_no_manifest = true;
@@ -413,6 +436,55 @@ async fn collect_session(
         checkpoint(&manifests, state, unacked.take().map(|tag| (&results, tag))).await?;
     }
     Ok(Outcome::Incomplete(state.counts.clone()))
+}
+
+/// Counts the consumers of the batch's task queue every few seconds, and warns once when it has
+/// had none for [`CollectOptions::warn_no_worker_after`]. Returns whether the count was refreshed.
+async fn watch_consumers(connection: &Connection, state: &mut State) -> bool {
+    let Some(queue) = state.manifest.as_ref().map(|m| m.queue.clone()) else {
+        return false;
+    };
+    if state
+        .consumers_checked
+        .is_some_and(|at| at.elapsed() < CONSUMER_CHECK_EVERY.min(state.warn_no_worker_after))
+    {
+        return false;
+    }
+    state.consumers_checked = Some(Instant::now());
+    // A channel of its own: a failed passive declare (queue deleted) closes it.
+    let consumers = match connection.create_channel().await {
+        Ok(channel) => {
+            let found = topology::inspect(&channel, &queue).await;
+            if found.is_ok() {
+                let _ = channel.close(200, "counted".into()).await;
+            }
+            found.ok().map(|q| u64::from(q.consumer_count()))
+        }
+        Err(_) => None,
+    };
+    state.counts.consumers = consumers;
+    match consumers {
+        Some(0) => {
+            let since = *state.no_consumer_since.get_or_insert_with(Instant::now);
+            if !state.warned_no_consumer && since.elapsed() >= state.warn_no_worker_after {
+                state.warned_no_consumer = true;
+                warn!(
+                    batch = %state.batch,
+                    "no worker is consuming '{queue}' (for {}s): its tasks wait until one does. Start one \
+                     (warren worker --queue {queue}) or an autoscaler for it; or was the queue name mistyped?",
+                    since.elapsed().as_secs()
+                );
+            }
+        }
+        Some(_) => {
+            state.no_consumer_since = None;
+            if std::mem::take(&mut state.warned_no_consumer) {
+                info!(batch = %state.batch, "a worker is consuming '{queue}' now");
+            }
+        }
+        None => {}
+    }
+    true
 }
 
 /// Writes a result unless it was written before; returns whether it was written. A message that

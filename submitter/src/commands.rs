@@ -58,6 +58,8 @@ pub struct SubmitCommand {
     pub wait: Option<WaitCommand>,
     /// Finish this interrupted batch instead of submitting a new one.
     pub resume: Option<String>,
+    /// Write the batch id to stdout even with `wait` (where stdout otherwise holds only results).
+    pub print_batch_id: bool,
 }
 
 /// Options of `warren wait` (and of `submit --wait`).
@@ -70,6 +72,8 @@ pub struct WaitCommand {
     pub timeout: Option<Duration>,
     /// How long to keep retrying an unreachable broker.
     pub retry_for: Duration,
+    /// Warn when the task queue has had no consumer this long.
+    pub warn_no_worker_after: Duration,
 }
 
 /// Runs `warren submit`; returns the process exit status.
@@ -95,6 +99,9 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             path.display()
         ));
     }
+    // With --wait, stdout carries only result lines (so it can be piped to jq); the batch id is on
+    // stderr either way.
+    let batch_id_to_stdout = cmd.wait.is_none() || cmd.print_batch_id;
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
     // Ctrl-C stops publishing cleanly: what is in flight is confirmed, and the batch can be
     // finished with --resume (or stopped with `warren cancel`).
@@ -147,8 +154,10 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                 return fail(&format!("nothing usable was submitted: {e}"));
             };
             // The batch id goes to stdout as on success: scripts must know what will run.
-            println!("{}", journal.batch);
-            let _ = std::io::stdout().flush();
+            if batch_id_to_stdout {
+                println!("{}", journal.batch);
+                let _ = std::io::stdout().flush();
+            }
             let resume = match (&cmd.source, journal.save()) {
                 (TaskSource::File(file), Ok(_)) if file.as_os_str() != "-" => format!(
                     "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
@@ -178,8 +187,10 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             ));
         }
     };
-    println!("{}", receipt.batch);
-    let _ = std::io::stdout().flush();
+    if batch_id_to_stdout {
+        println!("{}", receipt.batch);
+        let _ = std::io::stdout().flush();
+    }
     eprintln!(
         "submitted {} task(s) to '{}' as batch {}",
         receipt.total, cmd.options.queue, receipt.batch
@@ -514,6 +525,7 @@ async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) -> u
         timeout: cmd.timeout,
         retry_for: cmd.retry_for,
         already_written,
+        warn_no_worker_after: cmd.warn_no_worker_after,
     };
 
     let interrupt = async {

@@ -27,7 +27,9 @@ pub mod status;
 pub mod stream;
 pub mod submit;
 
-pub use collect::{CollectError, CollectOptions, Counts, Outcome, Progress, ResultSink};
+pub use collect::{
+    CollectError, CollectOptions, Counts, NO_CONSUMER_WARN_AFTER, Outcome, Progress, ResultSink,
+};
 pub use output::JsonLines;
 pub use spec::TaskSpec;
 pub use stream::OpenBatch;

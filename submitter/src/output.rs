@@ -146,8 +146,13 @@ impl Progress for StderrProgress {
                     bar.set_length(u64::from(total));
                 }
                 bar.set_position(counts.done);
+                let idle = if counts.consumers == Some(0) {
+                    " (no worker is consuming the queue)"
+                } else {
+                    ""
+                };
                 bar.set_message(format!(
-                    "done, {} failed, {} retried",
+                    "done, {} failed, {} retried{idle}",
                     counts.failed(),
                     counts.retried
                 ));
@@ -172,6 +177,11 @@ impl Progress for StderrProgress {
                             .to_string()
                         }
                         _ => "unknown".to_string(),
+                    };
+                    let eta = if counts.consumers == Some(0) {
+                        "unknown (no worker is consuming the queue)".to_string()
+                    } else {
+                        eta
                     };
                     eprintln!(
                         "batch {batch}: {}/{total} done, {} failed, {} retried, {rate:.1}/s, ETA {eta}",

@@ -5,7 +5,9 @@ use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use warren_broker::protocol::{check_builtin_args, parse_time, validate_id, validate_retries};
+use warren_broker::protocol::{
+    ExecArgs, check_builtin_args, parse_time, validate_id, validate_retries,
+};
 
 /// One task as submitted: a JSON object per line of a tasks file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -51,10 +53,18 @@ pub struct SpecError {
 impl TaskSpec {
     /// An `exec` task running `argv`.
     pub fn exec(argv: Vec<String>) -> Self {
+        Self::from_exec(&ExecArgs {
+            argv,
+            ..ExecArgs::default()
+        })
+    }
+
+    /// An `exec` task with these arguments.
+    pub fn from_exec(args: &ExecArgs) -> Self {
         Self {
             kind: "exec".into(),
-            args: serde_json::json!({ "argv": argv }),
-            timeout_s: None,
+            // Plain strings, paths and maps: always representable as JSON.
+            args: serde_json::to_value(args).unwrap_or_default(),
             ..Self::default()
         }
     }

@@ -42,6 +42,9 @@ impl Submitter {
         let batch = protocol::new_id();
         let (connection, publisher) = self.connection().await?;
         let publisher = publisher.clone();
+        if !options.create_queue {
+            topology::require_task_queue(connection, &options.queue).await?;
+        }
         topology::declare_task_queue(publisher.channel(), &options.queue).await?;
         topology::declare_batch_queues(
             publisher.channel(),

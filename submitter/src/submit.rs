@@ -41,6 +41,10 @@ pub struct SubmitOptions {
     /// sent, and the submission ends with [`SubmitError::Stopped`], which [`Submitter::resume`]
     /// finishes.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Create the task queue when it does not exist (true by default). `warren submit` sets it
+    /// only with `--create-queue`, so a mistyped queue name is an error rather than a queue no
+    /// worker will ever serve.
+    pub create_queue: bool,
 }
 
 impl SubmitOptions {
@@ -52,6 +56,7 @@ impl SubmitOptions {
             retry_for: Duration::from_secs(20),
             max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
             stop: None,
+            create_queue: true,
         }
     }
 }
@@ -336,8 +341,11 @@ impl Submitter {
         confirmed: &mut [bool],
         options: &SubmitOptions,
     ) -> Result<bool, BrokerError> {
-        let (_, publisher) = self.connection().await?;
+        let (connection, publisher) = self.connection().await?;
         let publisher = publisher.clone();
+        if !options.create_queue {
+            topology::require_task_queue(connection, &options.queue).await?;
+        }
         topology::declare_task_queue(publisher.channel(), &options.queue).await?;
         topology::declare_batch_queues(
             publisher.channel(),

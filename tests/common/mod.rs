@@ -257,7 +257,7 @@ where
 /// Runs `warren submit --queue QUEUE --file FILE EXTRA...`.
 pub async fn submit_file(queue: &str, file: &Path, extra: &[&str]) -> Finished {
     let file = file.to_str().expect("utf-8 path");
-    let mut args = vec!["submit", "--queue", queue, "--file", file];
+    let mut args = vec!["submit", "--create-queue", "--queue", queue, "--file", file];
     args.extend_from_slice(extra);
     run_warren(&args, None, Duration::from_secs(60)).await
 }
