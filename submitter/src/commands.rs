@@ -1,7 +1,7 @@
 //! The `submit`, `wait` and `status` commands, as the CLI runs them: inputs, outputs, summary
 //! and exit status.
 
-use std::io::{BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,9 +21,9 @@ use crate::dlq::{DeadLetters, Filter};
 use crate::journal::Journal;
 use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
-use crate::spec::{TaskSpec, read_specs};
+use crate::spec::{SpecSource, TaskFile, TaskSpec};
 use crate::status::{queue_status, render};
-use crate::submit::{SubmitError, SubmitOptions, Submitter};
+use crate::submit::{SubmitError, SubmitOptions, Submitter, prepare};
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -78,12 +78,19 @@ pub struct WaitCommand {
 
 /// Runs `warren submit`; returns the process exit status.
 pub async fn submit(cmd: SubmitCommand) -> u8 {
-    let specs = match &cmd.source {
-        TaskSource::Single(spec) => vec![spec.clone()],
-        TaskSource::File(path) => match read_task_file(path) {
-            Ok(specs) => specs,
+    // Kept until the end: the task file stdin was spooled to.
+    let mut _spooled = None;
+    let source: Box<dyn SpecSource + Send> = match &cmd.source {
+        TaskSource::Single(spec) => Box::new(vec![spec.clone()]),
+        TaskSource::File(path) if path.as_os_str() == "-" => match spool_stdin().await {
+            Ok(file) => {
+                let source = TaskFile::new(file.path(), "stdin");
+                _spooled = Some(file);
+                Box::new(source)
+            }
             Err(message) => return fail(&message),
         },
+        TaskSource::File(path) => Box::new(TaskFile::new(path, path.display().to_string())),
     };
     // A results file that cannot be written is found before anything is sent.
     if let Some(WaitCommand {
@@ -119,14 +126,14 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
         ..cmd.options.clone()
     };
     let submitted = match &cmd.resume {
-        None => match Journal::new_batch(&specs, &options.queue) {
+        None => match prepare(&*source, &options) {
             Ok(journal) => {
                 // Said first, so an interrupted submit never leaves a batch nobody can name.
                 eprintln!(
                     "submitting {} task(s) to '{}' as batch {}",
                     journal.total, options.queue, journal.batch
                 );
-                submitter.submit_as(&specs, &options, journal).await
+                submitter.submit_as(&*source, &options, journal).await
             }
             Err(e) => Err(e),
         },
@@ -137,7 +144,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                     journal.confirmed_count(),
                     journal.total
                 );
-                submitter.resume(&specs, &options, journal).await
+                submitter.resume(&*source, &options, journal).await
             }
             Err(message) => return fail(&message),
         },
@@ -594,14 +601,18 @@ pub fn summary(batch: &str, counts: &Counts, elapsed: Duration) -> String {
     line
 }
 
-fn read_task_file(path: &PathBuf) -> Result<Vec<TaskSpec>, String> {
-    if path.as_os_str() == "-" {
-        let stdin = std::io::stdin();
-        return read_specs(stdin.lock(), "stdin").map_err(|e| e.to_string());
-    }
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot open task file {}: {e}", path.display()))?;
-    read_specs(BufReader::new(file), &path.display().to_string()).map_err(|e| e.to_string())
+/// Reads stdin once into a temporary file, so that the batch can be checked and then published
+/// (and republished after a reconnect) without being held in memory.
+async fn spool_stdin() -> Result<tempfile::NamedTempFile, String> {
+    tokio::task::spawn_blocking(|| {
+        let mut file = tempfile::NamedTempFile::new()
+            .map_err(|e| format!("cannot create a temporary file to hold stdin: {e}"))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut file)
+            .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?
 }
 
 fn connection_name(role: &str) -> String {

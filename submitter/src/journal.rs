@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
-use crate::submit::SubmitError;
 use warren_broker::protocol;
 
 /// An unfinished submission.
@@ -28,34 +27,43 @@ pub struct Journal {
     pub fingerprint: String,
 }
 
-/// SHA-256 over the tasks in order: the same task lines give the same fingerprint.
-pub fn fingerprint(specs: &[TaskSpec]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    for spec in specs {
+/// SHA-256 over the tasks in order, built one task at a time: the same task lines give the same
+/// fingerprint.
+#[derive(Default)]
+pub struct Fingerprint(sha2::Sha256);
+
+impl Fingerprint {
+    /// Adds the next task.
+    pub fn add(&mut self, spec: &TaskSpec) {
+        use sha2::Digest;
         // Serializing a plain struct of strings, numbers and JSON values cannot fail.
-        hash.update(serde_json::to_vec(spec).unwrap_or_default());
-        hash.update(b"\n");
+        self.0.update(serde_json::to_vec(spec).unwrap_or_default());
+        self.0.update(b"\n");
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+
+    /// The fingerprint, as hex.
+    pub fn finish(self) -> String {
+        use sha2::Digest;
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 impl Journal {
-    /// The record of a new batch of `specs` for `queue`: a fresh id and token, nothing confirmed.
-    pub fn new_batch(specs: &[TaskSpec], queue: &str) -> Result<Self, SubmitError> {
-        let total = u32::try_from(specs.len()).map_err(|_| SubmitError::Task {
-            index: specs.len(),
-            id: String::new(),
-            message: "too many tasks for one batch".into(),
-        })?;
-        Ok(Self {
+    /// The record of a new batch for `queue` of `total` tasks: a fresh id and token, nothing
+    /// confirmed yet.
+    pub fn new_batch(queue: &str, total: u32, fingerprint: String) -> Self {
+        Self {
             batch: protocol::new_id(),
             token: protocol::new_token(),
             queue: queue.to_string(),
             total,
             confirmed: Vec::new(),
-            fingerprint: fingerprint(specs),
-        })
+            fingerprint,
+        }
     }
 
     /// How many tasks were confirmed.

@@ -31,6 +31,6 @@ pub use collect::{
     CollectError, CollectOptions, Counts, NO_CONSUMER_WARN_AFTER, Outcome, Progress, ResultSink,
 };
 pub use output::JsonLines;
-pub use spec::TaskSpec;
+pub use spec::{SpecSource, TaskFile, TaskSpec};
 pub use stream::OpenBatch;
-pub use submit::{BatchReceipt, SubmitError, SubmitOptions, Submitter};
+pub use submit::{BatchReceipt, SubmitError, SubmitOptions, Submitter, prepare};

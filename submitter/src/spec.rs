@@ -1,6 +1,6 @@
 //! Task lines: the JSON a user or script writes to describe one task, and their validation.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::BufRead;
 
 use serde::{Deserialize, Serialize};
@@ -93,48 +93,171 @@ impl TaskSpec {
     }
 }
 
-/// Reads every task line of `input` (blank lines and lines starting with `#` are skipped), and
-/// checks them all before anything is sent, so a bad line never leaves half a batch behind.
-pub fn read_specs(input: impl BufRead, source_name: &str) -> Result<Vec<TaskSpec>, SpecError> {
-    let error = |line: usize, message: String| SpecError {
-        source_name: source_name.to_string(),
-        line,
-        message,
-    };
-    let mut specs = Vec::new();
-    let mut ids = HashSet::new();
-    for (index, line) in input.lines().enumerate() {
-        let number = index + 1;
-        let line = line.map_err(|e| error(number, format!("cannot read: {e}")))?;
-        let text = line.trim();
-        if text.is_empty() || text.starts_with('#') {
-            continue;
+/// The task lines of `input`, read one at a time: blank lines and lines starting with `#` are
+/// skipped, and each task is checked as it is read. Items are `(line number, task)`.
+pub struct SpecLines<R> {
+    lines: std::io::Lines<R>,
+    source_name: String,
+    number: usize,
+}
+
+impl<R: BufRead> SpecLines<R> {
+    /// Reads `input`, naming it `source_name` in errors.
+    pub fn new(input: R, source_name: &str) -> Self {
+        Self {
+            lines: input.lines(),
+            source_name: source_name.to_string(),
+            number: 0,
         }
-        let spec: TaskSpec = serde_json::from_str(text).map_err(|e| {
-            error(
-                number,
-                format!("not a valid task ({e}); expected {{\"kind\": \"exec\", \"args\": {{\"argv\": [...]}}}}"),
-            )
+    }
+
+    fn error(&self, message: String) -> SpecError {
+        SpecError {
+            source_name: self.source_name.clone(),
+            line: self.number,
+            message,
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for SpecLines<R> {
+    type Item = Result<(usize, TaskSpec), SpecError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let line = self.lines.next()?;
+            self.number += 1;
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => return Some(Err(self.error(format!("cannot read: {e}")))),
+            };
+            let text = line.trim();
+            if text.is_empty() || text.starts_with('#') {
+                continue;
+            }
+            let spec: TaskSpec = match serde_json::from_str(text) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    return Some(Err(self.error(format!(
+                        "not a valid task ({e}); expected {{\"kind\": \"exec\", \"args\": {{\"argv\": [...]}}}}"
+                    ))));
+                }
+            };
+            return Some(match spec.check() {
+                Ok(()) => Ok((self.number, spec)),
+                Err(message) => Err(self.error(message)),
+            });
+        }
+    }
+}
+
+/// Finds task ids used twice in a batch, in memory that does not grow with the ids' length: it
+/// keeps a 64-bit hash of each id (a batch of a million tasks with ids: about 16 MB), so two
+/// different ids are taken for one with a probability below 1 in 10^7 at a million ids.
+#[derive(Default)]
+pub struct DuplicateIds {
+    seen: std::collections::HashSet<u64>,
+}
+
+impl DuplicateIds {
+    /// Records `id`; false when it (or an id with the same hash) was recorded before.
+    pub fn insert(&mut self, id: &str) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        // A fixed hasher: the same id always hashes alike, and ids are not adversarial here (a
+        // submitter checks its own file).
+        let hash =
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id);
+        self.seen.insert(hash)
+    }
+}
+
+/// Where a batch's tasks come from. A source is read more than once (a checking pass, then each
+/// publishing pass), so a batch is never held in memory whole.
+pub trait SpecSource: Sync {
+    /// The tasks from the start, each with its line number (its position, for a list).
+    fn read(&self) -> Result<SpecIter<'_>, SpecError>;
+}
+
+/// The tasks of a [`SpecSource`], in order.
+pub type SpecIter<'a> = Box<dyn Iterator<Item = Result<(usize, TaskSpec), SpecError>> + Send + 'a>;
+
+impl SpecSource for [TaskSpec] {
+    fn read(&self) -> Result<SpecIter<'_>, SpecError> {
+        Ok(Box::new(
+            self.iter()
+                .enumerate()
+                .map(|(index, spec)| Ok((index + 1, spec.clone()))),
+        ))
+    }
+}
+
+impl SpecSource for Vec<TaskSpec> {
+    fn read(&self) -> Result<SpecIter<'_>, SpecError> {
+        self.as_slice().read()
+    }
+}
+
+/// A JSON-lines task file, read from disk on each pass.
+pub struct TaskFile {
+    path: std::path::PathBuf,
+    name: String,
+}
+
+impl TaskFile {
+    /// The task file at `path`, called `name` in error messages.
+    pub fn new(path: impl Into<std::path::PathBuf>, name: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl SpecSource for TaskFile {
+    fn read(&self) -> Result<SpecIter<'_>, SpecError> {
+        let file = std::fs::File::open(&self.path).map_err(|e| SpecError {
+            source_name: self.name.clone(),
+            line: 0,
+            message: format!("cannot open task file {}: {e}", self.path.display()),
         })?;
-        spec.check().map_err(|m| error(number, m))?;
+        Ok(Box::new(SpecLines::new(
+            std::io::BufReader::with_capacity(256 * 1024, file),
+            &self.name,
+        )))
+    }
+}
+
+/// Reads every task line of `input` into memory and checks them all (ids used twice included).
+/// For batches of any size, give a [`SpecSource`] to the submitter instead.
+pub fn read_specs(input: impl BufRead, source_name: &str) -> Result<Vec<TaskSpec>, SpecError> {
+    let mut specs = Vec::new();
+    let mut ids = DuplicateIds::default();
+    for item in SpecLines::new(input, source_name) {
+        let (line, spec) = item?;
         if let Some(id) = &spec.id
-            && !ids.insert(id.clone())
+            && !ids.insert(id)
         {
-            return Err(error(
-                number,
-                format!("task id '{id}' is used twice in this batch"),
-            ));
+            return Err(SpecError {
+                source_name: source_name.to_string(),
+                line,
+                message: format!("task id '{id}' is used twice in this batch"),
+            });
         }
         specs.push(spec);
     }
     if specs.is_empty() {
-        return Err(error(
-            0,
-            "no tasks found (expected one JSON object per line)".into(),
-        ));
+        return Err(SpecError {
+            source_name: source_name.to_string(),
+            line: 0,
+            message: "no tasks found (expected one JSON object per line)".into(),
+        });
     }
     if u32::try_from(specs.len()).is_err() {
-        return Err(error(0, "too many tasks for one batch".into()));
+        return Err(SpecError {
+            source_name: source_name.to_string(),
+            line: 0,
+            message: "too many tasks for one batch".into(),
+        });
     }
     Ok(specs)
 }

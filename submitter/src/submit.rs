@@ -19,9 +19,9 @@ use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
-use crate::journal::{Journal, fingerprint};
+use crate::journal::{Fingerprint, Journal};
 use crate::seqset::SeqSet;
-use crate::spec::TaskSpec;
+use crate::spec::{DuplicateIds, SpecError, SpecSource, TaskSpec};
 
 /// Publishes in flight at once before waiting for confirms.
 const CONFIRM_WINDOW: usize = 1024;
@@ -83,6 +83,9 @@ pub enum SubmitError {
         /// What is wrong.
         message: String,
     },
+    /// A task line cannot be used (or the task file cannot be read).
+    #[error("{0}")]
+    Spec(#[from] SpecError),
     /// The broker could not be used, even after retrying.
     #[error("{0}")]
     Broker(#[from] BrokerError),
@@ -171,38 +174,49 @@ impl Submitter {
         self.connection = None;
     }
 
-    /// Submits `specs` as one batch and returns its id once every task and the manifest are
-    /// confirmed by the broker.
-    pub async fn submit(
+    /// Submits the tasks of `source` as one batch and returns its id once every task and the
+    /// manifest are confirmed by the broker. Every task is checked before any is sent.
+    pub async fn submit<S: SpecSource + ?Sized>(
         &mut self,
-        specs: &[TaskSpec],
+        source: &S,
         options: &SubmitOptions,
     ) -> Result<BatchReceipt, SubmitError> {
-        let journal = Journal::new_batch(specs, &options.queue)?;
-        self.publish_batch(specs, options, journal).await
+        let journal = prepare(source, options)?;
+        self.publish_batch(source, options, journal).await
     }
 
-    /// Submits `specs` as the new batch `journal` describes (from [`Journal::new_batch`]), so
-    /// the caller knows the batch id before anything is sent.
-    pub async fn submit_as(
+    /// Submits `source` as the new batch `journal` describes (from [`prepare`]), so the caller
+    /// knows the batch id before anything is sent.
+    pub async fn submit_as<S: SpecSource + ?Sized>(
         &mut self,
-        specs: &[TaskSpec],
+        source: &S,
         options: &SubmitOptions,
         journal: Journal,
     ) -> Result<BatchReceipt, SubmitError> {
-        self.publish_batch(specs, options, journal).await
+        self.publish_batch(source, options, journal).await
     }
 
     /// Finishes an interrupted submission: publishes, with the same batch, token and `seq`s, only
-    /// the tasks of `specs` (the same task file) that `journal` does not list as confirmed, then
+    /// the tasks of `source` (the same task file) that `journal` does not list as confirmed, then
     /// the manifest.
-    pub async fn resume(
+    pub async fn resume<S: SpecSource + ?Sized>(
         &mut self,
-        specs: &[TaskSpec],
+        source: &S,
         options: &SubmitOptions,
         journal: Journal,
     ) -> Result<BatchReceipt, SubmitError> {
-        if specs.len() == journal.total as usize && fingerprint(specs) != journal.fingerprint {
+        let (total, fingerprint) = check_pass(source, &journal.batch, &journal.token, options)?;
+        if total != journal.total {
+            return Err(SubmitError::Task {
+                index: total as usize,
+                id: String::new(),
+                message: format!(
+                    "this task file has {total} task(s) but batch {} has {}: give the file the batch was submitted from",
+                    journal.batch, journal.total
+                ),
+            });
+        }
+        if fingerprint != journal.fingerprint {
             return Err(SubmitError::Task {
                 index: 0,
                 id: String::new(),
@@ -213,33 +227,20 @@ impl Submitter {
                 ),
             });
         }
-        if specs.len() != journal.total as usize {
-            return Err(SubmitError::Task {
-                index: specs.len(),
-                id: String::new(),
-                message: format!(
-                    "this task file has {} task(s) but batch {} has {}: give the file the batch was submitted from",
-                    specs.len(),
-                    journal.batch,
-                    journal.total
-                ),
-            });
-        }
         let options = SubmitOptions {
             queue: journal.queue.clone(),
             ..options.clone()
         };
-        self.publish_batch(specs, &options, journal).await
+        self.publish_batch(source, &options, journal).await
     }
 
-    async fn publish_batch(
+    async fn publish_batch<S: SpecSource + ?Sized>(
         &mut self,
-        specs: &[TaskSpec],
+        source: &S,
         options: &SubmitOptions,
         journal: Journal,
     ) -> Result<BatchReceipt, SubmitError> {
         let (batch, token, total) = (journal.batch.clone(), journal.token.clone(), journal.total);
-        let messages = encode_batch(specs, &batch, &token, options)?;
         let already = SeqSet::from_ranges(&journal.confirmed);
         let mut confirmed: Vec<bool> = (0..total).map(|seq| already.contains(seq)).collect();
         // The record of what was confirmed, for a resume.
@@ -259,11 +260,17 @@ impl Submitter {
                 retry_for: retry.budget(),
                 source: Box::new(e),
             };
+        let submitted_at = protocol::timestamp(SystemTime::now());
+        let batch_ids = BatchIds {
+            batch: &batch,
+            token: &token,
+            submitted_at: &submitted_at,
+        };
         let mut retry = RetryBudget::new(options.retry_for);
         let mut confirmed_before = confirmed.iter().filter(|c| **c).count();
         loop {
             match self
-                .publish_pass(&batch, &messages, &mut confirmed, options)
+                .publish_pass(source, &batch_ids, &mut confirmed, options)
                 .await
             {
                 Ok(true) => break,
@@ -285,7 +292,7 @@ impl Submitter {
                     };
                     warn!(
                         "publishing interrupted ({e}); retrying in {delay:.1?}, {} task(s) not yet confirmed",
-                        messages.len() - done
+                        confirmed.len() - done
                     );
                     self.reset();
                     tokio::time::sleep(delay).await;
@@ -332,15 +339,22 @@ impl Submitter {
         }
     }
 
-    /// Declares the topology and publishes every unconfirmed task, keeping a window of
-    /// confirms in flight.
-    async fn publish_pass(
+    /// Declares the topology and publishes every unconfirmed task, reading `source` again and
+    /// keeping only a window of confirms in flight.
+    async fn publish_pass<S: SpecSource + ?Sized>(
         &mut self,
-        batch: &str,
-        messages: &[(Vec<u8>, BasicProperties)],
+        source: &S,
+        ids: &BatchIds<'_>,
         confirmed: &mut [bool],
         options: &SubmitOptions,
     ) -> Result<bool, BrokerError> {
+        // The source was checked before; reading it again must give the same tasks (a file
+        // changed meanwhile ends the submission, which can be resumed with the original).
+        let changed = |e: String| {
+            BrokerError::Invalid(format!(
+                "the task file changed while it was being submitted: {e}"
+            ))
+        };
         let (connection, publisher) = self.connection().await?;
         let publisher = publisher.clone();
         if !options.create_queue {
@@ -349,14 +363,20 @@ impl Submitter {
         topology::declare_task_queue(publisher.channel(), &options.queue).await?;
         topology::declare_batch_queues(
             publisher.channel(),
-            batch,
+            ids.batch,
             &options.queue,
             options.result_expiry,
         )
         .await?;
         let mut in_flight = VecDeque::with_capacity(CONFIRM_WINDOW);
         let mut stopped = false;
-        for (index, (body, properties)) in messages.iter().enumerate() {
+        let tasks = source.read().map_err(|e| changed(e.to_string()))?;
+        for (seq, item) in (0u32..).zip(tasks) {
+            let index = seq as usize;
+            let (_, spec) = item.map_err(|e| changed(e.to_string()))?;
+            if index >= confirmed.len() {
+                return Err(changed("it has more tasks than when it was checked".into()));
+            }
             if confirmed[index] {
                 continue;
             }
@@ -375,11 +395,12 @@ impl Submitter {
                 pending.confirmed().await?;
                 confirmed[done] = true;
             }
+            let (body, properties) =
+                encode_task(&spec, ids.batch, ids.token, seq, ids.submitted_at, options)
+                    .map_err(|e| changed(e.to_string()))?;
             in_flight.push_back((
                 index,
-                publisher
-                    .send(&options.queue, body, properties.clone())
-                    .await?,
+                publisher.send(&options.queue, &body, properties).await?,
             ));
         }
         for (done, pending) in in_flight {
@@ -390,18 +411,80 @@ impl Submitter {
     }
 }
 
-/// Encodes every task of the batch with its AMQP properties, refusing oversize ones up front.
-fn encode_batch(
-    specs: &[TaskSpec],
+/// What every task of a batch carries.
+struct BatchIds<'a> {
+    batch: &'a str,
+    token: &'a str,
+    submitted_at: &'a str,
+}
+
+/// Checks every task of `source` before anything is sent (fields, ids used twice, the encoded
+/// size) and returns the number of tasks and their fingerprint. Memory stays flat: one task at a
+/// time, plus a hash per task id given.
+pub(crate) fn check_pass<S: SpecSource + ?Sized>(
+    source: &S,
     batch: &str,
     token: &str,
     options: &SubmitOptions,
-) -> Result<Vec<(Vec<u8>, BasicProperties)>, SubmitError> {
+) -> Result<(u32, String), SubmitError> {
     let submitted_at = protocol::timestamp(SystemTime::now());
-    (0..)
-        .zip(specs)
-        .map(|(seq, spec)| encode_task(spec, batch, token, seq, &submitted_at, options))
-        .collect()
+    let mut ids = DuplicateIds::default();
+    let mut fingerprint = Fingerprint::default();
+    let mut total: u32 = 0;
+    let mut last_line = 0;
+    for item in source.read()? {
+        let (line, spec) = item?;
+        last_line = line;
+        if let Some(id) = &spec.id
+            && !ids.insert(id)
+        {
+            return Err(SubmitError::Task {
+                index: total as usize,
+                id: id.clone(),
+                message: format!("line {line}: task id '{id}' is used twice in this batch"),
+            });
+        }
+        encode_task(&spec, batch, token, total, &submitted_at, options).map_err(|e| match e {
+            SubmitError::Task { index, id, message } => SubmitError::Task {
+                index,
+                id,
+                message: format!("line {line}: {message}"),
+            },
+            other => other,
+        })?;
+        fingerprint.add(&spec);
+        total = total.checked_add(1).ok_or_else(|| SubmitError::Task {
+            index: total as usize,
+            id: String::new(),
+            message: format!(
+                "line {line}: too many tasks for one batch (at most {})",
+                u32::MAX
+            ),
+        })?;
+    }
+    if total == 0 {
+        return Err(SubmitError::Task {
+            index: 0,
+            id: String::new(),
+            message: format!(
+                "no tasks found (expected one JSON object per line; {last_line} line(s) read)"
+            ),
+        });
+    }
+    Ok((total, fingerprint.finish()))
+}
+
+/// Checks the tasks of `source` and describes the new batch they make, with a fresh id and
+/// token: [`Submitter::submit_as`] then publishes it.
+pub fn prepare<S: SpecSource + ?Sized>(
+    source: &S,
+    options: &SubmitOptions,
+) -> Result<Journal, SubmitError> {
+    let mut journal = Journal::new_batch(&options.queue, 0, String::new());
+    let (total, fingerprint) = check_pass(source, &journal.batch, &journal.token, options)?;
+    journal.total = total;
+    journal.fingerprint = fingerprint;
+    Ok(journal)
 }
 
 /// Encodes task `seq` of `batch` with its AMQP properties: the identifying properties and headers
