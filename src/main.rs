@@ -7,17 +7,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
-use warren_broker::protocol::ExecArgs;
-use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
+use warren_broker::topology::DEFAULT_TASK_QUEUE;
 use warren_deploy::config;
 use warren_deploy::run::{AutoscaleOptions, autoscale};
-use warren_submitter::commands::{
-    self, EXIT_USAGE_OR_CONNECTION, SubmitCommand, TaskSource, WaitCommand,
-};
-use warren_submitter::{SubmitOptions, TaskSpec};
+use warren_submitter::commands::{self, EXIT_USAGE_OR_CONNECTION, WaitCommand};
 use warren_worker::{ExecPolicy, Worker, WorkerConfig};
 
 /// Warren: a task worker pool on RabbitMQ.
+mod submit;
+
 #[derive(Parser)]
 #[command(name = "warren", version, about, propagate_version = true)]
 struct Cli {
@@ -61,7 +59,7 @@ enum Command {
     /// Run a worker: consume tasks and publish their results.
     Worker(WorkerArgs),
     /// Submit tasks; prints the batch id.
-    Submit(SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Collect the results of a batch submitted earlier.
     Wait(WaitArgs),
     /// Show a task queue's depth, consumers and dead letters.
@@ -194,38 +192,6 @@ struct WorkerArgs {
 }
 
 #[derive(Args)]
-struct SubmitArgs {
-    /// Task queue to submit to.
-    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
-    queue: String,
-    /// JSON-lines task file, or '-' for stdin.
-    #[arg(long, short = 'f', value_name = "FILE")]
-    file: Option<PathBuf>,
-    /// Finish an interrupted submission of BATCH: publish only the tasks of --file that were not
-    /// confirmed (the command that gave up prints this).
-    #[arg(long, value_name = "BATCH", requires = "file")]
-    resume: Option<String>,
-    /// Wait for the results and write them out. Stdout then carries only result lines; the batch
-    /// id is on stderr.
-    #[arg(long)]
-    wait: bool,
-    /// Create the task queue if it does not exist. Without it, submitting to a queue that no
-    /// worker or autoscaler has declared is refused (a mistyped --queue, most often).
-    #[arg(long)]
-    create_queue: bool,
-    /// With --wait, also write the batch id as the first line of stdout (without --wait it always is).
-    #[arg(long)]
-    print_batch_id: bool,
-    #[command(flatten)]
-    collect: CollectArgs,
-    /// Hours an uncollected batch's results are kept after the last activity.
-    #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]
-    result_expiry_hours: f64,
-    #[command(subcommand)]
-    single: Option<SingleTask>,
-}
-
-#[derive(Args)]
 struct CollectArgs {
     /// File to append result lines to (default: stdout).
     #[arg(long, short = 'o')]
@@ -240,39 +206,6 @@ struct CollectArgs {
     /// warning says so (a mistyped --queue, or a pool that does not start).
     #[arg(long, default_value_t = warren_submitter::NO_CONSUMER_WARN_AFTER.as_secs_f64())]
     warn_no_worker_after: f64,
-}
-
-#[derive(Subcommand)]
-enum SingleTask {
-    /// Submit one exec task: `warren submit exec -- PROGRAM ARGS...`.
-    Exec {
-        /// Time limit of one attempt, in seconds (default: the worker's --default-timeout).
-        #[arg(long)]
-        timeout_s: Option<f64>,
-        /// Working folder of the command, on the worker.
-        #[arg(long, value_name = "DIR")]
-        cwd: Option<PathBuf>,
-        /// Environment variable for the command (repeatable); the worker refuses those that change
-        /// which code runs (PATH, LD_*, ...).
-        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = key_value)]
-        env: Vec<(String, String)>,
-        /// Label copied to the result (repeatable).
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = key_value)]
-        labels: Vec<(String, String)>,
-        /// File the command must create, relative to --cwd (repeatable); a missing one fails the
-        /// task with missing_outputs.
-        #[arg(long = "outputs", value_name = "PATH")]
-        outputs: Vec<PathBuf>,
-        /// How often a failed or timed-out attempt is tried again (0 to 100).
-        #[arg(long)]
-        max_retries: Option<u32>,
-        /// Task id (default: generated).
-        #[arg(long)]
-        id: Option<String>,
-        /// Program and arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        argv: Vec<String>,
-    },
 }
 
 #[derive(Args)]
@@ -395,72 +328,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
     };
     match command {
         Command::Worker(args) => run_worker(args, amqp).await,
-        Command::Submit(args) => {
-            let source = match (args.single, args.file) {
-                (
-                    Some(SingleTask::Exec {
-                        timeout_s,
-                        cwd,
-                        env,
-                        labels,
-                        outputs,
-                        max_retries,
-                        id,
-                        argv,
-                    }),
-                    None,
-                ) => {
-                    warn_about_flags_after_exec(&argv);
-                    let exec = ExecArgs {
-                        argv,
-                        env: env.into_iter().collect(),
-                        cwd,
-                        outputs,
-                        ..ExecArgs::default()
-                    };
-                    TaskSource::Single(TaskSpec {
-                        timeout_s,
-                        labels: labels.into_iter().collect(),
-                        max_retries,
-                        id,
-                        ..TaskSpec::from_exec(&exec)
-                    })
-                }
-                (None, Some(file)) => TaskSource::File(file),
-                (Some(_), Some(_)) => {
-                    return usage("give either --file or a single task, not both");
-                }
-                (None, None) => {
-                    return usage(
-                        "nothing to submit: give --file FILE (or - for stdin), or `exec -- PROGRAM ARGS...`",
-                    );
-                }
-            };
-            let Some(expiry) = seconds(args.result_expiry_hours * 3600.0) else {
-                return usage("--result-expiry-hours must be a positive number");
-            };
-            let Ok(wait) = wait_command(args.collect) else {
-                return usage(
-                    "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
-                );
-            };
-            let options = SubmitOptions {
-                result_expiry: expiry,
-                retry_for: wait.retry_for,
-                create_queue: args.create_queue,
-                ..SubmitOptions::new(args.queue)
-            };
-
-            commands::submit(SubmitCommand {
-                amqp,
-                options,
-                source,
-                wait: args.wait.then_some(wait),
-                resume: args.resume,
-                print_batch_id: args.print_batch_id,
-            })
-            .await
-        }
+        Command::Submit(args) => submit::run(args, amqp).await,
         Command::Wait(args) => match wait_command(args.collect) {
             Ok(wait) => commands::wait(amqp, &args.batch, &wait).await,
             Err(()) => usage(
@@ -609,45 +477,6 @@ fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
         retry_for,
         warn_no_worker_after,
     })
-}
-
-/// Parses `NAME=VALUE` (for --env and --label).
-fn key_value(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("expected NAME=VALUE, got '{text}'")),
-    }
-}
-
-/// Everything after `exec --` goes to the program, so a warren flag there is almost always a
-/// mistake (`... exec -- sha256sum f --wait` waits for nothing and passes `--wait` on).
-fn warn_about_flags_after_exec(argv: &[String]) {
-    const SUBMIT_FLAGS: [&str; 14] = [
-        "--wait",
-        "--output",
-        "--timeout",
-        "--queue",
-        "--file",
-        "--retry-for",
-        "--amqp-url",
-        "--timeout-s",
-        "--print-batch-id",
-        "--cwd",
-        "--label",
-        "--outputs",
-        "--max-retries",
-        "--id",
-    ];
-    for arg in argv.iter().skip(1) {
-        let flag = arg.split('=').next().unwrap_or(arg);
-        if SUBMIT_FLAGS.contains(&flag) {
-            eprintln!(
-                "warning: '{arg}' comes after `exec --`, so it is passed to '{}' as an argument, not to warren; \
-                 put warren's flags before `exec`, e.g. `warren submit --wait exec -- {} ...`",
-                argv[0], argv[0]
-            );
-        }
-    }
 }
 
 fn seconds(value: f64) -> Option<Duration> {

@@ -286,6 +286,123 @@ async fn a_single_exec_task_sets_cwd_env_labels_outputs_and_id_from_flags() {
     delete_queues(&queue).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fans_out_one_task_per_file_with_placeholders() {
+    let queue = unique_queue("each");
+    let dir = scratch("each");
+    let raw = dir.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    for name in ["b.tif", "a.tif", "notes.txt"] {
+        std::fs::write(raw.join(name), name).unwrap();
+    }
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "cp"]);
+    let pattern = format!("{}/*.tif", raw.display());
+    let done = run_warren(
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "--each",
+            &pattern,
+            "--wait",
+            "exec",
+            "--outputs",
+            "{dir}/{stem}.copy.{ext}",
+            "--label",
+            "file={name}",
+            "--",
+            "cp",
+            "{}",
+            "{dir}/{stem}.copy.{ext}",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let results = read_results(&done.stdout);
+    let mut files: Vec<&str> = results
+        .iter()
+        .map(|r| r["labels"]["file"].as_str().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["a.tif", "b.tif"],
+        "one task per matching file, no more"
+    );
+    for r in &results {
+        let item = r["labels"]["item"].as_str().unwrap();
+        assert!(item.ends_with(r["labels"]["file"].as_str().unwrap()), "{r}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(raw.join("a.copy.tif")).unwrap(),
+        "a.tif"
+    );
+
+    // Items from lines on stdin.
+    let lines = format!(
+        "{}\n\n{}\n",
+        raw.join("notes.txt").display(),
+        raw.join("a.tif").display()
+    );
+    let done = run_warren(
+        &[
+            "submit",
+            "--create-queue",
+            "--queue",
+            &queue,
+            "--each-line",
+            "-",
+            "--wait",
+            "exec",
+            "--",
+            "cp",
+            "{}",
+            "{}.bak",
+        ],
+        Some(&lines),
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    assert_eq!(read_results(&done.stdout).len(), 2);
+    assert!(raw.join("notes.txt.bak").exists());
+
+    // No match, and an unknown placeholder: named, nothing submitted.
+    for (pattern, needle) in [
+        (
+            format!("{}/*.jp2", raw.display()),
+            "matches no file".to_string(),
+        ),
+        (pattern.clone(), "unknown placeholder {stme}".to_string()),
+    ] {
+        let refused = run_warren(
+            &[
+                "submit",
+                "--create-queue",
+                "--queue",
+                &queue,
+                "--each",
+                &pattern,
+                "exec",
+                "--",
+                "cp",
+                "{}",
+                "{stme}.x",
+            ],
+            None,
+            MINUTE,
+        )
+        .await;
+        assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+        assert!(refused.stderr.contains(&needle), "{}", refused.stderr);
+        assert!(refused.stdout.is_empty(), "no batch: {}", refused.stdout);
+    }
+    delete_queues(&queue).await;
+}
+
 /// Publishes a hand-made message to `queue`.
 async fn publish_raw(channel: &lapin::Channel, queue: &str, body: &[u8], props: BasicProperties) {
     channel

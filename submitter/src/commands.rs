@@ -18,6 +18,7 @@ use warren_broker::topology::{self, CANCELLATIONS_STREAM, dead_letter_queue, res
 use crate::batches::list_batches;
 use crate::collect::{CollectError, CollectOptions, Counts, Outcome};
 use crate::dlq::{DeadLetters, Filter};
+use crate::fanout::FanOut;
 use crate::journal::Journal;
 use crate::output::{JsonLines, StderrProgress, open_output};
 use crate::seqset::SeqSet;
@@ -43,6 +44,8 @@ pub enum TaskSource {
     File(PathBuf),
     /// One task given on the command line.
     Single(TaskSpec),
+    /// One task per item (`--each`, `--each-line`).
+    FanOut(FanOut),
 }
 
 /// Options of `warren submit`.
@@ -91,6 +94,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             Err(message) => return fail(&message),
         },
         TaskSource::File(path) => Box::new(TaskFile::new(path, path.display().to_string())),
+        TaskSource::FanOut(fan) => Box::new(fan.clone()),
     };
     // A results file that cannot be written is found before anything is sent.
     if let Some(WaitCommand {
@@ -170,6 +174,11 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                     "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
                     journal.batch,
                     file.display()
+                ),
+                (TaskSource::FanOut(_), Ok(_)) => format!(
+                    "finish it, publishing only the unconfirmed tasks, by running the same command with \
+                     --resume {} added (the same items must match)",
+                    journal.batch
                 ),
                 (_, Ok(_)) => format!(
                     "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file FILE \

@@ -19,6 +19,7 @@ pub mod batches;
 pub mod collect;
 pub mod commands;
 pub mod dlq;
+pub mod fanout;
 pub mod journal;
 pub mod output;
 pub mod seqset;
