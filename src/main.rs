@@ -14,6 +14,7 @@ use warren_submitter::commands::{self, EXIT_USAGE_OR_CONNECTION, WaitCommand};
 use warren_worker::{ExecPolicy, Worker, WorkerConfig};
 
 /// Warren: a task worker pool on RabbitMQ.
+mod run;
 mod submit;
 
 #[derive(Parser)]
@@ -60,6 +61,8 @@ enum Command {
     Worker(WorkerArgs),
     /// Submit tasks; prints the batch id.
     Submit(submit::SubmitArgs),
+    /// Run a pipeline file: stages of commands over files, chained per file, resumable.
+    Run(run::RunArgs),
     /// Collect the results of a batch submitted earlier.
     Wait(WaitArgs),
     /// Show a task queue's depth, consumers and dead letters.
@@ -292,6 +295,9 @@ struct StatusArgs {
     /// Refresh every SECONDS (default 2) until Ctrl-C.
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<f64>,
+    /// Show pipeline run RUN instead (`warren run`): each stage's done, failed, running, waiting.
+    #[arg(long, value_name = "RUN")]
+    run: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -329,12 +335,18 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
     match command {
         Command::Worker(args) => run_worker(args, amqp).await,
         Command::Submit(args) => submit::run(args, amqp).await,
+        Command::Run(args) => run::run(args, amqp).await,
         Command::Wait(args) => match wait_command(args.collect) {
             Ok(wait) => commands::wait(amqp, &args.batch, &wait).await,
             Err(()) => usage(
                 "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
             ),
         },
+        Command::Status(StatusArgs {
+            run: Some(run_id),
+            json,
+            ..
+        }) => run::status(amqp, &run_id, json).await,
         Command::Status(args) => {
             let watch = match args.watch.map(seconds) {
                 Some(None) => return usage("--watch must be a positive number of seconds"),

@@ -72,16 +72,55 @@ pub async fn declare_batch_queues(
     task_queue: &str,
     expiry: Duration,
 ) -> Result<(), BrokerError> {
-    let expires =
-        AMQPValue::LongLongInt(i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX).max(1));
+    declare_result_queue(channel, batch, task_queue, expiry).await?;
+    declare_expiring(channel, &manifest_queue(batch), expiry).await
+}
+
+/// Declares the result queue of a batch (or a pipeline run), expiring after `expiry` unused;
+/// results that cannot be read are dead-lettered to the task queue's dead-letter queue.
+pub async fn declare_result_queue(
+    channel: &Channel,
+    batch: &str,
+    task_queue: &str,
+    expiry: Duration,
+) -> Result<(), BrokerError> {
     let mut results = FieldTable::default();
-    results.insert("x-expires".into(), expires.clone());
+    results.insert("x-expires".into(), expires(expiry));
     dead_letter_to(&mut results, &dead_letter_queue(task_queue));
     declare(channel, &result_queue(batch), results).await?;
-    let mut manifest = FieldTable::default();
-    manifest.insert("x-expires".into(), expires);
-    declare(channel, &manifest_queue(batch), manifest).await?;
     Ok(())
+}
+
+/// Prefix of the queue that keeps a pipeline run's state (`warren run`).
+pub const RUN_QUEUE_PREFIX: &str = "warren.runs.";
+
+/// The queue that keeps the state of pipeline run `run`.
+pub fn run_queue(run: &str) -> String {
+    format!("{RUN_QUEUE_PREFIX}{run}")
+}
+
+/// Declares the state queue of a pipeline run, expiring after `expiry` unused.
+pub async fn declare_run_queue(
+    channel: &Channel,
+    run: &str,
+    expiry: Duration,
+) -> Result<(), BrokerError> {
+    declare_expiring(channel, &run_queue(run), expiry).await
+}
+
+async fn declare_expiring(
+    channel: &Channel,
+    queue: &str,
+    expiry: Duration,
+) -> Result<(), BrokerError> {
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), expires(expiry));
+    declare(channel, queue, args).await?;
+    Ok(())
+}
+
+fn expires(expiry: Duration) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX).max(1))
 }
 
 /// The stream of cancellation records (`warren cancel`), read by every worker from the start:

@@ -22,6 +22,7 @@ pub mod dlq;
 pub mod fanout;
 pub mod journal;
 pub mod output;
+pub mod pipeline;
 pub mod seqset;
 pub mod spec;
 pub mod status;

@@ -1,0 +1,327 @@
+//! `warren run PIPELINE`: runs a pipeline file (docs/pipelines.md) with a progress bar per stage,
+//! and `warren status --run RUN`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use warren_broker::AmqpSettings;
+use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
+use warren_submitter::commands::{
+    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION,
+};
+use warren_submitter::pipeline::Pipeline;
+use warren_submitter::pipeline::plan::{ItemState, Plan};
+use warren_submitter::pipeline::run::{
+    RunEnd, RunOptions, RunProgress, dry_run, read_state, run as run_pipeline,
+};
+
+use crate::{seconds, usage};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The pipeline file (TOML; see docs/pipelines.md).
+    pipeline: PathBuf,
+    /// Continue run RUN where it stopped (from any machine with the same files and pipeline).
+    #[arg(long, value_name = "RUN")]
+    resume: Option<String>,
+    /// Run every item, even those whose declared outputs are newer than their inputs.
+    #[arg(long)]
+    force: bool,
+    /// List what would run, per stage, and submit nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Task queue of stages that name none (and the file does not either).
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Create task queues that do not exist (otherwise a stage naming an undeclared queue is refused).
+    #[arg(long)]
+    create_queue: bool,
+    /// Most tasks submitted and unfinished at once; later stages go first, so each file moves
+    /// through the pipeline early. Raise it for pools of more than about this many task slots.
+    #[arg(long, default_value_t = 100)]
+    max_queued: usize,
+    /// Make every chained stage wait for the whole of the stage before it (to compare with
+    /// per-item chaining).
+    #[arg(long)]
+    barriers: bool,
+    /// Stop after this many seconds (exit 3; resume with --resume).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Seconds to keep retrying while the broker is unreachable before giving up (exit 2).
+    #[arg(long, default_value_t = 15.0)]
+    retry_for: f64,
+    /// Hours a run's queues are kept after the last activity.
+    #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]
+    result_expiry_hours: f64,
+}
+
+/// Runs `warren run`; returns the exit status.
+pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
+    let text = match std::fs::read_to_string(&args.pipeline) {
+        Ok(text) => text,
+        Err(e) => return usage(&format!("cannot read {}: {e}", args.pipeline.display())),
+    };
+    let pipeline = match Pipeline::parse(&text, &args.pipeline, &args.queue) {
+        Ok(p) => p,
+        Err(message) => return usage(&format!("{message}; nothing was submitted")),
+    };
+    if args.dry_run {
+        return match dry_run(&pipeline, args.force) {
+            Ok(stages) => {
+                for (stage, items) in stages {
+                    println!("{stage}: {} item(s) would run", items.len());
+                    for item in items {
+                        println!("  {item}");
+                    }
+                }
+                EXIT_OK
+            }
+            Err(message) => usage(&message),
+        };
+    }
+    let (Some(retry_for), Some(expiry)) = (
+        seconds(args.retry_for),
+        seconds(args.result_expiry_hours * 3600.0),
+    ) else {
+        return usage("--retry-for and --result-expiry-hours must be positive numbers");
+    };
+    let timeout = match args.timeout.map(seconds) {
+        Some(None) => return usage("--timeout must be a positive number of seconds"),
+        Some(t) => t,
+        None => None,
+    };
+    if args.max_queued == 0 {
+        return usage("--max-queued must be at least 1");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_ctrl_c = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut options = RunOptions {
+        resume: args.resume.is_some(),
+        force: args.force,
+        max_queued: args.max_queued,
+        barriers: args.barriers,
+        create_queue: args.create_queue,
+        retry_for,
+        stop: Some(stop),
+        timeout,
+        expiry,
+        ..RunOptions::new()
+    };
+    if let Some(run) = &args.resume {
+        options.run = run.clone();
+    }
+    let run = options.run.clone();
+    // The run id first, so that a run stopped any way can be resumed and inspected.
+    println!("{run}");
+    eprintln!(
+        "{} run {run} of {} ({} stage(s)); status: warren status --run {run}",
+        if options.resume {
+            "resuming"
+        } else {
+            "starting"
+        },
+        args.pipeline.display(),
+        pipeline.stages.len()
+    );
+    let started = Instant::now();
+    let mut progress = StageBars::new(&pipeline);
+    let outcome = run_pipeline(&amqp, pipeline, &options, &mut progress).await;
+    progress.finish();
+    let resume = format!("warren run --resume {run} {}", args.pipeline.display());
+    match outcome {
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE_OR_CONNECTION
+        }
+        Ok((RunEnd::Stopped, plan)) => {
+            summary(&plan, started.elapsed());
+            eprintln!(
+                "stopped early: what finished is recorded, and submitted tasks still run. Continue with: {resume}"
+            );
+            EXIT_INCOMPLETE
+        }
+        Ok((RunEnd::Finished, plan)) => {
+            let failed = summary(&plan, started.elapsed());
+            if failed > 0 {
+                eprintln!(
+                    "after fixing the cause, run the pipeline again: only the failed items and what depends on them run (outputs that are up to date are skipped)"
+                );
+                EXIT_TASK_FAILED
+            } else {
+                EXIT_OK
+            }
+        }
+    }
+}
+
+/// Prints per-stage counts and the items that failed or were skipped; returns the failures.
+fn summary(plan: &Plan, took: Duration) -> u64 {
+    let mut failed = 0;
+    let mut listed = 0;
+    for (index, stage) in plan.pipeline().stages.iter().enumerate() {
+        let c = plan.counts(index);
+        eprintln!(
+            "{:<16} {} done, {} up to date, {} failed, {} skipped, {} running, {} waiting",
+            stage.name, c.done, c.up_to_date, c.failed, c.skipped, c.running, c.waiting
+        );
+        failed += c.failed;
+        for (item, state) in plan.items(index) {
+            let why = match state {
+                ItemState::Failed(kind) => format!("failed ({kind})"),
+                ItemState::Skipped => "skipped: an input failed".to_string(),
+                _ => continue,
+            };
+            if listed < 20 {
+                eprintln!("  {}: {item}: {why}", stage.name);
+            }
+            listed += 1;
+        }
+    }
+    if listed > 20 {
+        eprintln!(
+            "  ... and {} more (warren status --run shows the counts)",
+            listed - 20
+        );
+    }
+    eprintln!("took {:.1?}", took);
+    failed
+}
+
+/// A bar per stage on a terminal; otherwise a line per stage every 5 s.
+struct StageBars {
+    bars: Option<(MultiProgress, Vec<ProgressBar>)>,
+    last_line: Instant,
+}
+
+impl StageBars {
+    fn new(pipeline: &Pipeline) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self {
+                bars: None,
+                last_line: Instant::now(),
+            };
+        }
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{prefix:<14} {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let bars = pipeline
+            .stages
+            .iter()
+            .map(|s| {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(s.name.clone());
+                bar
+            })
+            .collect();
+        Self {
+            bars: Some((multi, bars)),
+            last_line: Instant::now(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, bars)) = &self.bars {
+            for bar in bars {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+impl RunProgress for StageBars {
+    fn update(&mut self, plan: &Plan) {
+        match &self.bars {
+            Some((_, bars)) => {
+                for (index, bar) in bars.iter().enumerate() {
+                    let c = plan.counts(index);
+                    bar.set_length(c.known);
+                    bar.set_position(c.done + c.up_to_date + c.failed + c.skipped);
+                    bar.set_message(format!(
+                        "{} running, {} failed{}",
+                        c.running,
+                        c.failed,
+                        if c.all_known { "" } else { ", more to come" }
+                    ));
+                }
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(5) => {
+                self.last_line = Instant::now();
+                for (index, stage) in plan.pipeline().stages.iter().enumerate() {
+                    let c = plan.counts(index);
+                    eprintln!(
+                        "{}: {}/{}{} finished, {} running, {} failed",
+                        stage.name,
+                        c.done + c.up_to_date + c.failed + c.skipped,
+                        c.known,
+                        if c.all_known { "" } else { "+" },
+                        c.running,
+                        c.failed
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Runs `warren status --run RUN`; returns the exit status.
+pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
+    let state = match read_state(&amqp, run).await {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            return usage(&format!(
+                "run {run} not found: it has no recorded state (never started, or expired)"
+            ));
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE_OR_CONNECTION;
+        }
+    };
+    if json {
+        match serde_json::to_string(&serde_json::json!({
+            "run": state.run,
+            "complete": state.complete,
+            "workdir": state.workdir,
+            "stages": state.counts,
+        })) {
+            Ok(line) => println!("{line}"),
+            Err(e) => return usage(&e.to_string()),
+        }
+        return EXIT_OK;
+    }
+    println!(
+        "run {} ({}), workdir {}",
+        state.run,
+        if state.complete {
+            "complete"
+        } else {
+            "not complete"
+        },
+        state.workdir
+    );
+    println!(
+        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
+        "STAGE", "DONE", "UP-TO-DATE", "FAILED", "SKIPPED", "RUNNING", "WAITING"
+    );
+    for (stage, c) in &state.counts {
+        println!(
+            "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            stage, c.done, c.up_to_date, c.failed, c.skipped, c.running, c.waiting
+        );
+    }
+    EXIT_OK
+}

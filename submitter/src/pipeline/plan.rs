@@ -1,0 +1,455 @@
+//! The pure core of a run: which items each stage has, which are ready, and what an outcome
+//! changes downstream. No I/O: the runner feeds it items and outcomes and asks what to submit.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Each, Pipeline, Stage, outputs_placeholder};
+use crate::fanout::expand;
+use crate::spec::TaskSpec;
+
+/// Where an item is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum ItemState {
+    /// Not submitted yet (its inputs or its `needs` are not ready, or it is next).
+    Waiting,
+    /// Submitted; its result is awaited.
+    Submitted,
+    /// Succeeded.
+    Done,
+    /// Its declared outputs were newer than its inputs: not run, counts as done.
+    UpToDate,
+    /// Did not succeed (the error kind).
+    Failed(String),
+    /// Not run because something it depends on failed.
+    Skipped,
+}
+
+impl ItemState {
+    /// Whether the item will not change any more.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, ItemState::Waiting | ItemState::Submitted)
+    }
+
+    /// Whether its outputs exist for what comes after.
+    pub fn succeeded(&self) -> bool {
+        matches!(self, ItemState::Done | ItemState::UpToDate)
+    }
+}
+
+/// The item of a stage that runs once.
+pub const ONCE: &str = "(once)";
+
+/// Counts of a stage's items, for progress and `warren status --run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageCounts {
+    /// Items known so far.
+    pub known: u64,
+    /// Whether every item is known (a chained stage learns its items as its upstream runs).
+    pub all_known: bool,
+    /// Waiting to be submitted.
+    pub waiting: u64,
+    /// Submitted, result awaited.
+    pub running: u64,
+    /// Succeeded.
+    pub done: u64,
+    /// Up to date, not run.
+    pub up_to_date: u64,
+    /// Did not succeed.
+    pub failed: u64,
+    /// Not run because an input failed.
+    pub skipped: u64,
+}
+
+/// Every stage's items and their states.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pipeline: Pipeline,
+    items: Vec<BTreeMap<String, ItemState>>,
+    /// Stages whose items are all known.
+    all_known: Vec<bool>,
+    /// Every chained stage waits for the whole of its upstream (for comparisons).
+    barriers: bool,
+}
+
+impl Plan {
+    /// A plan for `pipeline` with no items yet; give the first stages theirs with [`Plan::add_items`].
+    pub fn new(pipeline: Pipeline) -> Self {
+        let n = pipeline.stages.len();
+        let mut plan = Self {
+            items: vec![BTreeMap::new(); n],
+            all_known: vec![false; n],
+            barriers: false,
+            pipeline,
+        };
+        for (index, stage) in plan.pipeline.stages.iter().enumerate() {
+            if stage.each == Each::Once {
+                plan.items[index].insert(ONCE.to_string(), ItemState::Waiting);
+                plan.all_known[index] = true;
+            }
+        }
+        plan
+    }
+
+    /// Makes every chained stage wait until its upstream stage is finished, as with a barrier
+    /// between stages (for comparisons with per-item chaining).
+    pub fn set_barriers(&mut self, barriers: bool) {
+        self.barriers = barriers;
+    }
+
+    /// The pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Gives a stage whose items come from a glob or a list all of them.
+    pub fn add_items(&mut self, stage: usize, items: impl IntoIterator<Item = String>) {
+        for item in items {
+            self.items[stage].entry(item).or_insert(ItemState::Waiting);
+        }
+        self.all_known[stage] = true;
+        self.settle();
+    }
+
+    /// The state of an item, if the stage has it.
+    pub fn state(&self, stage: usize, item: &str) -> Option<&ItemState> {
+        self.items[stage].get(item)
+    }
+
+    /// Every item of a stage with its state.
+    pub fn items(&self, stage: usize) -> &BTreeMap<String, ItemState> {
+        &self.items[stage]
+    }
+
+    /// Whether every item of `stage` is known and final.
+    pub fn finished(&self, stage: usize) -> bool {
+        self.all_known[stage] && self.items[stage].values().all(ItemState::is_final)
+    }
+
+    /// Whether every stage is finished.
+    pub fn complete(&self) -> bool {
+        (0..self.items.len()).all(|s| self.finished(s))
+    }
+
+    /// Items that may be submitted now, later stages first (so files travel through the whole
+    /// pipeline early instead of waiting behind every file's first step).
+    pub fn ready(&self) -> Vec<(usize, String)> {
+        let mut ready = Vec::new();
+        for (index, stage) in self.pipeline.stages.iter().enumerate().rev() {
+            if !stage.needs.iter().all(|n| self.finished(self.index(n))) {
+                continue;
+            }
+            if let Each::OutputsOf(up) = &stage.each
+                && self.barriers
+                && !self.finished(self.index(up))
+            {
+                continue;
+            }
+            ready.extend(
+                self.items[index]
+                    .iter()
+                    .filter(|(_, state)| **state == ItemState::Waiting)
+                    .map(|(item, _)| (index, item.clone())),
+            );
+        }
+        ready
+    }
+
+    /// Records that an item was submitted.
+    pub fn submitted(&mut self, stage: usize, item: &str) {
+        if let Some(state) = self.items[stage].get_mut(item)
+            && *state == ItemState::Waiting
+        {
+            *state = ItemState::Submitted;
+        }
+    }
+
+    /// Records an item's outcome; the first outcome of an item counts (results come at least
+    /// once). Its outputs become items of the stages that take them, or, when it failed, those
+    /// items are skipped.
+    pub fn record(&mut self, stage: usize, item: &str, outcome: ItemState) {
+        if self.items[stage].get(item).is_some_and(ItemState::is_final) {
+            return;
+        }
+        let succeeded = outcome.succeeded();
+        self.items[stage].insert(item.to_string(), outcome);
+        let outputs = self.outputs_of(stage, item);
+        let name = self.pipeline.stages[stage].name.clone();
+        let takers: Vec<usize> = (0..self.pipeline.stages.len())
+            .filter(|i| self.pipeline.stages[*i].each == Each::OutputsOf(name.clone()))
+            .collect();
+        for index in takers {
+            {
+                for output in &outputs {
+                    let state = if succeeded {
+                        ItemState::Waiting
+                    } else {
+                        ItemState::Skipped
+                    };
+                    let before = self.items[index].get(output).cloned();
+                    if before.as_ref().is_none_or(|b| !b.is_final()) {
+                        if !succeeded {
+                            self.record(index, output, state);
+                        } else if before.is_none() {
+                            self.items[index].insert(output.clone(), state);
+                        }
+                    }
+                }
+            }
+        }
+        self.settle();
+    }
+
+    /// Marks chained stages whose upstream is finished as fully known, and skips stages that run
+    /// once when something they need failed.
+    fn settle(&mut self) {
+        loop {
+            let mut changed = false;
+            for index in 0..self.items.len() {
+                let stage = &self.pipeline.stages[index];
+                if let Each::OutputsOf(up) = &stage.each
+                    && !self.all_known[index]
+                    && self.finished(self.index(up))
+                {
+                    self.all_known[index] = true;
+                    changed = true;
+                }
+                let needs_failed = stage.needs.iter().any(|n| {
+                    let i = self.index(n);
+                    self.finished(i) && self.items[i].values().any(|s| !s.succeeded())
+                });
+                if needs_failed {
+                    for state in self.items[index].values_mut() {
+                        if *state == ItemState::Waiting {
+                            *state = ItemState::Skipped;
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.pipeline
+            .stages
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// The files an item of `stage` declares it makes (relative to the workdir).
+    pub fn outputs_of(&self, stage: usize, item: &str) -> Vec<String> {
+        self.pipeline.stages[stage]
+            .outputs
+            .iter()
+            .filter_map(|o| expand(o, item).ok())
+            .collect()
+    }
+
+    /// The files an item reads: the item itself, or for a stage that runs once every output of
+    /// what it needs.
+    pub fn inputs_of(&self, stage: usize, item: &str) -> Vec<String> {
+        let s = &self.pipeline.stages[stage];
+        if s.each == Each::Once {
+            s.needs
+                .iter()
+                .flat_map(|n| self.all_outputs(self.index(n)))
+                .collect()
+        } else {
+            vec![item.to_string()]
+        }
+    }
+
+    /// Every output of a stage's succeeded items, sorted.
+    pub fn all_outputs(&self, stage: usize) -> Vec<String> {
+        let Some(items) = self.items.get(stage) else {
+            return Vec::new();
+        };
+        let mut all: Vec<String> = items
+            .iter()
+            .filter(|(_, s)| s.succeeded())
+            .flat_map(|(item, _)| self.outputs_of(stage, item))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// The task that runs `item` of `stage`, labelled with the run, stage and item.
+    pub fn task(&self, run: &str, stage: usize, item: &str) -> Result<TaskSpec, String> {
+        let s = &self.pipeline.stages[stage];
+        let mut argv = Vec::new();
+        for arg in &s.command {
+            match self.needed_outputs(s, arg) {
+                Some(outputs) => argv.extend(outputs),
+                None => argv.push(expand(arg, item)?),
+            }
+        }
+        let env: BTreeMap<String, String> = s
+            .env
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), expand(v, item)?)))
+            .collect::<Result<_, String>>()?;
+        let outputs: Vec<String> = self.outputs_of(stage, item);
+        let mut args = json!({
+            "argv": argv,
+            "cwd": self.pipeline.workdir,
+        });
+        if !env.is_empty() {
+            args["env"] = json!(env);
+        }
+        if !outputs.is_empty() {
+            args["outputs"] = json!(outputs);
+        }
+        Ok(TaskSpec {
+            kind: "exec".into(),
+            args,
+            timeout_s: s.timeout_s,
+            id: Some(task_id(&s.name, item)),
+            labels: BTreeMap::from([
+                ("run".to_string(), run.to_string()),
+                ("stage".to_string(), s.name.clone()),
+                ("item".to_string(), item.to_string()),
+            ]),
+            max_retries: (s.retries > 0).then_some(s.retries),
+            ..TaskSpec::default()
+        })
+    }
+
+    fn needed_outputs(&self, stage: &Stage, arg: &str) -> Option<Vec<String>> {
+        stage
+            .needs
+            .iter()
+            .find(|n| arg == outputs_placeholder(n))
+            .map(|n| self.all_outputs(self.index(n)))
+    }
+
+    /// Counts per stage.
+    pub fn counts(&self, stage: usize) -> StageCounts {
+        let mut c = StageCounts {
+            known: self.items[stage].len() as u64,
+            all_known: self.all_known[stage],
+            ..StageCounts::default()
+        };
+        for state in self.items[stage].values() {
+            match state {
+                ItemState::Waiting => c.waiting += 1,
+                ItemState::Submitted => c.running += 1,
+                ItemState::Done => c.done += 1,
+                ItemState::UpToDate => c.up_to_date += 1,
+                ItemState::Failed(_) => c.failed += 1,
+                ItemState::Skipped => c.skipped += 1,
+            }
+        }
+        c
+    }
+}
+
+/// The id of the task for `item` of `stage`: the same in every session of a run, so a result is
+/// matched to its item whichever runner process submitted it.
+pub fn task_id(stage: &str, item: &str) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(item.as_bytes());
+    let short: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{stage}-{short}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn plan() -> Plan {
+        let text = r#"
+[[stage]]
+name = "warp"
+each = "raw/*.tif"
+command = ["gdalwarp", "{}", "w/{stem}.tif"]
+outputs = ["w/{stem}.tif"]
+
+[[stage]]
+name = "cog"
+each = "warp.outputs"
+command = ["gdal_translate", "{}", "c/{name}"]
+outputs = ["c/{name}"]
+
+[[stage]]
+name = "mosaic"
+needs = ["cog"]
+command = ["gdalbuildvrt", "m.vrt", "{cog.outputs}"]
+outputs = ["m.vrt"]
+"#;
+        let pipeline = Pipeline::parse(text, Path::new("/d/p.toml"), "q").unwrap();
+        let mut plan = Plan::new(pipeline);
+        plan.add_items(0, ["raw/a.tif".to_string(), "raw/b.tif".to_string()]);
+        plan
+    }
+
+    #[test]
+    fn an_item_moves_on_as_soon_as_its_own_step_succeeded() {
+        let mut p = plan();
+        assert_eq!(
+            p.ready(),
+            [(0, "raw/a.tif".into()), (0, "raw/b.tif".into())]
+        );
+        p.submitted(0, "raw/a.tif");
+        p.submitted(0, "raw/b.tif");
+        p.record(0, "raw/a.tif", ItemState::Done);
+        // Step 2 of file a is ready while step 1 of file b still runs.
+        assert_eq!(p.ready(), [(1, "w/a.tif".into())]);
+        assert!(!p.finished(0));
+        assert!(!p.counts(1).all_known);
+    }
+
+    #[test]
+    fn the_barrier_waits_for_every_item_and_gets_all_outputs() {
+        let mut p = plan();
+        for item in ["raw/a.tif", "raw/b.tif"] {
+            p.record(0, item, ItemState::Done);
+        }
+        p.record(1, "w/a.tif", ItemState::Done);
+        assert!(p.ready().iter().all(|(s, _)| *s != 2), "cog not finished");
+        p.record(1, "w/b.tif", ItemState::UpToDate);
+        assert_eq!(p.ready(), [(2, ONCE.into())]);
+        let task = p.task("run1", 2, ONCE).unwrap();
+        assert_eq!(
+            task.args["argv"],
+            json!(["gdalbuildvrt", "m.vrt", "c/a.tif", "c/b.tif"])
+        );
+        assert_eq!(task.args["cwd"], "/d");
+        assert_eq!(p.inputs_of(2, ONCE), ["c/a.tif", "c/b.tif"]);
+    }
+
+    #[test]
+    fn a_failure_skips_only_its_own_downstream_and_the_barrier() {
+        let mut p = plan();
+        p.record(0, "raw/a.tif", ItemState::Failed("exit_status".into()));
+        p.record(0, "raw/b.tif", ItemState::Done);
+        assert_eq!(p.state(1, "w/a.tif"), Some(&ItemState::Skipped));
+        assert_eq!(p.ready(), [(1, "w/b.tif".into())]);
+        p.record(1, "w/b.tif", ItemState::Done);
+        assert_eq!(p.state(2, ONCE), Some(&ItemState::Skipped));
+        assert!(p.complete());
+        let c = p.counts(1);
+        assert_eq!((c.done, c.skipped), (1, 1));
+    }
+
+    #[test]
+    fn the_first_outcome_counts_and_ids_are_stable() {
+        let mut p = plan();
+        p.record(0, "raw/a.tif", ItemState::Done);
+        p.record(0, "raw/a.tif", ItemState::Failed("late".into()));
+        assert_eq!(p.state(0, "raw/a.tif"), Some(&ItemState::Done));
+        assert_eq!(task_id("cog", "w/a.tif"), task_id("cog", "w/a.tif"));
+        assert_ne!(task_id("cog", "w/a.tif"), task_id("cog", "w/b.tif"));
+        let task = p.task("r", 1, "w/a.tif").unwrap();
+        assert_eq!(task.labels["stage"], "cog");
+        assert_eq!(task.args["outputs"], json!(["c/a.tif"]));
+    }
+}

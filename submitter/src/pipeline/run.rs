@@ -1,0 +1,741 @@
+//! Running a pipeline: expands the first stages' items, submits what is ready (skipping items
+//! whose outputs are up to date), reads results as they come, and keeps the run's state in
+//! RabbitMQ (queue `warren.runs.<run>`), so a run stopped or killed anywhere is resumed from any
+//! machine with the same files, and no task whose result was recorded runs again.
+//!
+//! The state is checkpointed like a batch's manifest: results are acknowledged only once a state
+//! that records them is confirmed, so a killed runner loses nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+use warren_broker::connection::{RetryBudget, consumer_channel};
+use warren_broker::protocol::{self, PROTOCOL_VERSION, TaskStatus};
+use warren_broker::publisher::{Publisher, message_properties};
+use warren_broker::topology::{self, result_queue, run_queue, short};
+use warren_broker::{AmqpSettings, BrokerError};
+
+use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
+use super::{Each, Pipeline};
+use crate::fanout::{glob_items, line_items};
+use crate::submit::{SubmitOptions, Submitter, encode_task};
+
+/// AMQP `type` of a run's state message.
+pub const MESSAGE_TYPE_RUN: &str = "warren.run";
+/// Results taken before a checkpoint records them.
+const CHECKPOINT_AFTER: usize = 100;
+/// Time between checkpoints while results trickle in.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait, when a session starts, for the results that arrived while no runner was there.
+const BACKLOG_WAIT: Duration = Duration::from_secs(10);
+/// Largest result or state message read.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How a run goes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run's id: new, or the one to resume.
+    pub run: String,
+    /// Continue the run `run` from its recorded state.
+    pub resume: bool,
+    /// Run every item, even those whose outputs are up to date.
+    pub force: bool,
+    /// Most tasks submitted and not yet finished at once: enough to keep the pool busy, few
+    /// enough that a file's next step is not queued behind every file's first one.
+    pub max_queued: usize,
+    /// Treat every chained stage as a barrier (for comparisons: each stage waits for the whole of
+    /// the one before).
+    pub barriers: bool,
+    /// Create task queues that do not exist.
+    pub create_queue: bool,
+    /// How long to keep retrying a lost connection.
+    pub retry_for: Duration,
+    /// Set to stop early (Ctrl-C): state is recorded; submitted tasks still run.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Stop after this long.
+    pub timeout: Option<Duration>,
+    /// How long an uncollected run's queues are kept.
+    pub expiry: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for a new run.
+    pub fn new() -> Self {
+        Self {
+            run: protocol::new_id(),
+            resume: false,
+            force: false,
+            max_queued: 100,
+            barriers: false,
+            create_queue: false,
+            retry_for: Duration::from_secs(15),
+            stop: None,
+            timeout: None,
+            expiry: topology::DEFAULT_RESULT_EXPIRY,
+        }
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A run's recorded state (the message kept in `warren.runs.<run>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Envelope version.
+    pub v: u32,
+    /// Run id.
+    pub run: String,
+    /// Newest wins.
+    pub generation: u64,
+    /// Fingerprint of the pipeline file: a resume must use the same pipeline.
+    pub fingerprint: String,
+    /// The run's secret: results without it are not its workers'.
+    pub token: String,
+    /// Folder the commands run in.
+    pub workdir: String,
+    /// Per stage (by name), the items that are not waiting, with their state.
+    pub stages: BTreeMap<String, BTreeMap<String, ItemState>>,
+    /// Per stage in pipeline order, its counts (for `warren status --run`).
+    #[serde(default)]
+    pub counts: Vec<(String, StageCounts)>,
+    /// Whether the run finished.
+    #[serde(default)]
+    pub complete: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Every stage finished (some items may have failed: see the plan).
+    Finished,
+    /// Stopped early (Ctrl-C or the timeout); `warren run --resume` continues.
+    Stopped,
+}
+
+/// Why a run could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The pipeline, its items or its recorded state cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+    /// The broker failed, even after retrying.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+impl From<lapin::Error> for RunError {
+    fn from(e: lapin::Error) -> Self {
+        RunError::Broker(BrokerError::Amqp(e))
+    }
+}
+
+/// Told about progress.
+pub trait RunProgress {
+    /// The plan changed.
+    fn update(&mut self, plan: &Plan);
+}
+
+/// The items of the stages that take them from a glob or a list, relative to the workdir.
+pub fn root_items(pipeline: &Pipeline) -> Result<Vec<(usize, Vec<String>)>, String> {
+    let mut roots = Vec::new();
+    for (index, stage) in pipeline.stages.iter().enumerate() {
+        let items = match &stage.each {
+            Each::Glob(pattern) => {
+                let absolute = if Path::new(pattern).is_absolute() {
+                    pattern.clone()
+                } else {
+                    format!(
+                        "{}/{pattern}",
+                        glob::Pattern::escape(&pipeline.workdir.to_string_lossy())
+                    )
+                };
+                let prefix = format!("{}/", pipeline.workdir.display());
+                glob_items(&absolute)
+                    .map_err(|e| format!("stage '{}', each: {e}", stage.name))?
+                    .into_iter()
+                    .map(|p| p.strip_prefix(&prefix).map(str::to_string).unwrap_or(p))
+                    .collect()
+            }
+            Each::Lines(list) => {
+                let path = pipeline.workdir.join(list);
+                let file = std::fs::File::open(&path).map_err(|e| {
+                    format!(
+                        "stage '{}', each: cannot open {}: {e}",
+                        stage.name,
+                        path.display()
+                    )
+                })?;
+                line_items(std::io::BufReader::new(file), &path.display().to_string())
+                    .map_err(|e| format!("stage '{}', each: {e}", stage.name))?
+            }
+            Each::Once | Each::OutputsOf(_) => continue,
+        };
+        roots.push((index, items));
+    }
+    Ok(roots)
+}
+
+/// Whether every declared output of an item exists and is at least as new as each of its inputs
+/// that exists.
+pub fn up_to_date(plan: &Plan, stage: usize, item: &str) -> bool {
+    let workdir = &plan.pipeline().workdir;
+    let outputs = plan.outputs_of(stage, item);
+    if outputs.is_empty() {
+        return false;
+    }
+    let modified = |p: &str| {
+        std::fs::metadata(workdir.join(p))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let Some(oldest_output) = outputs
+        .iter()
+        .map(|o| modified(o))
+        .collect::<Option<Vec<SystemTime>>>()
+        .and_then(|times| times.into_iter().min())
+    else {
+        return false;
+    };
+    let inputs = if plan.pipeline().stages[stage].each == Each::Once && item == ONCE {
+        plan.inputs_of(stage, item)
+    } else {
+        vec![item.to_string()]
+    };
+    inputs
+        .iter()
+        .filter_map(|i| modified(i))
+        .all(|input| input <= oldest_output)
+}
+
+/// What `--dry-run` would run: per stage, the items that are not up to date (items of chained
+/// stages are known only where their upstream is up to date or would run).
+pub fn dry_run(pipeline: &Pipeline, force: bool) -> Result<Vec<(String, Vec<String>)>, String> {
+    let mut plan = Plan::new(pipeline.clone());
+    for (stage, items) in root_items(pipeline)? {
+        plan.add_items(stage, items);
+    }
+    let mut would_run: Vec<Vec<String>> = vec![Vec::new(); pipeline.stages.len()];
+    // Items whose inputs would be made again: they run whatever their outputs' age.
+    let mut stale: std::collections::HashSet<(usize, String)> = Default::default();
+    loop {
+        let ready = plan.ready();
+        if ready.is_empty() {
+            break;
+        }
+        for (stage, item) in ready {
+            let needs_rerun = pipeline.stages[stage].needs.iter().any(|n| {
+                pipeline
+                    .stages
+                    .iter()
+                    .position(|s| &s.name == n)
+                    .is_some_and(|i| !would_run[i].is_empty())
+            });
+            if !force
+                && !needs_rerun
+                && !stale.contains(&(stage, item.clone()))
+                && up_to_date(&plan, stage, &item)
+            {
+                plan.record(stage, &item, ItemState::UpToDate);
+                continue;
+            }
+            let name = &pipeline.stages[stage].name;
+            for (taker, s) in pipeline.stages.iter().enumerate() {
+                if s.each == Each::OutputsOf(name.clone()) {
+                    for output in plan.outputs_of(stage, &item) {
+                        stale.insert((taker, output));
+                    }
+                }
+            }
+            would_run[stage].push(item.clone());
+            plan.record(stage, &item, ItemState::Done);
+        }
+    }
+    Ok(pipeline
+        .stages
+        .iter()
+        .zip(would_run)
+        .map(|(s, items)| (s.name.clone(), items))
+        .collect())
+}
+
+/// Reads the newest recorded state of `run`, leaving it in place; None when the run has none.
+pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunState>, RunError> {
+    let mut submitter = Submitter::new(amqp.clone(), "warren-status");
+    let (connection, _) = submitter.connection().await?;
+    let channel = connection.create_channel().await?;
+    if let Err(BrokerError::QueueNotFound { .. }) =
+        topology::inspect(&channel, &run_queue(run)).await
+    {
+        return Ok(None);
+    }
+    let mut newest: Option<RunState> = None;
+    while let Some(message) = channel
+        .basic_get(short(&run_queue(run))?, BasicGetOptions::default())
+        .await?
+    {
+        if let Ok(state) = decode_state(&message.delivery.data)
+            && newest
+                .as_ref()
+                .is_none_or(|n| state.generation >= n.generation)
+        {
+            newest = Some(state);
+        }
+    }
+    // Closing the channel gives the messages back, unacknowledged.
+    let _ = channel.close(200, "read".into()).await;
+    Ok(newest)
+}
+
+fn decode_state(bytes: &[u8]) -> Result<RunState, String> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err("state message too large".into());
+    }
+    rmp_serde::from_slice::<RunState>(bytes).map_err(|e| e.to_string())
+}
+
+/// A run in progress.
+struct Runner<'a> {
+    options: &'a RunOptions,
+    plan: Plan,
+    token: String,
+    generation: u64,
+    /// Task id → (stage, item) of what was submitted and not finished.
+    in_flight: HashMap<String, (usize, String)>,
+    next_seq: u32,
+    submitted_at: String,
+    /// Set once a session consumed results: the retry budget starts over.
+    progressed: bool,
+}
+
+/// Runs (or resumes) `pipeline`; returns how it ended and the final plan.
+pub async fn run(
+    amqp: &AmqpSettings,
+    pipeline: Pipeline,
+    options: &RunOptions,
+    progress: &mut dyn RunProgress,
+) -> Result<(RunEnd, Plan), RunError> {
+    let mut submitter = Submitter::new(amqp.clone(), format!("warren-run-{}", options.run));
+    let roots = root_items(&pipeline).map_err(RunError::Invalid)?;
+    let mut runner = Runner {
+        options,
+        plan: Plan::new(pipeline),
+        token: protocol::new_token(),
+        generation: 0,
+        in_flight: HashMap::new(),
+        next_seq: 0,
+        submitted_at: protocol::timestamp(SystemTime::now()),
+        progressed: false,
+    };
+    runner.plan.set_barriers(options.barriers);
+    for (stage, items) in roots {
+        runner.plan.add_items(stage, items);
+    }
+    let deadline = options.timeout.map(|t| Instant::now() + t);
+    let mut retry = RetryBudget::new(options.retry_for);
+    let mut first = true;
+    loop {
+        let outcome = async {
+            let (connection, publisher) = submitter.connection().await?;
+            let publisher = publisher.clone();
+            runner
+                .session(connection, &publisher, first, deadline, progress)
+                .await
+        }
+        .await;
+        first = false;
+        if std::mem::take(&mut runner.progressed) {
+            retry.progressed();
+        }
+        match outcome {
+            Ok(end) => return Ok((end, runner.plan)),
+            Err(RunError::Broker(e)) if !e.is_fatal() => match retry.failed() {
+                Some(delay) => {
+                    warn!(run = %options.run, "run interrupted ({e}); reconnecting in {delay:.1?}");
+                    submitter.reset();
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(RunError::Invalid(format!(
+                        "{e}; gave up after {:?} of failures. What finished is recorded: continue with \
+                         warren run --resume {} (tasks already submitted still run)",
+                        retry.budget(),
+                        options.run
+                    )));
+                }
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Runner<'_> {
+    async fn session(
+        &mut self,
+        connection: &Connection,
+        publisher: &Publisher,
+        first: bool,
+        deadline: Option<Instant>,
+        progress: &mut dyn RunProgress,
+    ) -> Result<RunEnd, RunError> {
+        let run = self.options.run.clone();
+        let queues: Vec<String> = {
+            let mut q: Vec<String> = self
+                .plan
+                .pipeline()
+                .stages
+                .iter()
+                .map(|s| s.queue.clone())
+                .collect();
+            q.sort();
+            q.dedup();
+            q
+        };
+        for queue in &queues {
+            if !self.options.create_queue {
+                topology::require_task_queue(connection, queue).await?;
+            }
+            topology::declare_task_queue(publisher.channel(), queue).await?;
+        }
+        let results_queue = result_queue(&run);
+        if first && self.options.resume {
+            let found = topology::inspect(publisher.channel(), &run_queue(&run)).await;
+            if let Err(BrokerError::QueueNotFound { .. }) = found {
+                return Err(RunError::Invalid(format!(
+                    "run {run} not found: it has no recorded state (never started, or expired)"
+                )));
+            }
+            found?;
+        }
+        topology::declare_result_queue(publisher.channel(), &run, &queues[0], self.options.expiry)
+            .await?;
+        topology::declare_run_queue(publisher.channel(), &run, self.options.expiry).await?;
+        let results = consumer_channel(connection, 256).await?;
+        // Read what earlier sessions recorded (and, on a resume, take it over).
+        self.checkpoint(publisher, None, first).await?;
+        let mut consumer = results
+            .basic_consume(
+                short(&results_queue)?,
+                "".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                RunError::Invalid(format!(
+                    "run {run} is being run by another process (its results queue is held): {e}"
+                ))
+            })?;
+        self.progressed = true;
+        // Results that arrived while no runner was there are taken before anything is submitted,
+        // so an item that finished after the last recorded state is not run again.
+        let mut backlog = topology::inspect(&results, &results_queue)
+            .await?
+            .message_count();
+        let backlog_deadline = Instant::now() + BACKLOG_WAIT;
+        let mut unacked: Option<u64> = None;
+        let mut pending = 0usize;
+        let mut last_checkpoint = Instant::now();
+        loop {
+            if backlog == 0 || Instant::now() >= backlog_deadline {
+                backlog = 0;
+                self.submit_ready(publisher).await?;
+            }
+            progress.update(&self.plan);
+            if self.plan.complete() {
+                if let Some(tag) = unacked.take() {
+                    self.checkpoint(publisher, Some((&results, tag)), false)
+                        .await?;
+                } else {
+                    self.checkpoint(publisher, None, false).await?;
+                }
+                let _ = results
+                    .queue_delete(short(&results_queue)?, Default::default())
+                    .await;
+                return Ok(RunEnd::Finished);
+            }
+            let stop_requested = self
+                .options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+                || deadline.is_some_and(|d| Instant::now() >= d);
+            if stop_requested {
+                self.checkpoint(publisher, unacked.take().map(|t| (&results, t)), false)
+                    .await?;
+                return Ok(RunEnd::Stopped);
+            }
+            let next = tokio::time::timeout(Duration::from_millis(250), consumer.next()).await;
+            match next {
+                Ok(Some(Ok(delivery))) => {
+                    backlog = backlog.saturating_sub(1);
+                    self.take_result(&results, &delivery).await?;
+                    unacked = Some(delivery.delivery_tag);
+                    pending += 1;
+                }
+                Ok(Some(Err(e))) => return Err(BrokerError::Amqp(e).into()),
+                Ok(None) => {
+                    return Err(BrokerError::ConsumerCancelled {
+                        queue: results_queue.clone(),
+                    }
+                    .into());
+                }
+                Err(_) => {}
+            }
+            if pending > 0
+                && (pending >= CHECKPOINT_AFTER || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+            {
+                self.checkpoint(publisher, unacked.take().map(|t| (&results, t)), false)
+                    .await?;
+                pending = 0;
+                last_checkpoint = Instant::now();
+            }
+        }
+    }
+
+    /// Submits ready items up to the window; items whose outputs are up to date are recorded as
+    /// such instead.
+    async fn submit_ready(&mut self, publisher: &Publisher) -> Result<(), RunError> {
+        loop {
+            let room = self.options.max_queued.saturating_sub(self.in_flight.len());
+            if room == 0 {
+                return Ok(());
+            }
+            let ready = self.plan.ready();
+            if ready.is_empty() {
+                return Ok(());
+            }
+            let mut submitted_any = false;
+            for (stage, item) in ready.into_iter().take(room) {
+                if !self.options.force && up_to_date(&self.plan, stage, &item) {
+                    self.plan.record(stage, &item, ItemState::UpToDate);
+                    submitted_any = true;
+                    continue;
+                }
+                let spec = self
+                    .plan
+                    .task(&self.options.run, stage, &item)
+                    .map_err(|e| RunError::Invalid(format!("stage {stage}, item '{item}': {e}")))?;
+                let queue = self.plan.pipeline().stages[stage].queue.clone();
+                let options = SubmitOptions::new(queue.clone());
+                let (body, properties) = encode_task(
+                    &spec,
+                    &self.options.run,
+                    &self.token,
+                    self.next_seq,
+                    &self.submitted_at,
+                    &options,
+                )
+                .map_err(|e| RunError::Invalid(e.to_string()))?;
+                publisher.publish(&queue, &body, properties).await?;
+                self.next_seq = self.next_seq.wrapping_add(1);
+                self.plan.submitted(stage, &item);
+                self.in_flight.insert(
+                    task_id(&self.plan.pipeline().stages[stage].name, &item),
+                    (stage, item),
+                );
+                submitted_any = true;
+            }
+            if !submitted_any {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Records one result (ignoring repeats and strangers).
+    async fn take_result(
+        &mut self,
+        channel: &Channel,
+        delivery: &lapin::message::Delivery,
+    ) -> Result<(), RunError> {
+        let result = match protocol::decode_result(&delivery.data, MAX_MESSAGE_BYTES) {
+            Ok(r)
+                if r.batch == self.options.run
+                    && r.token.as_deref() == Some(self.token.as_str()) =>
+            {
+                r
+            }
+            Ok(r) => {
+                warn!(run = %self.options.run, task_id = %r.task_id, "dead-lettering a result that is not this run's");
+                channel
+                    .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                    .await?;
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(run = %self.options.run, "dead-lettering an unreadable message in the results queue: {e}");
+                channel
+                    .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                    .await?;
+                return Ok(());
+            }
+        };
+        let place = self.in_flight.remove(&result.task_id).or_else(|| {
+            // Submitted by an earlier session of this run: find it by its labels.
+            let stage = result.labels.get("stage")?;
+            let item = result.labels.get("item")?;
+            let index = self
+                .plan
+                .pipeline()
+                .stages
+                .iter()
+                .position(|s| &s.name == stage)?;
+            Some((index, item.clone()))
+        });
+        let Some((stage, item)) = place else {
+            return Ok(());
+        };
+        let outcome = if result.status == TaskStatus::Succeeded {
+            ItemState::Done
+        } else {
+            ItemState::Failed(
+                result
+                    .error
+                    .as_ref()
+                    .map_or(result.status.as_str().to_string(), |e| e.kind.clone()),
+            )
+        };
+        self.plan.record(stage, &item, outcome);
+        Ok(())
+    }
+
+    /// Takes every recorded state, merges it into the plan when `adopt` (the first session),
+    /// publishes the next generation, then acknowledges the old states and the results up to
+    /// `ack`.
+    async fn checkpoint(
+        &mut self,
+        publisher: &Publisher,
+        ack: Option<(&Channel, u64)>,
+        adopt: bool,
+    ) -> Result<(), RunError> {
+        let run = self.options.run.clone();
+        let queue = run_queue(&run);
+        let channel = publisher.channel();
+        let mut taken = Vec::new();
+        let mut newest: Option<RunState> = None;
+        while let Some(message) = channel
+            .basic_get(short(&queue)?, BasicGetOptions::default())
+            .await?
+        {
+            taken.push(message.delivery.delivery_tag);
+            match decode_state(&message.delivery.data) {
+                Ok(state) if state.run == run => {
+                    if newest
+                        .as_ref()
+                        .is_none_or(|n| state.generation >= n.generation)
+                    {
+                        newest = Some(state);
+                    }
+                }
+                _ => warn!(run = %run, "ignoring an unreadable message in the run's state queue"),
+            }
+        }
+        if let Some(state) = &newest {
+            self.generation = self.generation.max(state.generation);
+            if adopt {
+                self.adopt(state)?;
+            }
+        }
+        let state = self.state();
+        publisher
+            .publish(
+                &queue,
+                &protocol::encode(&state),
+                message_properties(MESSAGE_TYPE_RUN),
+            )
+            .await?;
+        self.generation = state.generation;
+        if let Some(last) = taken.iter().max() {
+            channel
+                .basic_ack(*last, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        if let Some((results, tag)) = ack {
+            results
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes over a recorded state: its token, and every item that is not waiting.
+    fn adopt(&mut self, state: &RunState) -> Result<(), RunError> {
+        if state.fingerprint != self.plan.pipeline().fingerprint {
+            return Err(RunError::Invalid(format!(
+                "run {} was started with another version of this pipeline file; resume it with the \
+                 original, or start a new run (items whose outputs are up to date are skipped)",
+                state.run
+            )));
+        }
+        self.token = state.token.clone();
+        let stages: Vec<String> = self
+            .plan
+            .pipeline()
+            .stages
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        for (index, name) in stages.iter().enumerate() {
+            let Some(items) = state.stages.get(name) else {
+                continue;
+            };
+            for (item, item_state) in items {
+                match item_state {
+                    ItemState::Submitted => {
+                        self.plan.submitted(index, item);
+                        self.in_flight
+                            .insert(task_id(name, item), (index, item.clone()));
+                    }
+                    ItemState::Done | ItemState::UpToDate | ItemState::Failed(_) => {
+                        self.plan.record(index, item, item_state.clone());
+                    }
+                    ItemState::Waiting | ItemState::Skipped => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> RunState {
+        let pipeline = self.plan.pipeline();
+        let mut stages = BTreeMap::new();
+        let mut counts = Vec::new();
+        for (index, stage) in pipeline.stages.iter().enumerate() {
+            let items: BTreeMap<String, ItemState> = self
+                .plan
+                .items(index)
+                .iter()
+                .filter(|(_, s)| !matches!(s, ItemState::Waiting | ItemState::Skipped))
+                .map(|(i, s)| (i.clone(), s.clone()))
+                .collect();
+            stages.insert(stage.name.clone(), items);
+            counts.push((stage.name.clone(), self.plan.counts(index)));
+        }
+        RunState {
+            v: PROTOCOL_VERSION,
+            run: self.options.run.clone(),
+            generation: self.generation + 1,
+            fingerprint: pipeline.fingerprint.clone(),
+            token: self.token.clone(),
+            workdir: pipeline.workdir.display().to_string(),
+            stages,
+            counts,
+            complete: self.plan.complete(),
+        }
+    }
+}

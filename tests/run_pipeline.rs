@@ -1,0 +1,301 @@
+//! End-to-end: `warren run` of pipeline files against the real broker and a real worker: per-item
+//! chaining, the barrier stage, up-to-date skipping, failures, bad files, and resuming after the
+//! runner is killed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A folder with `raw/f1.txt`..`raw/f{n}.txt` and `p.toml` holding `pipeline`.
+fn project(test: &str, n: usize, pipeline: &str) -> PathBuf {
+    let dir = scratch(test);
+    std::fs::create_dir_all(dir.join("raw")).unwrap();
+    for i in 1..=n {
+        std::fs::write(dir.join(format!("raw/f{i}.txt")), format!("data {i}\n")).unwrap();
+    }
+    std::fs::write(dir.join("p.toml"), pipeline).unwrap();
+    dir
+}
+
+/// Three stages: upper-case each file, gzip each result as soon as it exists, list them all.
+/// Every command appends `<stage> <item>` to runs.log, so a test can count what ran.
+const THREE_STAGES: &str = r#"
+[[stage]]
+name = "up"
+each = "raw/*.txt"
+command = ["sh", "-c", "echo \"up $1\" >> runs.log; case \"$1\" in *FAIL*) exit 3;; esac; mkdir -p work && tr a-z A-Z < \"$1\" > \"$2\"", "sh", "{}", "work/{stem}.up"]
+outputs = ["work/{stem}.up"]
+
+[[stage]]
+name = "gz"
+each = "up.outputs"
+command = ["sh", "-c", "echo \"gz $1\" >> runs.log; mkdir -p out && gzip -c \"$1\" > \"$2\"", "sh", "{}", "out/{name}.gz"]
+outputs = ["out/{name}.gz"]
+
+[[stage]]
+name = "list"
+needs = ["gz"]
+command = ["sh", "-c", "echo \"list all\" >> runs.log; ls -1 \"$@\" > out/list.txt", "sh", "{gz.outputs}"]
+outputs = ["out/list.txt"]
+"#;
+
+async fn warren_run(dir: &Path, queue: &str, extra: &[&str]) -> Finished {
+    let pipeline = dir.join("p.toml");
+    let mut args = vec![
+        "run",
+        "--queue",
+        queue,
+        "--create-queue",
+        pipeline.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run_warren(&args, None, MINUTE).await
+}
+
+fn runs(dir: &Path) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in std::fs::read_to_string(dir.join("runs.log"))
+        .unwrap_or_default()
+        .lines()
+    {
+        *counts.entry(line.to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_chains_per_file_runs_its_barrier_once_and_then_only_what_is_out_of_date() {
+    let queue = unique_queue("run");
+    let dir = project("run", 4, THREE_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "4"]);
+    let done = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let run = done.stdout.lines().next().unwrap().to_string();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("work/f2.up")).unwrap(),
+        "DATA 2\n"
+    );
+    let listed = std::fs::read_to_string(dir.join("out/list.txt")).unwrap();
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    let counts = runs(&dir);
+    assert_eq!(counts.len(), 9, "4 + 4 + 1 commands: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each ran once: {counts:?}"
+    );
+
+    let status = run_warren(&["status", "--run", &run], None, MINUTE).await;
+    assert_eq!(status.code, Some(0), "{}", status.stderr);
+    assert!(
+        status.stdout.contains("complete") && status.stdout.contains("gz"),
+        "{}",
+        status.stdout
+    );
+
+    // Everything is up to date: a second run runs nothing.
+    let again = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(runs(&dir).values().sum::<usize>(), 9, "{}", again.stderr);
+
+    // One input changes: only its chain and the barrier would run, and do.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(dir.join("raw/f2.txt"), "new data\n").unwrap();
+    let dry = warren_run(&dir, &queue, &["--dry-run"]).await;
+    assert_eq!(dry.code, Some(0), "{}", dry.stderr);
+    for line in [
+        "up: 1 item(s)",
+        "raw/f2.txt",
+        "gz: 1 item(s)",
+        "work/f2.up",
+        "list: 1 item(s)",
+    ] {
+        assert!(dry.stdout.contains(line), "{line}: {}", dry.stdout);
+    }
+    let rerun = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(rerun.code, Some(0), "{}", rerun.stderr);
+    let counts = runs(&dir);
+    assert_eq!(counts["up raw/f2.txt"], 2);
+    assert_eq!(counts["gz work/f2.up"], 2);
+    assert_eq!(counts["list all"], 2);
+    assert_eq!(counts["up raw/f1.txt"], 1, "{counts:?}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("work/f2.up")).unwrap(),
+        "NEW DATA\n"
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_item_skips_only_its_own_downstream() {
+    let queue = unique_queue("runfail");
+    let dir = project("runfail", 3, THREE_STAGES);
+    std::fs::write(dir.join("raw/FAIL.txt"), "x\n").unwrap();
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let done = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(done.code, Some(1), "{}", done.stderr);
+    for named in [
+        "up: raw/FAIL.txt: failed (exit_status)",
+        "gz: work/FAIL.up: skipped",
+        "list: (once): skipped",
+    ] {
+        assert!(done.stderr.contains(named), "{named}: {}", done.stderr);
+    }
+    for i in 1..=3 {
+        assert!(
+            dir.join(format!("out/f{i}.up.gz")).exists(),
+            "the other files went on"
+        );
+    }
+    assert!(!dir.join("out/list.txt").exists());
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn bad_pipeline_files_are_named_and_nothing_is_submitted() {
+    let queue = unique_queue("runbad");
+    for (text, named) in [
+        (
+            THREE_STAGES.replace("up.outputs", "upp.outputs"),
+            "line 10: stage 'gz', each: there is no stage 'upp'",
+        ),
+        (
+            THREE_STAGES.replace("needs = [\"gz\"]", "needs = [\"gzz\"]"),
+            "stage 'list', needs: there is no stage 'gzz'",
+        ),
+        (
+            THREE_STAGES.replace("work/{stem}.up\"]\n", "work/{stme}.up\"]\n"),
+            "line 5: stage 'up', command: 'work/{stme}.up': unknown placeholder {stme}",
+        ),
+        (
+            THREE_STAGES.replace("name = \"gz\"", "nme = \"gz\""),
+            "unknown field `nme`",
+        ),
+        (
+            "[[stage]]\nname = \"a\"\n".to_string(),
+            "missing field `command`",
+        ),
+    ] {
+        let dir = project("runbad", 1, &text);
+        let done = warren_run(&dir, &queue, &[]).await;
+        assert_eq!(done.code, Some(2), "{}", done.stderr);
+        assert!(done.stderr.contains(named), "{named}: {}", done.stderr);
+        assert!(done.stdout.is_empty(), "no run id: {}", done.stdout);
+    }
+    let dir = project("runbad", 0, THREE_STAGES);
+    let empty = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(empty.code, Some(2), "{}", empty.stderr);
+    assert!(empty.stderr.contains("matches no file"), "{}", empty.stderr);
+    let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+    assert_eq!(
+        status.code,
+        Some(2),
+        "the queue was never created: {}",
+        status.stdout
+    );
+    let unknown = run_warren(&["status", "--run", "no-such-run"], None, MINUTE).await;
+    assert_eq!(unknown.code, Some(2));
+    assert!(unknown.stderr.contains("not found"), "{}", unknown.stderr);
+}
+
+/// Slow steps that log when they start and end, to see the order of steps across files.
+const SLOW_TWO_STAGES: &str = r#"
+[[stage]]
+name = "one"
+each = "raw/*.txt"
+command = ["sh", "-c", "echo \"start one $1\" >> order.log; sleep 0.4; echo \"one $1\" >> runs.log; mkdir -p work && cp \"$1\" \"$2\"; echo \"end one $1\" >> order.log", "sh", "{}", "work/{name}"]
+outputs = ["work/{name}"]
+
+[[stage]]
+name = "two"
+each = "one.outputs"
+command = ["sh", "-c", "echo \"start two $1\" >> order.log; sleep 0.4; echo \"two $1\" >> runs.log; mkdir -p out && cp \"$1\" \"$2\"; echo \"end two $1\" >> order.log", "sh", "{}", "out/{name}"]
+outputs = ["out/{name}"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_two_of_the_first_file_starts_before_step_one_of_the_last_file_ends() {
+    let queue = unique_queue("runchain");
+    let dir = project("runchain", 6, SLOW_TWO_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "2"]);
+    let done = warren_run(&dir, &queue, &["--max-queued", "2"]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let order = std::fs::read_to_string(dir.join("order.log")).unwrap();
+    let position = |line: &str| {
+        order
+            .lines()
+            .position(|l| l == line)
+            .unwrap_or_else(|| panic!("{line} not in {order}"))
+    };
+    assert!(
+        position("start two work/f1.txt") < position("end one raw/f6.txt"),
+        "{order}"
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_again_and_again_loses_nothing_and_reruns_no_recorded_task() {
+    let queue = unique_queue("runkill");
+    let dir = project("runkill", 8, SLOW_TWO_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "2"]);
+    let pipeline = dir.join("p.toml");
+    let mut run: Option<String> = None;
+    for kill_after in [2usize, 7, 11] {
+        let mut args = vec![
+            "run".to_string(),
+            "--queue".into(),
+            queue.clone(),
+            "--create-queue".into(),
+            "--max-queued".into(),
+            "2".into(),
+            pipeline.display().to_string(),
+        ];
+        if let Some(id) = &run {
+            args.extend(["--resume".to_string(), id.clone()]);
+        }
+        let mut runner = warren()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        if run.is_none() {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(runner.stdout.take().unwrap()).lines();
+            run = lines.next_line().await.unwrap();
+        }
+        eventually(MINUTE, "the runner to get that far", || async {
+            (runs(&dir).values().sum::<usize>() >= kill_after).then_some(())
+        })
+        .await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(runner.id().unwrap() as i32),
+            Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = runner.wait().await;
+        // What was running finishes meanwhile; its result waits in the broker for the next runner.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let run = run.expect("run id");
+    let done = warren_run(&dir, &queue, &["--resume", &run]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let counts = runs(&dir);
+    assert_eq!(counts.len(), 16, "every step of every file ran: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "no step ran twice: {counts:?}"
+    );
+    for i in 1..=8 {
+        assert!(dir.join(format!("out/f{i}.txt")).exists());
+    }
+    delete_queues(&queue).await;
+}
