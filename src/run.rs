@@ -27,8 +27,12 @@ pub struct RunArgs {
     /// The pipeline file (TOML; see docs/pipelines.md).
     pipeline: PathBuf,
     /// Continue run RUN where it stopped (from any machine with the same files and pipeline).
-    #[arg(long, value_name = "RUN")]
+    #[arg(long, value_name = "RUN", conflicts_with = "run")]
     resume: Option<String>,
+    /// Start run RUN, or continue it if it was started before: for a Kubernetes Job whose pod may
+    /// be restarted (e.g. --run "$JOB_NAME").
+    #[arg(long, value_name = "RUN")]
+    run: Option<String>,
     /// Run every item, even those whose declared outputs are newer than their inputs.
     #[arg(long)]
     force: bool,
@@ -119,7 +123,10 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
         expiry,
         ..RunOptions::new()
     };
-    if let Some(run) = &args.resume {
+    if let Some(run) = args.resume.as_ref().or(args.run.as_ref()) {
+        if let Err(e) = warren_broker::protocol::validate_id("--run", run) {
+            return usage(&e.to_string());
+        }
         options.run = run.clone();
     }
     let run = options.run.clone();

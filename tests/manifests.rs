@@ -418,3 +418,50 @@ fn the_admission_policy_lets_the_autoscaler_change_only_the_deletion_cost() {
         assert!(text.contains(rule), "the policy checks {rule}");
     }
 }
+
+#[test]
+fn the_run_job_example_mounts_the_workers_volume_and_gives_valid_arguments() {
+    let text = std::fs::read_to_string(Path::new(DIR).join("examples/run-job.yaml")).unwrap();
+    let job: k8s_openapi::api::batch::v1::Job =
+        serde_yaml_ng::from_str(&text).expect("run-job.yaml is a Job");
+    let spec = job.spec.unwrap().template.spec.unwrap();
+    let run = &spec.containers[0];
+    let args = run.args.clone().unwrap();
+    assert_eq!(args[0], "run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "warren {args:?} is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Paths must name the same files for the runner and the workers.
+    let m = load();
+    let worker = &m.deployments["warren-worker"];
+    let claim = |spec: &PodSpec| {
+        spec.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "data")
+            .and_then(|v| v.persistent_volume_claim.as_ref())
+            .map(|c| c.claim_name.clone())
+    };
+    let mount = |c: &Container| {
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "data")
+            .map(|v| v.mount_path.clone())
+    };
+    assert_eq!(claim(&spec), claim(pod_spec(worker)));
+    assert_eq!(mount(run), mount(container(worker)));
+    assert!(
+        args.last().unwrap().starts_with(&mount(run).unwrap()),
+        "the pipeline file is on the shared volume"
+    );
+}

@@ -299,3 +299,104 @@ async fn a_runner_killed_again_and_again_loses_nothing_and_reruns_no_recorded_ta
     }
     delete_queues(&queue).await;
 }
+
+/// Output of a GDAL/OGR inspection program; it must be installed (tests/run installs gdal-bin).
+fn inspect(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} must be installed (Debian's gdal-bin; tests/run installs it): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gdal_example_pipeline_runs_on_an_autoscaled_local_pool() {
+    let queue = unique_queue("gdal");
+    let dir = scratch("gdal");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/pipeline");
+    let made = std::process::Command::new(example.join("make-data.sh"))
+        .arg(&dir)
+        .status()
+        .expect("make-data.sh runs (it needs gdal_create from gdal-bin)");
+    assert!(made.success());
+    std::fs::copy(example.join("pipeline.toml"), dir.join("pipeline.toml")).unwrap();
+    let warren_bin = env!("CARGO_BIN_EXE_warren");
+    let mut pool = WorkerProcess::spawn(
+        &[
+            "autoscale",
+            "--queue",
+            &queue,
+            "--backend",
+            "local",
+            "--poll",
+            "0.5",
+            "--max",
+            "2",
+            "--tasks-per-worker",
+            "2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--",
+            warren_bin,
+            "worker",
+            "--queue",
+            &queue,
+            "--concurrency",
+            "2",
+            "--allow-exec",
+            "gdalwarp",
+            "--allow-exec",
+            "gdal_translate",
+            "--allow-exec",
+            "gdalbuildvrt",
+            "--allow-exec",
+            "ogr2ogr",
+        ],
+        &dir,
+        &[],
+    );
+    // The autoscaler declares the queue it serves: no --create-queue needed.
+    eventually(MINUTE, "the autoscaler to declare its queue", || async {
+        let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
+        (status.code == Some(0)).then_some(())
+    })
+    .await;
+    let pipeline = dir.join("pipeline.toml");
+    let done = run_warren(
+        &["run", "--queue", &queue, pipeline.to_str().unwrap()],
+        None,
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    for i in 1..=4 {
+        let cog = dir.join(format!("cog/tile_{i}.3857.tif"));
+        let info = inspect("gdalinfo", &[cog.to_str().unwrap()]);
+        assert!(info.contains("LAYOUT=COG"), "{info}");
+        assert!(info.contains("Pseudo-Mercator"), "{info}");
+    }
+    let mosaic = inspect("gdalinfo", &[dir.join("out/mosaic.vrt").to_str().unwrap()]);
+    assert!(mosaic.contains("Driver: VRT"), "{mosaic}");
+    assert!(mosaic.contains("Pseudo-Mercator"), "{mosaic}");
+    let vrt = std::fs::read_to_string(dir.join("out/mosaic.vrt")).unwrap();
+    assert_eq!(vrt.matches("<SourceFilename").count(), 4, "one source per tile: {vrt}");
+    let sites = inspect(
+        "ogrinfo",
+        &["-so", "-al", dir.join("out/sites.gpkg").to_str().unwrap()],
+    );
+    assert!(sites.contains("Feature Count: 3"), "{sites}");
+    assert!(
+        sites.contains("Pseudo-Mercator") || sites.contains("3857"),
+        "{sites}"
+    );
+    pool.signal(Signal::SIGTERM);
+    assert_eq!(pool.exit_code(MINUTE).await, Some(0));
+    delete_queues(&queue).await;
+}
