@@ -386,7 +386,11 @@ async fn the_gdal_example_pipeline_runs_on_an_autoscaled_local_pool() {
     assert!(mosaic.contains("Driver: VRT"), "{mosaic}");
     assert!(mosaic.contains("Pseudo-Mercator"), "{mosaic}");
     let vrt = std::fs::read_to_string(dir.join("out/mosaic.vrt")).unwrap();
-    assert_eq!(vrt.matches("<SourceFilename").count(), 4, "one source per tile: {vrt}");
+    assert_eq!(
+        vrt.matches("<SourceFilename").count(),
+        4,
+        "one source per tile: {vrt}"
+    );
     let sites = inspect(
         "ogrinfo",
         &["-so", "-al", dir.join("out/sites.gpkg").to_str().unwrap()],
