@@ -28,7 +28,9 @@ struct Cli {
 
 #[derive(Args)]
 struct Global {
-    /// RabbitMQ URL (amqp:// or amqps://). The password may instead come from --amqp-password-file.
+    /// RabbitMQ URL (amqp:// or amqps://); a cluster's nodes comma-separated (entries without a
+    /// scheme take the first's user, password and vhost). The password may instead come from
+    /// --amqp-password-file.
     #[arg(long, global = true, env = "WARREN_AMQP_URL", hide_env_values = true,
           default_value = warren_broker::settings::DEFAULT_AMQP_URL)]
     amqp_url: String,
@@ -160,9 +162,13 @@ struct WorkerArgs {
     /// Task queue to consume.
     #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
     queue: String,
-    /// Tasks run at once (also the prefetch).
+    /// Tasks run at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
+    /// Tasks the broker may send ahead (default: --concurrency, so none waits unstarted). Raise it
+    /// for pools of very short tasks; see the README on the trade-off with the delivery limit.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: Option<u16>,
     /// Program the `exec` handler may run (repeatable); '*' allows any program.
     #[arg(long = "allow-exec", value_name = "PROGRAM")]
     allow_exec: Vec<String>,
@@ -203,7 +209,7 @@ struct CollectArgs {
     #[arg(long)]
     timeout: Option<f64>,
     /// Seconds to keep retrying while the broker is unreachable before giving up (exit status 2).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = warren_broker::connection::DEFAULT_RETRY_FOR.as_secs_f64())]
     retry_for: f64,
     /// Seconds the task queue may have no consumer, while results are outstanding, before a
     /// warning says so (a mistyped --queue, or a pool that does not start).
@@ -449,6 +455,7 @@ async fn run_worker(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         amqp,
         queue: args.queue,
         concurrency: args.concurrency,
+        prefetch: args.prefetch,
         name: args.name.unwrap_or_else(warren_worker::default_name),
         grace,
         default_timeout,

@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(long)]
     timeout: Option<f64>,
     /// Seconds to keep retrying while the broker is unreachable before giving up (exit 2).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = warren_broker::connection::DEFAULT_RETRY_FOR.as_secs_f64())]
     retry_for: f64,
     /// Hours a run's queues are kept after the last activity.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]

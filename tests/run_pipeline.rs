@@ -404,3 +404,53 @@ async fn the_gdal_example_pipeline_runs_on_an_autoscaled_local_pool() {
     assert_eq!(pool.exit_code(MINUTE).await, Some(0));
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_run_with_exit_3_and_the_resume_command() {
+    let queue = unique_queue("runint");
+    let dir = project("runint", 6, SLOW_TWO_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "2"]);
+    let pipeline = dir.join("p.toml");
+    let runner = WorkerProcess::spawn(
+        &[
+            "run",
+            "--queue",
+            &queue,
+            "--create-queue",
+            "--max-queued",
+            "2",
+            pipeline.to_str().unwrap(),
+        ],
+        &dir,
+        &[],
+    );
+    let mut runner = runner;
+    eventually(MINUTE, "a first step to finish", || async {
+        (runs(&dir).values().sum::<usize>() >= 1).then_some(())
+    })
+    .await;
+    runner.signal(Signal::SIGINT);
+    assert_eq!(
+        runner.exit_code(MINUTE).await,
+        Some(3),
+        "{}",
+        runner.log_text()
+    );
+    let log = runner.log_text();
+    assert!(log.contains("warren run --resume "), "{log}");
+    let run = log
+        .split("warren run --resume ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let status = run_warren(&["status", "--run", &run], None, MINUTE).await;
+    assert!(status.stdout.contains("not complete"), "{}", status.stdout);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = warren_run(&dir, &queue, &["--resume", &run]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let counts = runs(&dir);
+    assert_eq!(counts.len(), 12, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    delete_queues(&queue).await;
+}

@@ -11,7 +11,42 @@ use crate::settings::AmqpSettings;
 /// Opens a connection named `name` (shown in the management UI; the autoscaler matches worker
 /// pods by it). Errors name the URL without its password.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
-    let uri = settings.uri()?;
+    connect_to_any(settings, name).await.map(|(c, _)| c)
+}
+
+/// Opens a connection to one of the settings' addresses, trying them in a random order so that
+/// clients spread over a cluster's nodes and a node that is down is passed over (each reconnect
+/// draws again). Returns the connection and the (redacted) address it reached.
+pub async fn connect_to_any(
+    settings: &AmqpSettings,
+    name: &str,
+) -> Result<(Connection, String), BrokerError> {
+    let mut uris = settings.uris()?;
+    fastrand::shuffle(&mut uris);
+    let mut failures = Vec::new();
+    let count = uris.len();
+    for (uri, address) in uris {
+        match connect_uri(settings, uri, &address, name).await {
+            Ok(connection) => return Ok((connection, address)),
+            // Refused credentials or an untrusted certificate are the same on every node.
+            Err(e) if e.is_fatal() || count == 1 => return Err(e),
+            Err(e) => {
+                tracing::debug!("cannot connect to {address}: {e}");
+                failures.push(e);
+            }
+        }
+    }
+    Err(BrokerError::NoNodeReachable {
+        failures: failures.iter().map(ToString::to_string).collect(),
+    })
+}
+
+async fn connect_uri(
+    settings: &AmqpSettings,
+    uri: lapin::uri::AMQPUri,
+    address: &str,
+    name: &str,
+) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(
         settings.connect_timeout,
@@ -20,13 +55,12 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
     .await
     {
         Ok(connected) => {
-            let connection = connected
-                .map_err(|e| BrokerError::from_connect_error(&settings.redacted_url(), e))?;
-            report_blocking(&connection, settings.redacted_url(), name.to_string());
+            let connection = connected.map_err(|e| BrokerError::from_connect_error(address, e))?;
+            report_blocking(&connection, address.to_string(), name.to_string());
             Ok(connection)
         }
         Err(_) => Err(BrokerError::ConnectTimeout {
-            url: settings.redacted_url(),
+            url: address.to_string(),
             after: settings.connect_timeout,
         }),
     }
@@ -56,6 +90,10 @@ fn report_blocking(connection: &Connection, url: String, name: String) {
         }
     });
 }
+
+/// How long submitters, collectors and runners keep retrying a lost broker by default, counted
+/// from the first failure of an outage (`--retry-for`).
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// Opens a channel in publisher-confirm mode.
 pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {

@@ -72,6 +72,12 @@ pub enum BrokerError {
         /// Queue name.
         queue: String,
     },
+    /// None of several broker addresses (a cluster's nodes) could be reached.
+    #[error("cannot reach any of the RabbitMQ nodes given: {}", failures.join("; "))]
+    NoNodeReachable {
+        /// Why each address failed.
+        failures: Vec<String>,
+    },
     /// A queue that must exist does not.
     #[error("queue '{queue}' does not exist (never created, already collected, or expired)")]
     QueueNotFound {

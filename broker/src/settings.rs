@@ -28,7 +28,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection settings shared by every Warren process.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
-    /// `amqp://` or `amqps://` URL; may carry the password.
+    /// `amqp://` or `amqps://` URL; may carry the password. Several nodes of a cluster are given
+    /// comma-separated: full URLs, or `host:port` entries that take the scheme, user, password and
+    /// vhost of the first (see [`AmqpSettings::addresses`]).
     pub url: String,
     /// File holding the password (e.g. a mounted Kubernetes Secret); overrides the URL's.
     pub password_file: Option<PathBuf>,
@@ -54,19 +56,67 @@ impl AmqpSettings {
 
     /// The URL with its password replaced by `***`, safe to log and to show in errors.
     pub fn redacted_url(&self) -> String {
-        redact(&self.url)
+        self.url
+            .split(',')
+            .map(|a| redact(a.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// Parses the URL, applies the password file and the default heartbeat.
+    /// The broker addresses, each a full URL: the comma-separated entries of the URL, where a
+    /// `host:port` entry takes the scheme, user info, vhost and query of the first.
+    pub fn addresses(&self) -> Vec<String> {
+        let entries: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        let Some(first) = entries.first() else {
+            return vec![self.url.clone()];
+        };
+        // The parts of the first URL around its host and port.
+        let (scheme, rest) = first.split_once("://").unwrap_or(("amqp", first));
+        let userinfo = rest.rfind('@').map_or("", |at| &rest[..=at]);
+        let after_userinfo = &rest[userinfo.len()..];
+        let tail = after_userinfo
+            .find(['/', '?'])
+            .map_or("", |i| &after_userinfo[i..]);
+        entries
+            .iter()
+            .map(|entry| {
+                if entry.contains("://") {
+                    entry.to_string()
+                } else {
+                    format!("{scheme}://{userinfo}{entry}{tail}")
+                }
+            })
+            .collect()
+    }
+
+    /// Parses the first address, applies the password file and the default heartbeat.
     pub fn uri(&self) -> Result<AMQPUri, BrokerError> {
-        let mut uri = AMQPUri::from_str(&self.url).map_err(|e| {
+        let first = self.addresses().into_iter().next().unwrap_or_default();
+        self.uri_of(&first)
+    }
+
+    /// Every address, parsed as [`AmqpSettings::uri`] does, with its redacted form for messages.
+    pub fn uris(&self) -> Result<Vec<(AMQPUri, String)>, BrokerError> {
+        self.addresses()
+            .iter()
+            .map(|a| Ok((self.uri_of(a)?, redact(a))))
+            .collect()
+    }
+
+    fn uri_of(&self, address: &str) -> Result<AMQPUri, BrokerError> {
+        let mut uri = AMQPUri::from_str(address).map_err(|e| {
             // The parser quotes the whole URL, password and all.
-            let detail = e.replace(&self.url, &self.redacted_url());
+            let detail = e.replace(address, &redact(address));
             BrokerError::Config(format!(
                 "invalid AMQP URL {}: {detail}. Expected amqp://user:password@host:5672/vhost \
                  (use %2f for the default vhost /; percent-encode '/', '?', '#' and '@' in the \
-                 password, or use --amqp-password-file)",
-                self.redacted_url()
+                 password, or use --amqp-password-file; several nodes: comma-separated)",
+                redact(address)
             ))
         })?;
         if let Some(path) = &self.password_file {
@@ -109,6 +159,30 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_addresses_share_the_first_ones_login_and_vhost() {
+        let settings = AmqpSettings::new(
+            "amqp://warren:s3cret@rabbit-0:5672/pipelines?heartbeat=5, rabbit-1:5672,amqps://other@x:5671/v",
+        );
+        assert_eq!(
+            settings.addresses(),
+            [
+                "amqp://warren:s3cret@rabbit-0:5672/pipelines?heartbeat=5",
+                "amqp://warren:s3cret@rabbit-1:5672/pipelines?heartbeat=5",
+                "amqps://other@x:5671/v",
+            ]
+        );
+        let uris = settings.uris().unwrap();
+        assert_eq!(uris[1].0.authority.host, "rabbit-1");
+        assert_eq!(uris[1].0.vhost, "pipelines");
+        assert_eq!(
+            uris[1].1,
+            "amqp://warren:***@rabbit-1:5672/pipelines?heartbeat=5"
+        );
+        assert!(!settings.redacted_url().contains("s3cret"));
+        assert_eq!(AmqpSettings::default().addresses(), [DEFAULT_AMQP_URL]);
+    }
 
     #[test]
     fn redaction_hides_only_the_password() {

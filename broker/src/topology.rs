@@ -84,7 +84,7 @@ pub async fn declare_result_queue(
     task_queue: &str,
     expiry: Duration,
 ) -> Result<(), BrokerError> {
-    let mut results = FieldTable::default();
+    let mut results = replicated();
     results.insert("x-expires".into(), expires(expiry));
     dead_letter_to(&mut results, &dead_letter_queue(task_queue));
     declare(channel, &result_queue(batch), results).await?;
@@ -113,10 +113,21 @@ async fn declare_expiring(
     queue: &str,
     expiry: Duration,
 ) -> Result<(), BrokerError> {
-    let mut args = FieldTable::default();
+    let mut args = replicated();
     args.insert("x-expires".into(), expires(expiry));
     declare(channel, queue, args).await?;
     Ok(())
+}
+
+/// Arguments of a quorum queue: replicated over a cluster's nodes, so a batch's results and
+/// state stay available when one node stops (a classic queue lives on one node only).
+fn replicated() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args
 }
 
 fn expires(expiry: Duration) -> AMQPValue {

@@ -175,7 +175,7 @@ impl Default for CollectOptions {
     fn default() -> Self {
         Self {
             timeout: None,
-            retry_for: Duration::from_secs(20),
+            retry_for: warren_broker::connection::DEFAULT_RETRY_FOR,
             already_written: SeqSet::default(),
             warn_no_worker_after: NO_CONSUMER_WARN_AFTER,
         }

@@ -1,7 +1,7 @@
 //! `warren status`: depth, consumers and dead letters of a task queue.
 
 use serde::Serialize;
-use warren_broker::connection::connect;
+use warren_broker::connection::connect_to_any;
 use warren_broker::depth::{
     Management, ManagementTarget, QueueDepth, WorkerLoad, combine, passive_depth,
 };
@@ -24,6 +24,9 @@ pub struct QueueStatus {
     /// The broker's resource alarms (management API only); publishers are blocked while any is set.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alarms: Vec<String>,
+    /// The broker address (node) the AMQP connection reached, without its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// Reads the status of `queue`: exact waiting counts from passive declares, and in-flight counts,
@@ -35,8 +38,10 @@ pub async fn queue_status(
 ) -> Result<QueueStatus, BrokerError> {
     let dead = dead_letter_queue(queue);
     let (mut passive_tasks, mut passive_dead) = (Err(unavailable()), Err(unavailable()));
-    match connect(settings, "warren-status").await {
-        Ok(connection) => {
+    let mut broker = None;
+    match connect_to_any(settings, "warren-status").await {
+        Ok((connection, address)) => {
+            broker = Some(address);
             // A failed passive declare closes its channel, so each queue gets its own. The channels
             // live until the connection closes: dropping one starts a close that races it.
             let mut channels = Vec::new();
@@ -93,6 +98,7 @@ pub async fn queue_status(
         workers,
         management_unavailable: api_error,
         alarms,
+        broker,
     })
 }
 
@@ -104,7 +110,11 @@ fn unavailable() -> BrokerError {
 pub fn render(status: &QueueStatus) -> String {
     let opt = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
     let rate = |v: Option<f64>| v.map_or("-".to_string(), |r| format!("{r:.1}/s"));
-    let mut out = format!(
+    let mut out = status
+        .broker
+        .as_ref()
+        .map_or(String::new(), |b| format!("broker: {b}\n"));
+    out += &format!(
         "{:<32} {:>8} {:>8} {:>9} {:>10} {:>10}\n",
         "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH", "ACK"
     );

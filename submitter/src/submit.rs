@@ -53,7 +53,7 @@ impl SubmitOptions {
         Self {
             queue: queue.into(),
             result_expiry: topology::DEFAULT_RESULT_EXPIRY,
-            retry_for: Duration::from_secs(20),
+            retry_for: warren_broker::connection::DEFAULT_RETRY_FOR,
             max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
             stop: None,
             create_queue: true,

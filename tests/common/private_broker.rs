@@ -97,6 +97,60 @@ impl PrivateBroker {
     }
 }
 
+/// Private nodes joined into one RabbitMQ cluster (`rabbitmqctl join_cluster`), for tests of
+/// failover; stopped when dropped.
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateBroker>,
+}
+
+impl PrivateCluster {
+    /// Starts `size` nodes side by side and joins the others to the first (about 30-60 s).
+    pub fn start(size: usize) -> Self {
+        let nodes: Vec<PrivateBroker> = std::thread::scope(|scope| {
+            let starting: Vec<_> = (0..size)
+                .map(|_| scope.spawn(PrivateBroker::start))
+                .collect();
+            starting
+                .into_iter()
+                .map(|h| h.join().expect("a node started"))
+                .collect()
+        });
+        let first = nodes[0].node.clone();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]);
+            node.ctl(&["join_cluster", &first]);
+            node.ctl(&["start_app"]);
+        }
+        let until = Instant::now() + Duration::from_secs(90);
+        for node in &nodes {
+            while !(answers(node.amqp_port) && answers(node.management_port)) {
+                assert!(
+                    Instant::now() < until,
+                    "node {} did not come back",
+                    node.node
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// The comma-separated AMQP URL of every node: the first in full, the others `host:port`.
+    pub fn url(&self) -> String {
+        // The others inherit the user, password and vhost of the first.
+        let mut url = self.nodes[0].url();
+        for node in &self.nodes[1..] {
+            url += &format!(",127.0.0.1:{}", node.amqp_port);
+        }
+        url
+    }
+
+    /// The node called `name` (e.g. a queue's leader, as the management API names it).
+    pub fn node(&self, name: &str) -> Option<&PrivateBroker> {
+        self.nodes.iter().find(|n| n.node == name)
+    }
+}
+
 fn answers(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
 use lapin::types::{FieldTable, ShortString};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{error, info, warn};
@@ -39,8 +41,13 @@ pub struct WorkerConfig {
     pub amqp: AmqpSettings,
     /// Task queue to consume.
     pub queue: String,
-    /// Tasks run at once; also the prefetch, so the worker never holds tasks it has not started.
+    /// Tasks run at once.
     pub concurrency: u16,
+    /// Deliveries the broker may send ahead (AMQP prefetch); None means `concurrency`, so the
+    /// worker never holds a task it has not started. More helps pools of very short tasks, at the
+    /// cost of tasks held unstarted: they count a delivery each time their worker dies, and wait
+    /// behind this worker's running ones.
+    pub prefetch: Option<u16>,
     /// Name in results, logs and the broker's connection list (the pod name on Kubernetes).
     pub name: String,
     /// How long running tasks may take to finish after a shutdown signal.
@@ -62,6 +69,7 @@ impl WorkerConfig {
             amqp: AmqpSettings::default(),
             queue: queue.into(),
             concurrency: 4,
+            prefetch: None,
             name: default_name(),
             grace: Duration::from_secs(30),
             default_timeout: DEFAULT_TASK_TIMEOUT,
@@ -213,7 +221,8 @@ impl Worker {
         let cfg = &self.config;
         let connection = connect(&cfg.amqp, &cfg.name).await?;
         let publisher = Publisher::new(confirm_channel(&connection).await?);
-        let channel = consumer_channel(&connection, cfg.concurrency).await?;
+        let prefetch = cfg.prefetch.unwrap_or(cfg.concurrency).max(1);
+        let channel = consumer_channel(&connection, prefetch).await?;
         topology::declare_task_queue(&channel, &cfg.queue).await?;
         // Cancellations are read before any task is taken, so a cancelled task is not started.
         let (caught_up, is_caught_up) = tokio::sync::oneshot::channel();
@@ -248,7 +257,7 @@ impl Worker {
             )
             .await
             .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
-        info!(queue = %cfg.queue, concurrency = cfg.concurrency, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
+        info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),
@@ -268,11 +277,22 @@ impl Worker {
         }
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // At most `concurrency` tasks run; with a larger prefetch the rest wait for a slot.
+        let slots = Arc::new(Semaphore::new(usize::from(cfg.concurrency)));
+        let start = |d: Delivery| {
+            when_free(
+                Arc::clone(&slots),
+                stop.clone(),
+                Arc::clone(&ctx),
+                d,
+                abandon.clone(),
+            )
+        };
         let lost = loop {
             tokio::select! {
                 () = stop.cancelled() => break None,
                 next = consumer.next() => match next {
-                    Some(Ok(d)) => { tracker.spawn(delivery::process(Arc::clone(&ctx), d, abandon.clone())); }
+                    Some(Ok(d)) => { tracker.spawn(start(d)); }
                     Some(Err(e)) => break Some(BrokerError::Amqp(e)),
                     None => break Some(BrokerError::ConsumerCancelled { queue: cfg.queue.clone() }),
                 },
@@ -296,7 +316,7 @@ impl Worker {
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
-            tracker.spawn(delivery::process(Arc::clone(&ctx), d, abandon.clone()));
+            tracker.spawn(start(d));
         }
         tracker.close();
         if tokio::time::timeout(cfg.grace, tracker.wait())
@@ -329,5 +349,33 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+/// Runs a delivery once a slot is free. A delivery still waiting for one when the worker stops
+/// (or its connection is lost) goes back to the queue unstarted.
+async fn when_free(
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    abandon: CancellationToken,
+) {
+    let permit = tokio::select! {
+        biased;
+        permit = slots.acquire_owned() => permit.ok(),
+        () = stop.cancelled() => None,
+        () = abandon.cancelled() => None,
+    };
+    match permit {
+        Some(_running) => delivery::process(ctx, delivery, abandon).await,
+        None => {
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
     }
 }

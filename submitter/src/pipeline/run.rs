@@ -77,7 +77,7 @@ impl RunOptions {
             max_queued: 100,
             barriers: false,
             create_queue: false,
-            retry_for: Duration::from_secs(15),
+            retry_for: warren_broker::connection::DEFAULT_RETRY_FOR,
             stop: None,
             timeout: None,
             expiry: topology::DEFAULT_RESULT_EXPIRY,

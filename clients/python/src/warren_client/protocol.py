@@ -60,7 +60,7 @@ def task_queue_arguments(queue: str) -> Dict[str, Any]:
 
 def batch_queue_arguments(queue: str, expiry_ms: int, results: bool) -> Dict[str, Any]:
     """The arguments of a batch's result queue (``results``) or manifest queue."""
-    args: Dict[str, Any] = {"x-expires": expiry_ms}
+    args: Dict[str, Any] = {"x-queue-type": "quorum", "x-expires": expiry_ms}
     if results:
         args["x-dead-letter-exchange"] = ""
         args["x-dead-letter-routing-key"] = dead_letter_queue(queue)
