@@ -440,7 +440,7 @@ async fn run_autoscaler(
         not_ready_after: start_timeout,
         patch_pods: !args.no_pod_patching,
     };
-    match autoscale(pools, options, warren_worker::shutdown_signal()).await {
+    match autoscale(pools, options, warren_broker::endpoints::shutdown_signal()).await {
         Ok(()) => 0,
         Err(e) => usage(&e),
     }
@@ -474,7 +474,10 @@ async fn run_worker(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
             Err(e) => return usage(&e),
         }
     }
-    match worker.run(warren_worker::shutdown_signal()).await {
+    match worker
+        .run(warren_broker::endpoints::shutdown_signal())
+        .await
+    {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");

@@ -536,3 +536,57 @@ async fn a_queue_nobody_declared_is_refused_and_a_queue_without_workers_is_named
     );
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_sends_tasks_ahead_but_concurrency_bounds_what_runs_and_shutdown_returns_the_rest()
+{
+    let queue = unique_queue("prefetch");
+    let dir = scratch("prefetch");
+    let file = dir.join("t.jsonl");
+    write_tasks(
+        &file,
+        &(0..5)
+            .map(|_| json!({"kind": "sleep", "args": {"ms": 3000}}))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(submit_file(&queue, &file, &[]).await.code, Some(0));
+    let worker = WorkerProcess::start(
+        &queue,
+        &dir,
+        &[
+            "--concurrency",
+            "1",
+            "--prefetch",
+            "5",
+            "--grace",
+            "30",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    let url = worker.metrics_url().await;
+    let ready = || async {
+        let out = run_warren(&["status", "--queue", &queue, "--json"], None, MINUTE).await;
+        serde_json::from_str::<Value>(&out.stdout).ok()?["tasks"]["ready"].as_u64()
+    };
+    // All five are sent ahead; one runs.
+    eventually(MINUTE, "every task sent to the worker", || async {
+        (ready().await == Some(0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sample(&scrape(&url).await, "warren_worker_tasks_in_flight"),
+        Some(1.0)
+    );
+    // On SIGTERM the running task finishes; the four held ones go back at once.
+    let mut worker = worker;
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        worker.exit_code(MINUTE).await,
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+    assert_eq!(ready().await, Some(4));
+    delete_queues(&queue).await;
+}

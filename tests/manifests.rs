@@ -117,8 +117,8 @@ fn check_probes(c: &Container) {
         .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
         .collect();
     for (probe, path) in [
-        (&c.readiness_probe, warren_worker::health::READY_PATH),
-        (&c.liveness_probe, warren_worker::health::HEALTH_PATH),
+        (&c.readiness_probe, warren_broker::endpoints::READY_PATH),
+        (&c.liveness_probe, warren_broker::endpoints::HEALTH_PATH),
     ] {
         let http = probe
             .as_ref()
@@ -304,7 +304,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
         .unwrap(),
     )
     .unwrap();
-    let mut exported: BTreeSet<String> = warren_worker::health::Health::new()
+    let mut exported: BTreeSet<String> = warren_worker::metrics::WorkerMetrics::new()
         .unwrap()
         .endpoints
         .metric_names()
@@ -351,7 +351,7 @@ fn the_pod_monitor_selects_the_warren_pods_on_their_metrics_port() {
         .map(|v| v.as_str().unwrap())
         .collect();
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
-    assert_eq!(endpoint["path"], warren_worker::health::METRICS_PATH);
+    assert_eq!(endpoint["path"], warren_broker::endpoints::METRICS_PATH);
     for app in apps {
         let d = m
             .deployments

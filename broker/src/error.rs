@@ -72,6 +72,15 @@ pub enum BrokerError {
         /// Queue name.
         queue: String,
     },
+    /// A queue that one consumer at a time may read still has one, perhaps this process's own
+    /// lost connection that the broker has not noticed yet: worth retrying.
+    #[error(
+        "queue '{queue}' is still consumed by another connection (perhaps this process's lost one)"
+    )]
+    QueueBusy {
+        /// Queue name.
+        queue: String,
+    },
     /// None of several broker addresses (a cluster's nodes) could be reached.
     #[error("cannot reach any of the RabbitMQ nodes given: {}", failures.join("; "))]
     NoNodeReachable {

@@ -28,6 +28,8 @@ pub const MESSAGE_TYPE_MANIFEST: &str = "warren.manifest";
 pub const HEADER_VERSION: &str = "x-warren-version";
 /// Header on a dead-lettered message: why it was dead-lettered (a short machine-readable kind).
 pub const HEADER_DEAD_REASON: &str = "x-warren-dead-reason";
+/// Dead-letter reason of a result whose batch's result queue no longer exists.
+pub const DEAD_REASON_RESULT_QUEUE_MISSING: &str = "result_queue_missing";
 /// Header on a dead-lettered message: the human-readable detail of the reason.
 pub const HEADER_DEAD_DETAIL: &str = "x-warren-dead-detail";
 /// Header on a dead-lettered message: the queue it was consumed from.

@@ -2,13 +2,15 @@
 //! taken responsibility for it, and a message no queue would take is an error, not a silent loss.
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
 use lapin::{Confirmation, PublisherConfirm};
 
 use crate::error::BrokerError;
-use crate::protocol::{CONTENT_TYPE, HEADER_VERSION, PROTOCOL_VERSION};
 use crate::topology::short;
+
+// Properties are built in `properties`; these are re-exported for the callers that publish.
+pub use crate::properties::{header_value, message_properties, with_header};
 
 /// A channel in confirm mode, publishing through the default exchange.
 #[derive(Clone, Debug)]
@@ -90,43 +92,4 @@ impl PendingConfirm {
             )),
         }
     }
-}
-
-/// Properties of a persistent Warren message of `message_type`, with the version header.
-pub fn message_properties(message_type: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(HEADER_VERSION.into(), AMQPValue::LongUInt(PROTOCOL_VERSION));
-    BasicProperties::default()
-        .with_content_type(CONTENT_TYPE.into())
-        .with_delivery_mode(2)
-        .with_type(ShortString::from(message_type))
-        .with_headers(headers)
-}
-
-/// Adds a string header to `properties`.
-pub fn with_header(properties: BasicProperties, name: &str, value: &str) -> BasicProperties {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from(name),
-        AMQPValue::LongString(LongString::from(value)),
-    );
-    properties.with_headers(headers)
-}
-
-/// Reads a header as text (string headers) or number (integer headers).
-pub fn header_value(properties: &BasicProperties, name: &str) -> Option<String> {
-    let value = properties.headers().as_ref()?.inner().get(name)?;
-    Some(match value {
-        AMQPValue::LongString(s) => s.to_string(),
-        AMQPValue::ShortString(s) => s.as_str().to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        _ => return None,
-    })
 }

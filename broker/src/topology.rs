@@ -86,6 +86,10 @@ pub async fn declare_result_queue(
 ) -> Result<(), BrokerError> {
     let mut results = replicated();
     results.insert("x-expires".into(), expires(expiry));
+    // One collector at a time: quorum queues do not refuse a second exclusive consumer, so a
+    // second one waits as a standby (collectors check the consumer count first, to say who holds
+    // the batch).
+    results.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     dead_letter_to(&mut results, &dead_letter_queue(task_queue));
     declare(channel, &result_queue(batch), results).await?;
     Ok(())

@@ -10,7 +10,7 @@ use warren_broker::depth::DepthSource;
 
 use crate::backend::{Backend, BackendError};
 use crate::metrics::Metrics;
-use crate::policy::{Decision, Depth, Input, PolicyConfig, PolicyState, Reason, decide};
+use crate::policy::{Decision, Depth, Input, LoopState, PolicyConfig, Reason, Step, step};
 use crate::probe::DepthProbe;
 
 /// One pool: a queue, its policy, and how often to look.
@@ -37,14 +37,9 @@ pub async fn run_pool<B: Backend>(
     let pool = spec.queue.as_str();
     info!(pool, backend = %backend.describe(), min = spec.policy.min, max = spec.policy.max, dry_run = spec.dry_run, "autoscaling");
     let started = Instant::now();
-    let mut state = PolicyState::default();
+    let mut state = LoopState::default();
     let mut last_logged = None;
     let mut woke_at: Option<Instant> = None;
-    // The pool as last seen, and whether the backend failed since: during an outage the policy
-    // keeps getting the queue's readings (so its windows stay honest), nothing is changed, and
-    // the first poll after one never shrinks.
-    let mut last_seen: Option<u32> = None;
-    let mut outage = false;
     let mut ticker = tokio::time::interval(spec.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -56,22 +51,7 @@ pub async fn run_pool<B: Backend>(
         metrics.endpoints.beat();
         let depth = match probe.depth(pool).await {
             Ok(d) => {
-                metrics.ready.with_label_values(&[pool]).set(d.ready as f64);
-                metrics
-                    .unacked
-                    .with_label_values(&[pool])
-                    .set(d.unacked.unwrap_or(0) as f64);
-                metrics
-                    .consumers
-                    .with_label_values(&[pool])
-                    .set(d.consumers as f64);
-                for source in DepthSource::ALL {
-                    let using = if source == d.source { 1.0 } else { 0.0 };
-                    metrics
-                        .probe_source
-                        .with_label_values(&[pool, source.as_str()])
-                        .set(using);
-                }
+                record_depth(&metrics, pool, &d);
                 Some(Depth {
                     ready: d.ready,
                     unacked: d.unacked,
@@ -86,26 +66,36 @@ pub async fn run_pool<B: Backend>(
         let status = match backend.status().await {
             Ok(s) => {
                 metrics.backend_up.with_label_values(&[pool]).set(1.0);
-                s
+                Some(s)
             }
             Err(e) => {
                 report(&metrics, pool, &e);
                 metrics.backend_up.with_label_values(&[pool]).set(0.0);
                 metrics.set_ready(false);
-                outage = true;
-                if let Some(current) = last_seen {
-                    let input = Input {
-                        now: started.elapsed(),
-                        depth,
-                        current,
-                        stalled: 0,
-                    };
-                    state = decide(&spec.policy, &state, &input).1;
-                }
-                continue;
+                None
             }
         };
-        last_seen = Some(status.replicas);
+        let seen = status.as_ref().map(|s| (s.replicas, s.stalled));
+        let (next_step, next) = step(&spec.policy, &state, started.elapsed(), depth, seen);
+        state = next;
+        let (
+            Step::Act {
+                decision,
+                input,
+                kept_after_outage,
+            },
+            Some(status),
+        ) = (next_step, status)
+        else {
+            continue;
+        };
+        if kept_after_outage {
+            info!(
+                pool,
+                current = status.replicas,
+                "the backend answers again; not shrinking on the first poll after an outage"
+            );
+        }
         metrics
             .current
             .with_label_values(&[pool])
@@ -127,23 +117,6 @@ pub async fn run_pool<B: Backend>(
                 "first worker ready after waking from zero"
             );
             woke_at = None;
-        }
-        let input = Input {
-            now: started.elapsed(),
-            depth,
-            current: status.replicas,
-            stalled: status.stalled,
-        };
-        let (mut decision, next) = decide(&spec.policy, &state, &input);
-        state = next;
-        if std::mem::take(&mut outage) && decision.desired < status.replicas {
-            info!(
-                pool,
-                current = status.replicas,
-                wanted = decision.desired,
-                "the backend answers again; not shrinking on the first poll after an outage"
-            );
-            decision.desired = status.replicas;
         }
         metrics
             .desired
@@ -191,6 +164,26 @@ pub async fn run_pool<B: Backend>(
     info!(pool, "autoscaler stopping");
     if !spec.dry_run {
         backend.shutdown().await;
+    }
+}
+
+/// Publishes a queue reading as metrics.
+fn record_depth(metrics: &Metrics, pool: &str, d: &warren_broker::depth::QueueDepth) {
+    metrics.ready.with_label_values(&[pool]).set(d.ready as f64);
+    metrics
+        .unacked
+        .with_label_values(&[pool])
+        .set(d.unacked.unwrap_or(0) as f64);
+    metrics
+        .consumers
+        .with_label_values(&[pool])
+        .set(d.consumers as f64);
+    for source in DepthSource::ALL {
+        let using = if source == d.source { 1.0 } else { 0.0 };
+        metrics
+            .probe_source
+            .with_label_values(&[pool, source.as_str()])
+            .set(using);
     }
 }
 

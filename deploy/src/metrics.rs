@@ -1,7 +1,7 @@
 //! The autoscaler's Prometheus metrics, served with `/healthz` and `/readyz`.
 
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts};
-use warren_worker::health::Endpoints;
+use warren_broker::endpoints::Endpoints;
 
 /// Every metric of the autoscaler, labelled by pool (its queue name).
 #[derive(Clone)]

@@ -285,6 +285,82 @@ pub fn decide(
     )
 }
 
+/// What the control loop remembers between polls: the policy's state, the pool as last seen,
+/// and whether the backend failed since.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoopState {
+    /// The policy's windows.
+    pub policy: PolicyState,
+    /// Workers at the last poll the backend answered.
+    pub last_seen: Option<u32>,
+    /// The backend failed since it last answered.
+    pub outage: bool,
+}
+
+/// What one poll of the control loop does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step {
+    /// The backend did not answer: change nothing.
+    Hold,
+    /// Act on this decision (`desired == input.current` means no change).
+    Act {
+        /// The decision.
+        decision: Decision,
+        /// What it was made from.
+        input: Input,
+        /// The policy wanted fewer workers, but this is the first poll after an outage.
+        kept_after_outage: bool,
+    },
+}
+
+/// One poll: the queue's `depth` and the backend's `(replicas, stalled)` (None when it failed)
+/// at `now`. During an outage the policy still gets the queue's readings (so its windows stay
+/// honest) but nothing is changed, and the first poll after one never shrinks the pool.
+pub fn step(
+    config: &PolicyConfig,
+    state: &LoopState,
+    now: Duration,
+    depth: Option<Depth>,
+    pool: Option<(u32, u32)>,
+) -> (Step, LoopState) {
+    let mut next = state.clone();
+    let Some((current, stalled)) = pool else {
+        next.outage = true;
+        if let Some(current) = state.last_seen {
+            let input = Input {
+                now,
+                depth,
+                current,
+                stalled: 0,
+            };
+            next.policy = decide(config, &state.policy, &input).1;
+        }
+        return (Step::Hold, next);
+    };
+    let input = Input {
+        now,
+        depth,
+        current,
+        stalled,
+    };
+    let (mut decision, policy) = decide(config, &state.policy, &input);
+    let kept_after_outage = state.outage && decision.desired < current;
+    if kept_after_outage {
+        decision.desired = current;
+    }
+    next.policy = policy;
+    next.last_seen = Some(current);
+    next.outage = false;
+    (
+        Step::Act {
+            decision,
+            input,
+            kept_after_outage,
+        },
+        next,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,5 +635,55 @@ mod tests {
             .is_err()
         );
         assert!(config().validate().is_ok());
+    }
+
+    #[test]
+    fn the_loop_holds_during_an_outage_and_does_not_shrink_right_after_one() {
+        let config = PolicyConfig {
+            min: 0,
+            max: 10,
+            tasks_per_worker: 1,
+            scale_down_window: Duration::ZERO,
+            ..PolicyConfig::default()
+        };
+        let empty = Some(Depth {
+            ready: 0,
+            unacked: Some(0),
+        });
+        let busy = Some(Depth {
+            ready: 8,
+            unacked: Some(0),
+        });
+        let mut state = LoopState::default();
+        let poll = |state: &mut LoopState, at: u64, depth, replicas: Option<u32>| {
+            let (got, next) = step(
+                &config,
+                state,
+                Duration::from_secs(at * 1000),
+                depth,
+                replicas.map(|r| (r, 0)),
+            );
+            *state = next;
+            match got {
+                Step::Hold => None,
+                Step::Act {
+                    decision,
+                    kept_after_outage,
+                    ..
+                } => Some((decision.desired, kept_after_outage)),
+            }
+        };
+        assert_eq!(poll(&mut state, 1, busy, Some(0)), Some((8, false)));
+        // The backend fails: nothing is changed, whatever the queue does meanwhile.
+        assert_eq!(poll(&mut state, 2, busy, None), None);
+        assert_eq!(poll(&mut state, 3, empty, None), None);
+        assert!(state.outage);
+        // It answers again; the queue emptied during the outage, but the pool is kept this once.
+        assert_eq!(poll(&mut state, 4, empty, Some(8)), Some((8, true)));
+        // From the next poll on, the policy's own windows decide.
+        let after = poll(&mut state, 5, empty, Some(8)).unwrap();
+        assert!(after.0 < 8 && !after.1, "{after:?}");
+        assert!(!state.outage);
+        assert_eq!(state.last_seen, Some(8));
     }
 }

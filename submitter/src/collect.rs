@@ -37,6 +37,8 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 const RESULT_PREFETCH: u16 = 1000;
 /// How often written results are checkpointed and acknowledged.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How long to ask the management API who holds a batch before saying it is unknown.
+const HOLDER_LOOKUP: Duration = Duration::from_secs(7);
 /// How often the task queue's consumers are counted while waiting.
 const CONSUMER_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Default of [`CollectOptions::warn_no_worker_after`]: a pool scaling up from zero takes a few
@@ -301,10 +303,20 @@ impl Submitter {
             Ok(api) => api,
             Err(e) => return format!("unknown: {e}"),
         };
-        match api.consumer_connections(&result_queue(batch)).await {
-            Ok(holders) if !holders.is_empty() => format!("held by {}", holders.join(", ")),
-            Ok(_) => "it has just let go; try again".into(),
-            Err(e) => format!("holder unknown: {e}"),
+        // The management API learns a new consumer's connection with its next statistics
+        // (every 5 s by default): ask again for a little while.
+        let deadline = Instant::now() + HOLDER_LOOKUP;
+        loop {
+            match api.consumer_connections(&result_queue(batch)).await {
+                Ok(holders) if !holders.is_empty() => {
+                    return format!("held by {}", holders.join(", "));
+                }
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(_) => return "it has just let go; try again".into(),
+                Err(e) => return format!("holder unknown: {e}"),
+            }
         }
     }
 }
@@ -323,6 +335,14 @@ async fn collect_session(
     match topology::inspect(&results, &results_queue).await {
         Err(BrokerError::QueueNotFound { .. }) => {
             return Err(CollectError::UnknownBatch(state.batch.clone()));
+        }
+        // Another collector holds the batch (the queue keeps a second one as a silent standby).
+        Ok(queue) if queue.consumer_count() > 0 => {
+            return Err(CollectError::Busy {
+                batch: state.batch.clone(),
+                holder: String::new(),
+                retry: state.consumed_before,
+            });
         }
         other => {
             other?;

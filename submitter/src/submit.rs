@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, confirm_channel, connect};
 use warren_broker::protocol::{
-    self, BatchManifest, HEADER_KIND, HEADER_SEQ, HEADER_TOKEN, MESSAGE_TYPE_MANIFEST,
-    MESSAGE_TYPE_TASK, PROTOCOL_VERSION, TaskEnvelope,
+    self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, TaskEnvelope,
 };
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, manifest_queue, result_queue};
@@ -528,22 +526,6 @@ pub(crate) fn encode_task(
             options.max_message_bytes
         )));
     }
-    let short = |s: &str| {
-        ShortString::try_new(s).map_err(|_| fail(format!("'{s:.40}…' is too long for AMQP")))
-    };
-    let properties = message_properties(MESSAGE_TYPE_TASK)
-        .with_message_id(short(&task.id)?)
-        .with_correlation_id(short(batch)?)
-        .with_reply_to(short(&reply_to)?);
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(HEADER_SEQ.into(), AMQPValue::LongUInt(seq));
-    headers.insert(
-        HEADER_KIND.into(),
-        AMQPValue::LongString(LongString::from(task.kind.as_str())),
-    );
-    headers.insert(
-        HEADER_TOKEN.into(),
-        AMQPValue::LongString(LongString::from(token)),
-    );
-    Ok((body, properties.with_headers(headers)))
+    let properties = warren_broker::properties::task_properties(&task).map_err(fail)?;
+    Ok((body, properties))
 }

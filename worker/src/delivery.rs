@@ -14,18 +14,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
+use warren_broker::properties::{dead_letter_properties, result_properties};
+use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{
-    self, DecodeError, ErrorKind, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_PREVIOUS_ERRORS,
-    HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN, MESSAGE_TYPE_RESULT,
-    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+    self, DecodeError, ErrorKind, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_PREVIOUS_ERRORS,
+    HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN, PROTOCOL_VERSION, ResultEnvelope,
+    TaskEnvelope, TaskError, TaskStatus,
 };
-use warren_broker::publisher::{Publisher, header_value, message_properties, with_header};
+use warren_broker::publisher::{Publisher, header_value};
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
 use crate::cancel::Cancellations;
 use crate::handler::{Registry, TIMEOUT_GRACE, Task, TaskFailure};
-use crate::health::Health;
+use crate::metrics::WorkerMetrics;
 
 /// What every delivery of a session shares.
 pub(crate) struct Context {
@@ -36,7 +37,7 @@ pub(crate) struct Context {
     pub default_timeout: Duration,
     pub max_message_bytes: usize,
     /// None when metrics are off: nothing is recorded.
-    pub metrics: Option<Health>,
+    pub metrics: Option<WorkerMetrics>,
     /// What `warren cancel` recorded, and the tasks running now.
     pub cancellations: Cancellations,
 }
@@ -342,10 +343,11 @@ async fn deliver_result(
                 format!("result queue '{reply_to}' does not exist (batch expired or deleted)");
             warn!(task_id = %result.task_id, batch = %result.batch, "{detail}; dead-lettering the result");
             let props = dead_letter_properties(
-                ctx,
                 result_properties(result),
-                "result_queue_missing",
+                DEAD_REASON_RESULT_QUEUE_MISSING,
                 &detail,
+                &ctx.queue,
+                &ctx.worker,
             );
             if let Err(e) = ctx
                 .publisher
@@ -354,7 +356,7 @@ async fn deliver_result(
             {
                 return warn!(task_id = %result.task_id, "cannot dead-letter the result ({e}); the task will be redelivered");
             }
-            ctx.count_dead_letter("result_queue_missing", body.len());
+            ctx.count_dead_letter(DEAD_REASON_RESULT_QUEUE_MISSING, body.len());
         }
         Err(e) => {
             return warn!(task_id = %result.task_id, "cannot publish the result ({e}); the task will be redelivered");
@@ -444,10 +446,11 @@ async fn reject_with_result(
         }
     }
     let props = dead_letter_properties(
-        ctx,
         delivery.properties.clone(),
         &error.kind,
         &error.message,
+        &ctx.queue,
+        &ctx.worker,
     );
     match ctx
         .publisher
@@ -461,29 +464,6 @@ async fn reject_with_result(
             }
         }
         Err(e) => warn!("cannot dead-letter the message ({e}); it will be redelivered"),
-    }
-}
-
-fn dead_letter_properties(
-    ctx: &Context,
-    props: BasicProperties,
-    reason: &str,
-    detail: &str,
-) -> BasicProperties {
-    let props = with_header(props, HEADER_DEAD_REASON, reason);
-    let props = with_header(props, HEADER_DEAD_DETAIL, detail);
-    let props = with_header(props, HEADER_DEAD_QUEUE, &ctx.queue);
-    with_header(props, HEADER_DEAD_WORKER, &ctx.worker).with_delivery_mode(2)
-}
-
-fn result_properties(result: &ResultEnvelope) -> BasicProperties {
-    let props = message_properties(MESSAGE_TYPE_RESULT);
-    match (
-        lapin::types::ShortString::try_new(result.task_id.as_str()),
-        lapin::types::ShortString::try_new(result.batch.as_str()),
-    ) {
-        (Ok(id), Ok(batch)) => props.with_message_id(id).with_correlation_id(batch),
-        _ => props,
     }
 }
 
@@ -561,10 +541,10 @@ impl Context {
 }
 
 /// Counts a running task in the in-flight gauge until dropped, on every way out of `process`.
-struct InFlight<'a>(&'a Health);
+struct InFlight<'a>(&'a WorkerMetrics);
 
 impl<'a> InFlight<'a> {
-    fn start(health: &'a Health) -> Self {
+    fn start(health: &'a WorkerMetrics) -> Self {
         health.in_flight.inc();
         Self(health)
     }

@@ -11,13 +11,14 @@ mod cancel;
 mod delivery;
 pub mod handler;
 pub mod handlers;
-pub mod health;
+pub mod metrics;
 mod runtime;
 
 pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};
 pub use handlers::exec::ExecPolicy;
 pub use runtime::{
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TASK_TIMEOUT, Worker, WorkerConfig, WorkerError,
-    default_name, shutdown_signal,
+    default_name,
 };
 pub use warren_broker::AmqpSettings;
+pub use warren_broker::endpoints::shutdown_signal;

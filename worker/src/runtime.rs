@@ -23,7 +23,7 @@ use crate::cancel::{self, Cancellations};
 use crate::delivery::{self, Context};
 use crate::handler::{Handler, Registry};
 use crate::handlers::{self, exec::ExecPolicy};
-use crate::health::Health;
+use crate::metrics::WorkerMetrics;
 
 /// Default task time limit when a task does not set `timeout_s`.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -159,7 +159,7 @@ impl Worker {
         // Metrics are recorded only when served, so "off" costs nothing at all.
         let metrics = match self.config.metrics_addr {
             Some(addr) => {
-                let health = Health::new()
+                let health = WorkerMetrics::new()
                     .map_err(|e| WorkerError::Config(format!("cannot register metrics: {e}")))?;
                 health.endpoints.clone().spawn(addr).await.map_err(|e| {
                     WorkerError::Config(format!("cannot serve metrics on {addr}: {e}"))
@@ -215,7 +215,7 @@ impl Worker {
     async fn session(
         &self,
         stop: &CancellationToken,
-        metrics: Option<&Health>,
+        metrics: Option<&WorkerMetrics>,
         sessions: &mut u64,
     ) -> Result<(), BrokerError> {
         let cfg = &self.config;
@@ -333,22 +333,6 @@ impl Worker {
         let _ = connection.close(200, "worker shutting down".into()).await;
         info!("worker stopped");
         Ok(())
-    }
-}
-
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }
 

@@ -423,6 +423,22 @@ impl Runner<'_> {
             .await?;
         topology::declare_run_queue(publisher.channel(), &run, self.options.expiry).await?;
         let results = consumer_channel(connection, 256).await?;
+        if topology::inspect(&results, &results_queue)
+            .await?
+            .consumer_count()
+            > 0
+        {
+            if first {
+                return Err(RunError::Invalid(format!(
+                    "run {run} is being run by another process (its results queue has a consumer)"
+                )));
+            }
+            // After a reconnect, the consumer may be this process's lost connection.
+            return Err(BrokerError::QueueBusy {
+                queue: results_queue.clone(),
+            }
+            .into());
+        }
         // Read what earlier sessions recorded (and, on a resume, take it over).
         self.checkpoint(publisher, None, first).await?;
         let mut consumer = results

@@ -444,7 +444,7 @@ class Batch:
         results.basic_qos(prefetch_count=256)
         queue = protocol.result_queue(self.id)
         try:
-            results.queue_declare(queue, passive=True)
+            declared = results.queue_declare(queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as error:
             if error.reply_code == 404:
                 raise UnknownBatch(
@@ -452,6 +452,12 @@ class Batch:
                     "already collected, or expired)"
                 ) from error
             raise
+        if declared.method.consumer_count > 0:
+            results.close()
+            raise BatchBusy(
+                f"batch {self.id} is being collected by another process (warren wait or a client); "
+                "only one may hold it"
+            )
         before = _before_checkpoint or (lambda: None)
         self._checkpoint(results, None)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -62,6 +62,7 @@ def batch_queue_arguments(queue: str, expiry_ms: int, results: bool) -> Dict[str
     """The arguments of a batch's result queue (``results``) or manifest queue."""
     args: Dict[str, Any] = {"x-queue-type": "quorum", "x-expires": expiry_ms}
     if results:
+        args["x-single-active-consumer"] = True
         args["x-dead-letter-exchange"] = ""
         args["x-dead-letter-routing-key"] = dead_letter_queue(queue)
     return args
