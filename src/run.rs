@@ -3,8 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -12,7 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use warren_broker::AmqpSettings;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
 use warren_submitter::commands::{
-    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION,
+    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, stop_on_ctrl_c,
 };
 use warren_submitter::pipeline::Pipeline;
 use warren_submitter::pipeline::plan::{ItemState, Plan};
@@ -102,15 +100,7 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     if args.max_queued == 0 {
         return usage("--max-queued must be at least 1");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_ctrl_c = {
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                stop.store(true, Ordering::Relaxed);
-            }
-        })
-    };
+    let stop = stop_on_ctrl_c();
     let mut options = RunOptions {
         resume: args.resume.is_some(),
         force: args.force,

@@ -14,16 +14,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// The node that leads `queue` (a quorum queue), as the management API of `node` says.
 async fn leader(management_url: &str, queue: &str) -> Option<String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let text = reqwest::Client::new()
-        .get(format!("{management_url}/api/queues/%2F/{queue}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = management_get_at(management_url, &format!("/api/queues/%2F/{queue}")).await?;
     let info: Value = serde_json::from_str(&text).ok()?;
     info["leader"].as_str().map(str::to_string)
 }

@@ -240,18 +240,22 @@ fn the_autoscaler_targets_the_worker_deployment_in_its_namespace() {
 fn the_binary_accepts_the_arguments_the_manifests_give_it() {
     let m = load();
     for (name, d) in &m.deployments {
-        let args = container(d).args.clone().unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-            .args(&args)
-            .arg("--help")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: warren {args:?} is refused: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        accepts_arguments(name, &container(d).args.clone().unwrap());
     }
+}
+
+/// Asserts that the binary accepts `args` (with `--help`, so nothing runs).
+fn accepts_arguments(name: &str, args: &[String]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: warren {args:?} is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -428,16 +432,7 @@ fn the_run_job_example_mounts_the_workers_volume_and_gives_valid_arguments() {
     let run = &spec.containers[0];
     let args = run.args.clone().unwrap();
     assert_eq!(args[0], "run");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(&args)
-        .arg("--help")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "warren {args:?} is refused: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    accepts_arguments("run-job.yaml", &args);
     // Paths must name the same files for the runner and the workers.
     let m = load();
     let worker = &m.deployments["warren-worker"];

@@ -210,6 +210,16 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    /// Every status.
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Rejected,
+        TaskStatus::Cancelled,
+        TaskStatus::Expired,
+    ];
+
     /// The status as written on the wire and in result lines.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -896,14 +906,7 @@ mod tests {
 
     #[test]
     fn status_names_match_serde() {
-        for s in [
-            TaskStatus::Succeeded,
-            TaskStatus::Failed,
-            TaskStatus::TimedOut,
-            TaskStatus::Rejected,
-            TaskStatus::Cancelled,
-            TaskStatus::Expired,
-        ] {
+        for s in TaskStatus::ALL {
             assert_eq!(
                 serde_json::to_value(s).unwrap(),
                 Value::String(s.as_str().into())

@@ -132,14 +132,7 @@ fn the_result_and_manifest_tables_list_every_field() {
     assert_eq!(first_names(&rows), keys(&result));
     let status_row = rows.iter().find(|r| r[0] == "`status`").unwrap();
     let documented: BTreeSet<String> = names(&status_row[2]).into_iter().collect();
-    for status in [
-        TaskStatus::Succeeded,
-        TaskStatus::Failed,
-        TaskStatus::TimedOut,
-        TaskStatus::Rejected,
-        TaskStatus::Cancelled,
-        TaskStatus::Expired,
-    ] {
+    for status in TaskStatus::ALL {
         assert!(
             documented.contains(status.as_str()),
             "status {}",

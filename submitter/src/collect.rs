@@ -687,12 +687,23 @@ async fn checkpoint(
         )
         .await?;
     state.manifest = Some(next);
+    ack_checkpointed(channel, &taken, ack).await?;
+    Ok(())
+}
+
+/// The last step of a checkpoint, once the new state is confirmed: acknowledges the state
+/// messages `taken` from `channel` and, when given, the results up to a delivery tag.
+pub(crate) async fn ack_checkpointed(
+    channel: &Channel,
+    taken: &[u64],
+    results: Option<(&Channel, u64)>,
+) -> Result<(), lapin::Error> {
     if let Some(last) = taken.iter().max() {
         channel
             .basic_ack(*last, BasicAckOptions { multiple: true })
             .await?;
     }
-    if let Some((results, tag)) = ack {
+    if let Some((results, tag)) = results {
         results
             .basic_ack(tag, BasicAckOptions { multiple: true })
             .await?;

@@ -116,15 +116,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
     // Ctrl-C stops publishing cleanly: what is in flight is confirmed, and the batch can be
     // finished with --resume (or stopped with `warren cancel`).
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_ctrl_c = {
-        let stop = Arc::clone(&stop);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                stop.store(true, Ordering::Relaxed);
-            }
-        })
-    };
+    let stop = stop_on_ctrl_c();
     let options = SubmitOptions {
         stop: Some(Arc::clone(&stop)),
         ..cmd.options.clone()
@@ -608,6 +600,18 @@ pub fn summary(batch: &str, counts: &Counts, elapsed: Duration) -> String {
         }
     }
     line
+}
+
+/// A flag set when Ctrl-C (SIGINT) arrives, for commands that stop cleanly rather than die.
+pub fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+    stop
 }
 
 /// Reads stdin once into a temporary file, so that the batch can be checked and then published

@@ -283,9 +283,14 @@ pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Re
 
 /// GET a path of the shared broker's management API (e.g. `/api/queues/%2F/q`) as guest.
 pub async fn management_get(path: &str) -> Option<String> {
+    management_get_at("http://127.0.0.1:15672", path).await
+}
+
+/// GET a path of the management API at `base` (e.g. a private node's) as guest.
+pub async fn management_get_at(base: &str, path: &str) -> Option<String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
-        .get(format!("http://127.0.0.1:15672{path}"))
+        .get(format!("{base}{path}"))
         .basic_auth("guest", Some("guest"))
         .send()
         .await

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ use warren_broker::{AmqpSettings, BrokerError};
 
 use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
 use super::{Each, Pipeline};
+use crate::collect::ack_checkpointed;
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
 
@@ -676,16 +677,7 @@ impl Runner<'_> {
             )
             .await?;
         self.generation = state.generation;
-        if let Some(last) = taken.iter().max() {
-            channel
-                .basic_ack(*last, BasicAckOptions { multiple: true })
-                .await?;
-        }
-        if let Some((results, tag)) = ack {
-            results
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await?;
-        }
+        ack_checkpointed(channel, &taken, ack).await?;
         Ok(())
     }
 
