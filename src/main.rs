@@ -79,12 +79,6 @@ enum Command {
     Autoscale(AutoscaleArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum BackendArg {
-    Local,
-    Kubernetes,
-}
-
 #[derive(Args)]
 struct AutoscaleArgs {
     /// Pools file (TOML) describing several queue → pool pairs; replaces the one-pool flags.
@@ -93,9 +87,9 @@ struct AutoscaleArgs {
     /// Task queue whose depth sizes the pool.
     #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
     queue: String,
-    /// Where the workers run.
-    #[arg(long, value_enum, default_value_t = BackendArg::Local)]
-    backend: BackendArg,
+    /// Where the workers run: local or kubernetes.
+    #[arg(long, default_value = "local")]
+    backend: config::BackendKind,
     /// Namespace of the worker Deployment (kubernetes backend).
     #[arg(long)]
     namespace: Option<String>,
@@ -407,10 +401,7 @@ async fn run_autoscaler(
         },
         None => vec![config::PoolEntry {
             queue: args.queue,
-            backend: match args.backend {
-                BackendArg::Local => config::BackendKind::Local,
-                BackendArg::Kubernetes => config::BackendKind::Kubernetes,
-            },
+            backend: args.backend,
             namespace: args.namespace,
             deployment: args.deployment,
             context: args.context,
@@ -502,9 +493,7 @@ fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
 }
 
 fn seconds(value: f64) -> Option<Duration> {
-    (value > 0.0)
-        .then(|| Duration::try_from_secs_f64(value).ok())
-        .flatten()
+    warren_broker::settings::seconds("", value, false).ok()
 }
 
 fn usage(message: &str) -> u8 {

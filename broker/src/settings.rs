@@ -135,6 +135,18 @@ impl AmqpSettings {
     }
 }
 
+/// A duration given as a number of seconds in a flag or a file's `field`: finite, and above zero
+/// unless `zero_ok`. The one parser of durations for every Warren setting.
+pub fn seconds(field: &str, value: f64, zero_ok: bool) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| zero_ok || !d.is_zero())
+        .ok_or_else(|| {
+            let what = if zero_ok { "non-negative" } else { "positive" };
+            format!("{field} must be a {what} number of seconds, got {value}")
+        })
+}
+
 /// Replaces the password of a URL's user info with `***`. The user info ends at the last `@`, so
 /// a password holding unencoded `/`, `?`, `#` or `@` is hidden whole too.
 pub fn redact(url: &str) -> String {

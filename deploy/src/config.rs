@@ -31,14 +31,26 @@ pub struct PoolsFile {
     pub pools: Vec<PoolEntry>,
 }
 
-/// Where a pool's workers run.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Where a pool's workers run (`local` or `kubernetes`, in a pools file and on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     /// Worker processes on this machine.
     Local,
     /// A Kubernetes Deployment.
     Kubernetes,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "local" => Ok(BackendKind::Local),
+            "kubernetes" => Ok(BackendKind::Kubernetes),
+            other => Err(format!("unknown backend '{other}': local or kubernetes")),
+        }
+    }
 }
 
 /// One pool.
@@ -99,10 +111,8 @@ fn default_idle() -> f64 {
 }
 
 fn seconds(field: &str, value: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| !d.is_zero() || field != "poll_s")
-        .ok_or_else(|| format!("{field} must be a non-negative number of seconds, got {value}"))
+    // Windows may be zero (act at once); the poll interval may not.
+    warren_broker::settings::seconds(field, value, field != "poll_s")
 }
 
 impl PoolEntry {
@@ -175,7 +185,7 @@ mod tests {
         assert_eq!(file.pools.len(), 2);
         let gdal = &file.pools[0];
         assert_eq!(
-            (gdal.backend.clone(), gdal.max, gdal.tasks_per_worker),
+            (gdal.backend, gdal.max, gdal.tasks_per_worker),
             (BackendKind::Kubernetes, 20, 1)
         );
         let downloads = &file.pools[1];

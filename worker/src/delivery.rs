@@ -57,90 +57,17 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         Ok(task) => task,
         Err(error) => return reject_malformed(&ctx, delivery, &error, arrival).await,
     };
-    if attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX) {
-        // RabbitMQ dead-letters the task silently after this delivery; answering now means a
-        // task that keeps killing its workers still gets a result and `wait` does not hang.
-        let error = TaskError::new(
-            ErrorKind::TooManyAttempts,
-            format!(
-                "task was delivered {attempt} times without finishing (does it crash or exhaust its worker?); \
-                 not run again, dead-lettered"
-            ),
-        );
-        let result = result_of(
-            &ctx,
-            &task,
-            &arrival,
-            SystemTime::now(),
-            TaskStatus::Failed,
-            Value::Null,
-            Some(error.clone()),
-        );
-        return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
-    }
-    let Some(handler) = ctx.registry.get(&task.kind) else {
-        let error = TaskError::new(
-            ErrorKind::UnknownKind,
-            format!(
-                "no handler for kind '{}' on this worker (it has: {})",
-                task.kind,
-                ctx.registry.kinds().join(", ")
-            ),
-        );
-        let result = result_of(
-            &ctx,
-            &task,
-            &arrival,
-            SystemTime::now(),
-            TaskStatus::Rejected,
-            Value::Null,
-            Some(error.clone()),
-        );
-        return reject_with_result(&ctx, delivery, Some(result), &task.reply_to, &error).await;
-    };
+    let handler = ctx.registry.get(&task.kind);
     let expired = task.expired(SystemTime::now());
-    let running = if expired {
-        None
-    } else {
-        ctx.cancellations.start(&task.batch, &task.id)
-    };
-    let Some(running) = running else {
-        let (status, error) = if expired {
-            let at = task.expires_at.as_deref().unwrap_or_default();
-            (
-                TaskStatus::Expired,
-                TaskError::new(
-                    ErrorKind::Expired,
-                    format!("the task expired at {at}, before a worker could run it; not run"),
-                ),
-            )
-        } else {
-            (
-                TaskStatus::Cancelled,
-                TaskError::new(
-                    ErrorKind::Cancelled,
-                    format!(
-                        "batch {} or this task was cancelled (warren cancel) before it ran; not run",
-                        task.batch
-                    ),
-                ),
-            )
-        };
-        info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task not run: {}", error.message);
-        let result = result_of(
-            &ctx,
-            &task,
-            &arrival,
-            SystemTime::now(),
-            status,
-            Value::Null,
-            Some(error),
-        );
-        tokio::select! {
-            () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
-            () = abandon.cancelled() => {}
-        }
-        return;
+    let limit_reached = attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX);
+    // Registering the task as running is also how a cancellation is found.
+    let running = (!limit_reached && handler.is_some() && !expired)
+        .then(|| ctx.cancellations.start(&task.batch, &task.id))
+        .flatten();
+    let refusal = admit(limit_reached, handler.is_some(), expired, running.is_none());
+    let (Ok(()), Some(handler), Some(running)) = (refusal, handler, running) else {
+        let refusal = refusal.err().unwrap_or(Refusal::Cancelled);
+        return refuse(&ctx, delivery, &task, &arrival, refusal, &abandon).await;
     };
     // From here `kind` has a registered handler, so as a metric label its values stay few.
     if let Some(m) = &ctx.metrics {
@@ -171,9 +98,13 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     // instead of a message that is never acknowledged; dropping the handle aborts it.
     let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
     let outcome = tokio::select! {
-        outcome = tokio::time::timeout(timeout + TIMEOUT_GRACE, handler_run) => Some(outcome),
+        outcome = tokio::time::timeout(timeout + TIMEOUT_GRACE, handler_run) => match outcome {
+            Ok(Ok(result)) => HandlerOutcome::Finished(result),
+            Ok(Err(join_error)) => HandlerOutcome::Panicked(join_error.to_string()),
+            Err(_) => HandlerOutcome::TimedOut,
+        },
         // Dropping the handler's future stops it; an exec command's process group is killed.
-        () = running.token.cancelled() => None,
+        () = running.token.cancelled() => HandlerOutcome::Cancelled,
         () = abandon.cancelled() => {
             info!(task_id = %task.id, batch = %task.batch, "task abandoned unfinished; returning it to the queue");
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
@@ -183,53 +114,19 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             return;
         }
     };
-    let (status, output, error, permanent) = match outcome {
-        None => (
-            TaskStatus::Cancelled,
-            Value::Null,
-            Some(TaskError::new(
-                ErrorKind::Cancelled,
-                format!(
-                    "batch {} or this task was cancelled (warren cancel) while it ran; stopped",
-                    task.batch
-                ),
-            )),
-            true,
-        ),
-        Some(Ok(Ok(Ok(output)))) => (TaskStatus::Succeeded, output, None, false),
-        Some(Ok(Ok(Err(TaskFailure {
-            status,
-            error,
-            output,
-            permanent,
-        })))) => (status, output, Some(error), permanent),
-        Some(Ok(Err(join_error))) => (
-            TaskStatus::Failed,
-            Value::Null,
-            Some(TaskError::new(
-                ErrorKind::HandlerPanicked,
-                format!("the '{}' handler panicked: {join_error}", task.kind),
-            )),
-            false,
-        ),
-        Some(Err(_)) => (
-            TaskStatus::TimedOut,
-            Value::Null,
-            Some(TaskError::new(
-                ErrorKind::Timeout,
-                format!("task ran longer than its limit of {timeout:?} and was killed"),
-            )),
-            false,
-        ),
-    };
-    let retries_left = task
-        .max_retries
-        .unwrap_or(0)
-        .saturating_sub(arrival.retries);
+    let Attempt {
+        status,
+        output,
+        error,
+        permanent,
+    } = attempt_of(outcome, &task.kind, &task.batch, timeout);
     if let Some(error) = &error
-        && matches!(status, TaskStatus::Failed | TaskStatus::TimedOut)
-        && !permanent
-        && retries_left > 0
+        && retry_wanted(
+            status,
+            permanent,
+            task.max_retries.unwrap_or(0),
+            arrival.retries,
+        )
     {
         tokio::select! {
             () = schedule_retry(&ctx, &delivery, &task, &arrival, error) => {}
@@ -252,6 +149,195 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
         () = abandon.cancelled() => {}
     }
+}
+
+/// Why a decoded task is answered without running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its last allowed delivery: it crashes or exhausts its workers.
+    TooManyAttempts,
+    /// No handler of its kind here.
+    UnknownKind,
+    /// Its `expires_at` has passed.
+    Expired,
+    /// Its batch or the task was cancelled.
+    Cancelled,
+}
+
+/// Whether a decoded task may run, in order of precedence.
+fn admit(
+    limit_reached: bool,
+    has_handler: bool,
+    expired: bool,
+    cancelled: bool,
+) -> Result<(), Refusal> {
+    match (limit_reached, has_handler, expired, cancelled) {
+        (true, ..) => Err(Refusal::TooManyAttempts),
+        (_, false, ..) => Err(Refusal::UnknownKind),
+        (_, _, true, _) => Err(Refusal::Expired),
+        (_, _, _, true) => Err(Refusal::Cancelled),
+        _ => Ok(()),
+    }
+}
+
+/// Answers a task that is not run. A task on its last delivery or of an unknown kind is also
+/// dead-lettered; an expired or cancelled one only gets its result.
+async fn refuse(
+    ctx: &Context,
+    delivery: Delivery,
+    task: &TaskEnvelope,
+    arrival: &Arrival,
+    refusal: Refusal,
+    abandon: &CancellationToken,
+) {
+    let (status, error) = match refusal {
+        // RabbitMQ dead-letters the task silently after this delivery; answering now means a
+        // task that keeps killing its workers still gets a result and `wait` does not hang.
+        Refusal::TooManyAttempts => (
+            TaskStatus::Failed,
+            TaskError::new(
+                ErrorKind::TooManyAttempts,
+                format!(
+                    "task was delivered {} times without finishing (does it crash or exhaust its worker?); \
+                     not run again, dead-lettered",
+                    arrival.attempt
+                ),
+            ),
+        ),
+        Refusal::UnknownKind => (
+            TaskStatus::Rejected,
+            TaskError::new(
+                ErrorKind::UnknownKind,
+                format!(
+                    "no handler for kind '{}' on this worker (it has: {})",
+                    task.kind,
+                    ctx.registry.kinds().join(", ")
+                ),
+            ),
+        ),
+        Refusal::Expired => (
+            TaskStatus::Expired,
+            TaskError::new(
+                ErrorKind::Expired,
+                format!(
+                    "the task expired at {}, before a worker could run it; not run",
+                    task.expires_at.as_deref().unwrap_or_default()
+                ),
+            ),
+        ),
+        Refusal::Cancelled => (
+            TaskStatus::Cancelled,
+            TaskError::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "batch {} or this task was cancelled (warren cancel) before it ran; not run",
+                    task.batch
+                ),
+            ),
+        ),
+    };
+    let result = result_of(
+        ctx,
+        task,
+        arrival,
+        SystemTime::now(),
+        status,
+        Value::Null,
+        Some(error.clone()),
+    );
+    if matches!(refusal, Refusal::TooManyAttempts | Refusal::UnknownKind) {
+        return reject_with_result(ctx, delivery, Some(result), &task.reply_to, &error).await;
+    }
+    info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task not run: {}", error.message);
+    tokio::select! {
+        () = deliver_result(ctx, &delivery, &result, &task.reply_to) => {}
+        () = abandon.cancelled() => {}
+    }
+}
+
+/// How a handler's run ended.
+#[derive(Debug)]
+enum HandlerOutcome {
+    /// It returned.
+    Finished(crate::handler::HandlerResult),
+    /// It panicked (the message of the join error).
+    Panicked(String),
+    /// It ran past its limit (and the grace) and was dropped.
+    TimedOut,
+    /// `warren cancel` stopped it.
+    Cancelled,
+}
+
+/// What an attempt comes to: the result's status, output and error, and whether retrying could
+/// not help.
+#[derive(Debug, PartialEq)]
+struct Attempt {
+    status: TaskStatus,
+    output: Value,
+    error: Option<TaskError>,
+    permanent: bool,
+}
+
+/// The attempt a handler outcome makes, for a task of `kind` in `batch` with `limit`.
+fn attempt_of(outcome: HandlerOutcome, kind: &str, batch: &str, limit: Duration) -> Attempt {
+    let failed = |status, kind: ErrorKind, message: String, permanent| Attempt {
+        status,
+        output: Value::Null,
+        error: Some(TaskError::new(kind, message)),
+        permanent,
+    };
+    match outcome {
+        HandlerOutcome::Finished(Ok(output)) => Attempt {
+            status: TaskStatus::Succeeded,
+            output,
+            error: None,
+            permanent: false,
+        },
+        HandlerOutcome::Finished(Err(TaskFailure {
+            status,
+            error,
+            output,
+            permanent,
+        })) => Attempt {
+            status,
+            output,
+            error: Some(error),
+            permanent,
+        },
+        HandlerOutcome::Panicked(why) => failed(
+            TaskStatus::Failed,
+            ErrorKind::HandlerPanicked,
+            format!("the '{kind}' handler panicked: {why}"),
+            false,
+        ),
+        HandlerOutcome::TimedOut => failed(
+            TaskStatus::TimedOut,
+            ErrorKind::Timeout,
+            format!("task ran longer than its limit of {limit:?} and was killed"),
+            false,
+        ),
+        HandlerOutcome::Cancelled => failed(
+            TaskStatus::Cancelled,
+            ErrorKind::Cancelled,
+            format!(
+                "batch {batch} or this task was cancelled (warren cancel) while it ran; stopped"
+            ),
+            true,
+        ),
+    }
+}
+
+/// Whether an attempt that ended with `status` is tried again: only failures and timeouts that
+/// are not final, while the task's `max_retries` are not used up.
+fn retry_wanted(
+    status: TaskStatus,
+    permanent: bool,
+    max_retries: u32,
+    retries_so_far: u32,
+) -> bool {
+    matches!(status, TaskStatus::Failed | TaskStatus::TimedOut)
+        && !permanent
+        && max_retries.saturating_sub(retries_so_far) > 0
 }
 
 /// Sets a failed attempt aside in a delay queue for its backoff (the broker holds it, not this
@@ -578,6 +664,110 @@ mod retry_tests {
                 // Rounded to 100 ms: each distinct delay has a queue of its own.
                 assert_eq!((delay * 1000.0).round() as u64 % 100, 0);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod decisions {
+    use super::*;
+
+    #[test]
+    fn a_task_is_admitted_only_when_nothing_stands_in_the_way() {
+        // (limit reached, handler, expired, cancelled) -> decision; earlier reasons win.
+        let rows = [
+            ((false, true, false, false), Ok(())),
+            ((true, true, false, false), Err(Refusal::TooManyAttempts)),
+            ((true, false, true, true), Err(Refusal::TooManyAttempts)),
+            ((false, false, true, true), Err(Refusal::UnknownKind)),
+            ((false, true, true, true), Err(Refusal::Expired)),
+            ((false, true, false, true), Err(Refusal::Cancelled)),
+        ];
+        for ((limit, handler, expired, cancelled), want) in rows {
+            assert_eq!(
+                admit(limit, handler, expired, cancelled),
+                want,
+                "{limit} {handler} {expired} {cancelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_become_statuses_and_only_fixable_failures_are_retried() {
+        let limit = Duration::from_secs(5);
+        let rows: Vec<(HandlerOutcome, TaskStatus, Option<&str>, bool)> = vec![
+            (
+                HandlerOutcome::Finished(Ok(Value::from(1))),
+                TaskStatus::Succeeded,
+                None,
+                false,
+            ),
+            (
+                HandlerOutcome::Finished(Err(TaskFailure::failed("exit_status", "x"))),
+                TaskStatus::Failed,
+                Some("exit_status"),
+                false,
+            ),
+            (
+                HandlerOutcome::Finished(Err(TaskFailure::permanent("exit_status", "x"))),
+                TaskStatus::Failed,
+                Some("exit_status"),
+                true,
+            ),
+            (
+                HandlerOutcome::Finished(Err(TaskFailure::rejected("not_allowed", "x"))),
+                TaskStatus::Rejected,
+                Some("not_allowed"),
+                true,
+            ),
+            (
+                HandlerOutcome::Finished(Err(TaskFailure::timed_out("x"))),
+                TaskStatus::TimedOut,
+                Some("timeout"),
+                false,
+            ),
+            (
+                HandlerOutcome::Panicked("boom".into()),
+                TaskStatus::Failed,
+                Some("handler_panicked"),
+                false,
+            ),
+            (
+                HandlerOutcome::TimedOut,
+                TaskStatus::TimedOut,
+                Some("timeout"),
+                false,
+            ),
+            (
+                HandlerOutcome::Cancelled,
+                TaskStatus::Cancelled,
+                Some("cancelled"),
+                true,
+            ),
+        ];
+        for (outcome, status, kind, permanent) in rows {
+            let attempt = attempt_of(outcome, "exec", "b", limit);
+            assert_eq!(attempt.status, status);
+            assert_eq!(attempt.error.as_ref().map(|e| e.kind.as_str()), kind);
+            assert_eq!(attempt.permanent, permanent, "{status:?} {kind:?}");
+        }
+        // (status, permanent, max_retries, retries so far) -> retried
+        let retries = [
+            ((TaskStatus::Failed, false, 2, 0), true),
+            ((TaskStatus::Failed, false, 2, 1), true),
+            ((TaskStatus::Failed, false, 2, 2), false),
+            ((TaskStatus::TimedOut, false, 1, 0), true),
+            ((TaskStatus::Failed, true, 5, 0), false),
+            ((TaskStatus::Rejected, false, 5, 0), false),
+            ((TaskStatus::Cancelled, false, 5, 0), false),
+            ((TaskStatus::Failed, false, 0, 0), false),
+        ];
+        for ((status, permanent, max, so_far), want) in retries {
+            assert_eq!(
+                retry_wanted(status, permanent, max, so_far),
+                want,
+                "{status:?} {permanent} {max} {so_far}"
+            );
         }
     }
 }
