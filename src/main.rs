@@ -5,17 +5,25 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cli::EXIT_USAGE_OR_CONNECTION;
+use wait::WaitCommand;
 use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
 use warren_broker::topology::DEFAULT_TASK_QUEUE;
 use warren_deploy::config;
 use warren_deploy::run::{AutoscaleOptions, autoscale};
-use warren_submitter::commands::{self, EXIT_USAGE_OR_CONNECTION, WaitCommand};
 use warren_worker::{ExecPolicy, Worker, WorkerConfig};
 
 /// Warren: a task worker pool on RabbitMQ.
+mod batches;
+mod cancel;
+mod cli;
+mod dlq;
+mod progress;
 mod run;
+mod status;
 mod submit;
+mod wait;
 
 #[derive(Parser)]
 #[command(name = "warren", version, about, propagate_version = true)]
@@ -337,7 +345,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         Command::Submit(args) => submit::run(args, amqp).await,
         Command::Run(args) => run::run(args, amqp).await,
         Command::Wait(args) => match wait_command(args.collect) {
-            Ok(wait) => commands::wait(amqp, &args.batch, &wait).await,
+            Ok(wait) => wait::wait(amqp, &args.batch, &wait).await,
             Err(()) => usage(
                 "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
             ),
@@ -353,7 +361,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
                 Some(every) => every,
                 None => None,
             };
-            commands::status(
+            status::status(
                 amqp,
                 &management(args.management_url),
                 &args.queue,
@@ -363,21 +371,21 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
             .await
         }
         Command::Batches(args) => {
-            commands::batches(amqp, &management(args.management_url), args.json).await
+            batches::batches(amqp, &management(args.management_url), args.json).await
         }
-        Command::Cancel(args) => commands::cancel(amqp, &args.batch, args.task.as_deref()).await,
+        Command::Cancel(args) => cancel::cancel(amqp, &args.batch, args.task.as_deref()).await,
         Command::Dlq(args) => {
             let (filter, action) = match args.action {
-                DlqCommand::List(f) => (f, commands::DlqAction::List),
-                DlqCommand::Show { filter, limit } => (filter, commands::DlqAction::Show { limit }),
-                DlqCommand::Replay(f) => (f, commands::DlqAction::Replay),
-                DlqCommand::Purge { filter, yes } => (filter, commands::DlqAction::Purge { yes }),
+                DlqCommand::List(f) => (f, dlq::DlqAction::List),
+                DlqCommand::Show { filter, limit } => (filter, dlq::DlqAction::Show { limit }),
+                DlqCommand::Replay(f) => (f, dlq::DlqAction::Replay),
+                DlqCommand::Purge { filter, yes } => (filter, dlq::DlqAction::Purge { yes }),
             };
             let selection = warren_submitter::dlq::Filter {
                 batch: filter.batch,
                 reason: filter.reason,
             };
-            commands::dlq(amqp, &filter.queue, &selection, action).await
+            dlq::dlq(amqp, &filter.queue, &selection, action).await
         }
         Command::Autoscale(args) => {
             let target = management(args.management_url.clone());

@@ -5,13 +5,13 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::cli::{
+    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, stop_on_ctrl_c,
+};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use warren_broker::AmqpSettings;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
-use warren_submitter::commands::{
-    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, stop_on_ctrl_c,
-};
 use warren_submitter::pipeline::Pipeline;
 use warren_submitter::pipeline::plan::{ItemState, Plan};
 use warren_submitter::pipeline::run::{

@@ -7,10 +7,19 @@ use clap::{Args, Subcommand};
 use warren_broker::AmqpSettings;
 use warren_broker::protocol::ExecArgs;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
-use warren_submitter::commands::{self, SubmitCommand, TaskSource};
+
 use warren_submitter::fanout::{FanOut, glob_items, has_placeholder, line_items};
 use warren_submitter::{SubmitOptions, TaskSpec};
 
+use std::io::Write;
+use std::sync::Arc;
+
+use warren_submitter::journal::Journal;
+use warren_submitter::spec::{SpecSource, TaskFile};
+use warren_submitter::submit::{SubmitError, Submitter, prepare};
+
+use crate::cli::*;
+use crate::wait::{WaitCommand, collect};
 use crate::{CollectArgs, seconds, usage, wait_command};
 
 #[derive(Args)]
@@ -159,7 +168,7 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
         create_queue: args.create_queue,
         ..SubmitOptions::new(args.queue)
     };
-    commands::submit(SubmitCommand {
+    submit(SubmitCommand {
         amqp,
         options,
         source,
@@ -238,4 +247,176 @@ fn warn_about_flags_after_exec(argv: &[String]) {
             );
         }
     }
+}
+
+/// Where the tasks of `warren submit` come from.
+#[derive(Debug, Clone)]
+pub enum TaskSource {
+    /// A JSON-lines file, or `-` for stdin.
+    File(PathBuf),
+    /// One task given on the command line.
+    Single(TaskSpec),
+    /// One task per item (`--each`, `--each-line`).
+    FanOut(FanOut),
+}
+
+/// Options of `warren submit`.
+#[derive(Debug, Clone)]
+pub struct SubmitCommand {
+    /// Broker connection.
+    pub amqp: AmqpSettings,
+    /// How to submit.
+    pub options: SubmitOptions,
+    /// The tasks.
+    pub source: TaskSource,
+    /// Wait for the results after submitting.
+    pub wait: Option<WaitCommand>,
+    /// Finish this interrupted batch instead of submitting a new one.
+    pub resume: Option<String>,
+    /// Write the batch id to stdout even with `wait` (where stdout otherwise holds only results).
+    pub print_batch_id: bool,
+}
+
+/// Runs `warren submit`; returns the process exit status.
+pub async fn submit(cmd: SubmitCommand) -> u8 {
+    // Kept until the end: the task file stdin was spooled to.
+    let mut _spooled = None;
+    let source: Box<dyn SpecSource + Send> = match &cmd.source {
+        TaskSource::Single(spec) => Box::new(vec![spec.clone()]),
+        TaskSource::File(path) if path.as_os_str() == "-" => match spool_stdin().await {
+            Ok(file) => {
+                let source = TaskFile::new(file.path(), "stdin");
+                _spooled = Some(file);
+                Box::new(source)
+            }
+            Err(message) => return fail(&message),
+        },
+        TaskSource::File(path) => Box::new(TaskFile::new(path, path.display().to_string())),
+        TaskSource::FanOut(fan) => Box::new(fan.clone()),
+    };
+    // A results file that cannot be written is found before anything is sent.
+    if let Some(WaitCommand {
+        output: Some(path), ..
+    }) = &cmd.wait
+        && let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        return fail(&format!(
+            "cannot open output file {}: {e}; nothing was submitted",
+            path.display()
+        ));
+    }
+    // With --wait, stdout carries only result lines (so it can be piped to jq); the batch id is on
+    // stderr either way.
+    let batch_id_to_stdout = cmd.wait.is_none() || cmd.print_batch_id;
+    let mut submitter = Submitter::new(cmd.amqp.clone(), connection_name("submit"));
+    // Ctrl-C stops publishing cleanly: what is in flight is confirmed, and the batch can be
+    // finished with --resume (or stopped with `warren cancel`).
+    let stop = stop_on_ctrl_c();
+    let options = SubmitOptions {
+        stop: Some(Arc::clone(&stop)),
+        ..cmd.options.clone()
+    };
+    let submitted = match &cmd.resume {
+        None => match prepare(&*source, &options) {
+            Ok(journal) => {
+                // Said first, so an interrupted submit never leaves a batch nobody can name.
+                eprintln!(
+                    "submitting {} task(s) to '{}' as batch {}",
+                    journal.total, options.queue, journal.batch
+                );
+                submitter.submit_as(&*source, &options, journal).await
+            }
+            Err(e) => Err(e),
+        },
+        Some(batch) => match Journal::load(batch) {
+            Ok(journal) => {
+                eprintln!(
+                    "resuming batch {batch}: {} of {} task(s) were confirmed before; publishing the rest",
+                    journal.confirmed_count(),
+                    journal.total
+                );
+                submitter.resume(&*source, &options, journal).await
+            }
+            Err(message) => return fail(&message),
+        },
+    };
+    let receipt = match submitted {
+        Ok(r) => {
+            if cmd.resume.is_some() {
+                Journal::remove(&r.batch);
+            }
+            r
+        }
+        Err(e) => {
+            let Some(journal) = e.journal() else {
+                return fail(&format!("nothing usable was submitted: {e}"));
+            };
+            // The batch id goes to stdout as on success: scripts must know what will run.
+            if batch_id_to_stdout {
+                println!("{}", journal.batch);
+                let _ = std::io::stdout().flush();
+            }
+            let resume = match (&cmd.source, journal.save()) {
+                (TaskSource::File(file), Ok(_)) if file.as_os_str() != "-" => format!(
+                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
+                    journal.batch,
+                    file.display()
+                ),
+                (TaskSource::FanOut(_), Ok(_)) => format!(
+                    "finish it, publishing only the unconfirmed tasks, by running the same command with \
+                     --resume {} added (the same items must match)",
+                    journal.batch
+                ),
+                (_, Ok(_)) => format!(
+                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file FILE \
+                     (FILE holding the same task lines)",
+                    journal.batch
+                ),
+                (_, Err(err)) => format!(
+                    "the record needed to resume could not be written ({}: {err}); do not resubmit the \
+                     whole file, the confirmed tasks would run twice",
+                    Journal::path(&journal.batch).display()
+                ),
+            };
+            if matches!(e, SubmitError::Stopped { .. }) {
+                eprintln!(
+                    "error: {e}. To {resume}; to stop the confirmed ones instead: warren cancel {}",
+                    journal.batch
+                );
+                return EXIT_INTERRUPTED;
+            }
+            return fail(&format!(
+                "{e} (--retry-for). Once the broker is reachable, {resume}"
+            ));
+        }
+    };
+    if batch_id_to_stdout {
+        println!("{}", receipt.batch);
+        let _ = std::io::stdout().flush();
+    }
+    eprintln!(
+        "submitted {} task(s) to '{}' as batch {}",
+        receipt.total, cmd.options.queue, receipt.batch
+    );
+    match &cmd.wait {
+        None => EXIT_OK,
+        Some(wait) => collect(&mut submitter, &receipt.batch, wait).await,
+    }
+}
+
+/// Reads stdin once into a temporary file, so that the batch can be checked and then published
+/// (and republished after a reconnect) without being held in memory.
+async fn spool_stdin() -> Result<tempfile::NamedTempFile, String> {
+    tokio::task::spawn_blocking(|| {
+        let mut file = tempfile::NamedTempFile::new()
+            .map_err(|e| format!("cannot create a temporary file to hold stdin: {e}"))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut file)
+            .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?
 }

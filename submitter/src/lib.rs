@@ -17,7 +17,6 @@
 
 pub mod batches;
 pub mod collect;
-pub mod commands;
 pub mod dlq;
 pub mod fanout;
 pub mod journal;
