@@ -4,6 +4,9 @@ use warren_broker::AmqpSettings;
 use warren_broker::topology::dead_letter_queue;
 use warren_submitter::dlq::{DeadLetters, Filter};
 
+use clap::{Args, Subcommand};
+use warren_broker::topology::DEFAULT_TASK_QUEUE;
+
 use crate::cli::*;
 
 /// What `warren dlq` does.
@@ -116,4 +119,62 @@ pub async fn dlq(amqp: AmqpSettings, queue: &str, filter: &Filter, action: DlqAc
     };
     letters.close().await;
     status
+}
+
+#[derive(Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    action: DlqCommand,
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Count dead letters by reason and batch.
+    List(DlqFilterArgs),
+    /// Print dead letters as JSON lines: reason, detail, task, batch, worker, envelope.
+    Show {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Publish dead tasks to the task queue again, as fresh tasks whose results reach their batch.
+    Replay(DlqFilterArgs),
+    /// Drop dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Really drop them (without it, purge says how many it would drop).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct DlqFilterArgs {
+    /// Task queue whose dead letters to use.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Only dead letters of this batch.
+    #[arg(long)]
+    batch: Option<String>,
+    /// Only dead letters set aside for this reason (e.g. too_many_attempts, oversize, delivery_limit).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+/// Runs `warren dlq ...`; returns the exit status.
+pub async fn run(args: DlqArgs, amqp: AmqpSettings) -> u8 {
+    let (filter, action) = match args.action {
+        DlqCommand::List(f) => (f, DlqAction::List),
+        DlqCommand::Show { filter, limit } => (filter, DlqAction::Show { limit }),
+        DlqCommand::Replay(f) => (f, DlqAction::Replay),
+        DlqCommand::Purge { filter, yes } => (filter, DlqAction::Purge { yes }),
+    };
+    let selection = warren_submitter::dlq::Filter {
+        batch: filter.batch,
+        reason: filter.reason,
+    };
+    dlq(amqp, &filter.queue, &selection, action).await
 }

@@ -1,0 +1,133 @@
+//! `warren autoscale`: sizes worker pools (a Kubernetes Deployment, or local processes) by
+//! queue depth.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use warren_broker::AmqpSettings;
+use warren_broker::depth::ManagementTarget;
+use warren_broker::topology::DEFAULT_TASK_QUEUE;
+use warren_deploy::config;
+use warren_deploy::run::{AutoscaleOptions, autoscale};
+
+use crate::{seconds, usage};
+
+#[derive(Args)]
+pub struct AutoscaleArgs {
+    /// Pools file (TOML) describing several queue → pool pairs; replaces the one-pool flags.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Task queue whose depth sizes the pool.
+    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    queue: String,
+    /// Where the workers run: local or kubernetes.
+    #[arg(long, default_value = "local")]
+    backend: config::BackendKind,
+    /// Namespace of the worker Deployment (kubernetes backend).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Name of the worker Deployment (kubernetes backend).
+    #[arg(long)]
+    deployment: Option<String>,
+    /// Kubeconfig context (kubernetes backend outside a cluster; inside a pod the service account is used).
+    #[arg(long)]
+    context: Option<String>,
+    /// Fewest workers.
+    #[arg(long, default_value_t = 0)]
+    min: u32,
+    /// Most workers.
+    #[arg(long, default_value_t = 10)]
+    max: u32,
+    /// Backlog (ready + running tasks) each worker should carry; usually the worker's --concurrency.
+    #[arg(long, default_value_t = 4)]
+    tasks_per_worker: u32,
+    /// Backlog needed to start workers when there are none.
+    #[arg(long, default_value_t = 1)]
+    activation: u64,
+    /// Seconds between polls of the queue.
+    #[arg(long, default_value_t = 2.0)]
+    poll: f64,
+    /// Seconds the wanted size must stay lower before workers are stopped.
+    #[arg(long, default_value_t = 60.0)]
+    scale_down_window: f64,
+    /// Seconds the queue must stay empty before the last worker is stopped.
+    #[arg(long, default_value_t = 120.0)]
+    idle_to_zero: f64,
+    /// Size to fall back to when the queue cannot be probed three times in a row.
+    #[arg(long)]
+    fallback_replicas: Option<u32>,
+    /// Observe and log decisions; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where to serve /metrics, /healthz and /readyz (this machine only by default; the
+    /// Kubernetes manifests set 0.0.0.0:9478).
+    #[arg(long, default_value = "127.0.0.1:9478")]
+    metrics_addr: std::net::SocketAddr,
+    /// Management API base URL (default: https://HOST:15671 for amqps://, http://HOST:15672 for amqp://).
+    #[arg(long, env = "WARREN_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
+    /// Never patch pods (kubernetes backend): no pod-deletion-cost ranking before a scale-down,
+    /// so the Role needs no `patch pods`. The ReplicaSet picks which pods go; their tasks still
+    /// finish (SIGTERM drain).
+    #[arg(long)]
+    no_pod_patching: bool,
+    /// Seconds a worker pod may stay not ready (counted from its Ready condition's last change,
+    /// so a pod reconnecting after a broker blip is not "not starting") before it counts as stuck.
+    /// Growth stops while half or more of the pool is stuck.
+    #[arg(long, default_value_t = 300.0)]
+    start_timeout: f64,
+    /// Seconds local workers get to finish their tasks when the autoscaler stops.
+    #[arg(long, default_value_t = 60.0)]
+    stop_grace: f64,
+    /// Worker command for the local backend, after `--`.
+    #[arg(last = true, value_name = "WORKER COMMAND")]
+    command: Vec<String>,
+}
+
+/// Runs `warren autoscale`; returns the exit status.
+pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: ManagementTarget) -> u8 {
+    let pools = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match config::parse(&text) {
+                Ok(file) => file.pools,
+                Err(e) => return usage(&format!("{}: {e}", path.display())),
+            },
+            Err(e) => return usage(&format!("cannot read {}: {e}", path.display())),
+        },
+        None => vec![config::PoolEntry {
+            queue: args.queue,
+            backend: args.backend,
+            namespace: args.namespace,
+            deployment: args.deployment,
+            context: args.context,
+            command: args.command,
+            min: args.min,
+            max: args.max,
+            tasks_per_worker: args.tasks_per_worker,
+            activation: args.activation,
+            poll_s: args.poll,
+            scale_down_window_s: args.scale_down_window,
+            idle_to_zero_s: args.idle_to_zero,
+            fallback_replicas: args.fallback_replicas,
+        }],
+    };
+    let Some(stop_grace) = seconds(args.stop_grace) else {
+        return usage("--stop-grace must be a positive number of seconds");
+    };
+    let Some(start_timeout) = seconds(args.start_timeout) else {
+        return usage("--start-timeout must be a positive number of seconds");
+    };
+    let options = AutoscaleOptions {
+        amqp,
+        management,
+        metrics_addr: Some(args.metrics_addr),
+        dry_run: args.dry_run,
+        stop_grace,
+        not_ready_after: start_timeout,
+        patch_pods: !args.no_pod_patching,
+    };
+    match autoscale(pools, options, warren_broker::endpoints::shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(e) => usage(&e),
+    }
+}
