@@ -460,3 +460,63 @@ fn the_run_job_example_mounts_the_workers_volume_and_gives_valid_arguments() {
         "the pipeline file is on the shared volume"
     );
 }
+
+#[test]
+fn the_operator_overlay_replaces_exactly_the_base_broker_and_keeps_its_service_name() {
+    let overlay = Path::new(DIR).join("overlays/rabbitmq-operator");
+    let kustomization: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(overlay.join("kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    // Every object the overlay deletes is one the base has.
+    let mut base = BTreeSet::new();
+    for entry in std::fs::read_dir(DIR).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml")
+            && path.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for document in serde_yaml_ng::Deserializer::from_str(&text) {
+                let v = Value::deserialize(document).unwrap();
+                base.insert((
+                    v["kind"].as_str().unwrap_or_default().to_string(),
+                    v["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                ));
+            }
+        }
+    }
+    let patches = kustomization["patches"].as_array().unwrap();
+    let mut deleted = BTreeSet::new();
+    for patch in patches {
+        let p: Value = serde_yaml_ng::from_str(patch["patch"].as_str().unwrap()).unwrap();
+        assert_eq!(p["$patch"], "delete", "{p}");
+        let key = (
+            p["kind"].as_str().unwrap().to_string(),
+            p["metadata"]["name"].as_str().unwrap().to_string(),
+        );
+        assert!(base.contains(&key), "{key:?} is not in the base");
+        deleted.insert(key);
+    }
+    assert!(deleted.contains(&("StatefulSet".to_string(), "rabbitmq".to_string())));
+    // The Operator names the client Service after the cluster: the workers' URL still works.
+    let cluster: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(overlay.join("rabbitmqcluster.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cluster["kind"], "RabbitmqCluster");
+    assert_eq!(cluster["spec"]["replicas"], 3);
+    let m = load();
+    let url = container(&m.deployments["warren-worker"])
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "WARREN_AMQP_URL")
+        .and_then(|e| e.value.clone())
+        .unwrap();
+    let name = cluster["metadata"]["name"].as_str().unwrap();
+    assert!(url.contains(&format!("@{name}:5672")), "{url}");
+}
