@@ -289,11 +289,21 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
         }
     };
     if json {
+        // One object per stage, in pipeline order.
+        let stages: Vec<serde_json::Value> = state
+            .counts
+            .iter()
+            .map(|(name, counts)| {
+                let mut stage = serde_json::to_value(counts).unwrap_or_default();
+                stage["stage"] = serde_json::Value::from(name.as_str());
+                stage
+            })
+            .collect();
         match serde_json::to_string(&serde_json::json!({
             "run": state.run,
             "complete": state.complete,
             "workdir": state.workdir,
-            "stages": state.counts,
+            "stages": stages,
         })) {
             Ok(line) => println!("{line}"),
             Err(e) => return usage(&e.to_string()),

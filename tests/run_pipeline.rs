@@ -99,6 +99,11 @@ async fn a_pipeline_chains_per_file_runs_its_barrier_once_and_then_only_what_is_
         "{}",
         status.stdout
     );
+    let json = run_warren(&["status", "--run", &run, "--json"], None, MINUTE).await;
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    assert_eq!(json["complete"], true);
+    assert_eq!(json["stages"][1]["stage"], "gz");
+    assert_eq!(json["stages"][1]["done"], 4);
 
     // Everything is up to date: a second run runs nothing.
     let again = warren_run(&dir, &queue, &[]).await;
