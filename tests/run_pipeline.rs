@@ -47,16 +47,19 @@ command = ["sh", "-c", "echo \"list all\" >> runs.log; ls -1 \"$@\" > out/list.t
 outputs = ["out/list.txt"]
 "#;
 
+/// The arguments of `warren run` of the project's `p.toml` on `queue`, then `extra`.
+fn run_args(dir: &Path, queue: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--queue", queue, "--create-queue"]
+        .map(String::from)
+        .into();
+    args.push(dir.join("p.toml").display().to_string());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 async fn warren_run(dir: &Path, queue: &str, extra: &[&str]) -> Finished {
-    let pipeline = dir.join("p.toml");
-    let mut args = vec![
-        "run",
-        "--queue",
-        queue,
-        "--create-queue",
-        pipeline.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
+    let args = run_args(dir, queue, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_warren(&args, None, MINUTE).await
 }
 
@@ -251,18 +254,9 @@ async fn a_runner_killed_again_and_again_loses_nothing_and_reruns_no_recorded_ta
     let queue = unique_queue("runkill");
     let dir = project("runkill", 8, SLOW_TWO_STAGES);
     let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "2"]);
-    let pipeline = dir.join("p.toml");
     let mut run: Option<String> = None;
     for kill_after in [2usize, 7, 11] {
-        let mut args = vec![
-            "run".to_string(),
-            "--queue".into(),
-            queue.clone(),
-            "--create-queue".into(),
-            "--max-queued".into(),
-            "2".into(),
-            pipeline.display().to_string(),
-        ];
+        let mut args = run_args(&dir, &queue, &["--max-queued", "2"]);
         if let Some(id) = &run {
             args.extend(["--resume".to_string(), id.clone()]);
         }

@@ -351,17 +351,7 @@ async fn collect_session(
     // Deliveries of a lost connection come back; what this process wrote is skipped by `written`.
     checkpoint(&manifests, state, None).await?;
     // One collector per batch: two would split the results between two outputs.
-    let consumed = results
-        .basic_consume(
-            short(&results_queue)?,
-            "".into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
+    let consumed = consume_alone(&results, &results_queue).await;
     let mut consumer = match consumed {
         Ok(consumer) => consumer,
         Err(e)
@@ -689,6 +679,26 @@ async fn checkpoint(
     state.manifest = Some(next);
     ack_checkpointed(channel, &taken, ack).await?;
     Ok(())
+}
+
+/// Consumes a results queue as its only reader (exclusive; the queue also keeps a single active
+/// consumer). The caller checks the queue's consumer count first, to say who holds it.
+/// Batch and run ids are at most 200 bytes, so their queue names fit an AMQP short string.
+pub(crate) async fn consume_alone(
+    channel: &Channel,
+    queue: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// The last step of a checkpoint, once the new state is confirmed: acknowledges the state

@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -26,9 +25,11 @@ use warren_broker::{AmqpSettings, BrokerError};
 
 use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
 use super::{Each, Pipeline};
-use crate::collect::ack_checkpointed;
+use crate::collect::{ack_checkpointed, consume_alone};
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use warren_broker::error::amqp_kind;
 
 /// AMQP `type` of a run's state message.
 pub const MESSAGE_TYPE_RUN: &str = "warren.run";
@@ -442,22 +443,21 @@ impl Runner<'_> {
         }
         // Read what earlier sessions recorded (and, on a resume, take it over).
         self.checkpoint(publisher, None, first).await?;
-        let mut consumer = results
-            .basic_consume(
-                short(&results_queue)?,
-                "".into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                RunError::Invalid(format!(
+        let mut consumer = match consume_alone(&results, &results_queue).await {
+            Ok(consumer) => consumer,
+            // Only a refusal means another runner; anything else (a lost connection) is retried.
+            Err(e)
+                if matches!(
+                    amqp_kind(&e),
+                    Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+                ) =>
+            {
+                return Err(RunError::Invalid(format!(
                     "run {run} is being run by another process (its results queue is held): {e}"
-                ))
-            })?;
+                )));
+            }
+            Err(e) => return Err(BrokerError::Amqp(e).into()),
+        };
         self.progressed = true;
         // Results that arrived while no runner was there are taken before anything is submitted,
         // so an item that finished after the last recorded state is not run again.

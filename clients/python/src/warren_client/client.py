@@ -203,16 +203,15 @@ class Client:
         the queue exists (a mistyped name would otherwise become a queue no worker serves)."""
         if not create:
             probe = self.connection.channel()
-            try:
-                probe.queue_declare(queue, passive=True)
-                probe.close()
-            except pika.exceptions.ChannelClosedByBroker as error:
-                if error.reply_code == 404:
-                    raise QueueMissing(
-                        f"task queue '{queue}' does not exist, so no worker or autoscaler serves it: check the "
-                        "name (`warren status` lists the task queues), or pass create_queue=True"
-                    ) from error
-                raise
+            _inspect(
+                probe,
+                queue,
+                QueueMissing(
+                    f"task queue '{queue}' does not exist, so no worker or autoscaler serves it: check the "
+                    "name (`warren status` lists the task queues), or pass create_queue=True"
+                ),
+            )
+            probe.close()
         dead = protocol.dead_letter_queue(queue)
         self.channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
         self.channel.queue_declare(queue, durable=True, arguments=protocol.task_queue_arguments(queue))
@@ -310,6 +309,17 @@ class Client:
         """A batch submitted earlier (by this package or ``warren submit``), to collect."""
         protocol.check_id("batch", batch_id)
         return Batch(self, batch_id)
+
+
+def _inspect(channel: Any, queue: str, missing: WarrenError) -> Any:
+    """Passive declare of ``queue`` (its counts); raises ``missing`` when it does not exist. A
+    failed passive declare closes ``channel``."""
+    try:
+        return channel.queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:
+            raise missing from error
+        raise
 
 
 def _tag(method: Any) -> int:
@@ -443,15 +453,14 @@ class Batch:
         results = connection.channel()
         results.basic_qos(prefetch_count=256)
         queue = protocol.result_queue(self.id)
-        try:
-            declared = results.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code == 404:
-                raise UnknownBatch(
-                    f"batch {self.id} not found: its results queue does not exist (never submitted, "
-                    "already collected, or expired)"
-                ) from error
-            raise
+        declared = _inspect(
+            results,
+            queue,
+            UnknownBatch(
+                f"batch {self.id} not found: its results queue does not exist (never submitted, "
+                "already collected, or expired)"
+            ),
+        )
         if declared.method.consumer_count > 0:
             results.close()
             raise BatchBusy(
