@@ -105,7 +105,10 @@ async fn refused_credentials_fail_fast_for_submitters_and_workers() {
         vec!["worker"],
     ] {
         let mut cmd = warren();
-        cmd.env("WARREN_AMQP_URL", "amqp://guest:wrong@127.0.0.1:5672/%2f");
+        cmd.env(
+            "WARREN_AMQP_URL",
+            format!("amqp://guest:wrong@127.0.0.1:5672/{TEST_VHOST}"),
+        );
         let out = tokio::time::timeout(MINUTE, cmd.args(&args).output())
             .await
             .unwrap()
@@ -124,8 +127,11 @@ async fn the_password_can_come_from_a_file() {
     let secret = dir.join("password");
     std::fs::write(&secret, "guest\n").unwrap();
     let mut cmd = warren();
-    cmd.env("WARREN_AMQP_URL", "amqp://guest@127.0.0.1:5672/%2f")
-        .env("WARREN_AMQP_PASSWORD_FILE", &secret);
+    cmd.env(
+        "WARREN_AMQP_URL",
+        format!("amqp://guest@127.0.0.1:5672/{TEST_VHOST}"),
+    )
+    .env("WARREN_AMQP_PASSWORD_FILE", &secret);
     let out = cmd
         .args([
             "submit",

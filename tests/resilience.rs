@@ -466,6 +466,12 @@ async fn a_port_that_never_answers_times_out_every_process() {
         "{}",
         status.stderr
     );
+    // A broker out of file handles looks exactly like this; the message says how to fix it.
+    assert!(
+        status.stderr.contains("open-file limit of 65536"),
+        "{}",
+        status.stderr
+    );
     let submitted = run_warren(
         &[
             "submit",
@@ -568,7 +574,8 @@ async fn only_one_wait_may_hold_a_batch_and_a_second_says_who_does() {
     );
     // The first holds the batch once the management API shows its consumer.
     eventually(MINUTE, "the first wait to consume", || async {
-        let body = management_get(&format!("/api/queues/%2F/warren.results.{batch}")).await?;
+        let body =
+            management_get(&format!("/api/queues/{TEST_VHOST}/warren.results.{batch}")).await?;
         body.contains("\"exclusive\":true").then_some(())
     })
     .await;

@@ -69,7 +69,7 @@ async fn workers_and_submitters_speak_amqps() {
     let queue = unique_queue("tls");
     let dir = scratch("tls");
     let (port, ca) = tls_front(&dir).await;
-    let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f");
+    let url = format!("amqps://guest:guest@127.0.0.1:{port}/{TEST_VHOST}");
     let ca = ca.to_str().unwrap();
     let env = [("WARREN_AMQP_URL", url.as_str()), ("SSL_CERT_FILE", ca)];
     let worker = WorkerProcess::start_with(&queue, &dir, &[], &env);
@@ -111,7 +111,7 @@ async fn an_untrusted_certificate_is_refused_with_a_clear_error() {
     submit
         .env(
             "WARREN_AMQP_URL",
-            format!("amqps://guest:guest@127.0.0.1:{port}/%2f"),
+            format!("amqps://guest:guest@127.0.0.1:{port}/{TEST_VHOST}"),
         )
         .env_remove("SSL_CERT_FILE")
         .args([

@@ -32,7 +32,9 @@ pub enum BrokerError {
         "RabbitMQ at {url} did not complete the connection within {after:?}: something accepted \
          the TCP connection but no AMQP handshake followed. Check the host and port (the AMQP \
          port, usually 5672 or 5671 for amqps://, not the management port), TLS for amqps://, \
-         and --connect-timeout for a slow network"
+         and --connect-timeout for a slow network. A broker out of file handles also accepts \
+         and never answers: RabbitMQ needs an open-file limit of 65536 (see the README's \
+         'Running RabbitMQ')"
     )]
     ConnectTimeout {
         /// The URL, password redacted.

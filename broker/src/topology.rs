@@ -54,8 +54,8 @@ pub fn short(name: &str) -> Result<ShortString, BrokerError> {
 /// Declares a task queue and its dead-letter queue (both durable quorum queues).
 pub async fn declare_task_queue(channel: &Channel, task_queue: &str) -> Result<Queue, BrokerError> {
     let dead = dead_letter_queue(task_queue);
-    declare(channel, &dead, quorum()).await?;
-    let mut args = quorum();
+    declare(channel, &dead, replicated()).await?;
+    let mut args = replicated();
     dead_letter_to(&mut args, &dead);
     args.insert(
         "x-delivery-limit".into(),
@@ -209,15 +209,6 @@ pub async fn inspect(channel: &Channel, queue: &str) -> Result<Queue, BrokerErro
         )
         .await
         .map_err(|e| BrokerError::from_queue_error(queue, e))
-}
-
-fn quorum() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    args
 }
 
 fn dead_letter_to(args: &mut FieldTable, queue: &str) {

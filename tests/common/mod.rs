@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests: the real `warren` binary against the real RabbitMQ
-//! on 127.0.0.1:5672 (guest/guest). Every test uses queues of its own, so tests run in parallel.
+//! on 127.0.0.1:5672 (guest/guest), in the vhost [`TEST_VHOST`]. Every test uses queues of its
+//! own, so tests run in parallel.
 
 #![allow(dead_code)]
 
@@ -15,10 +16,42 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The vhost of the shared broker that every test uses. `tests/run` deletes and recreates it
+/// before the suite, so what a run leaves behind (batches some tests leave uncollected on purpose)
+/// never piles up: a RabbitMQ limited to 1024 open files stops answering new connections at about
+/// 300 quorum queues.
+pub const TEST_VHOST: &str = "warren-test";
+/// The shared broker's test vhost.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/warren-test";
+
+/// The URL of the shared broker's test vhost at `127.0.0.1:PORT` (a proxy in front of it).
+pub fn test_vhost_url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/{TEST_VHOST}")
+}
+
+/// How long one test binary may run before the watchdog ends it: the longest takes under two
+/// minutes, and a hang must fail the suite rather than hold CI until its own limit.
+const TEST_BINARY_LIMIT: Duration = Duration::from_secs(600);
+
+/// Starts (once per test binary) a thread that exits the process when it runs past
+/// [`TEST_BINARY_LIMIT`], naming the limit.
+fn watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(TEST_BINARY_LIMIT);
+            eprintln!(
+                "watchdog: this test binary ran for over {TEST_BINARY_LIMIT:?}: a test hangs; \
+                 run it alone with --nocapture to see which"
+            );
+            std::process::exit(124);
+        });
+    });
+}
 
 /// The `warren` binary under test.
 pub fn warren() -> Command {
+    watchdog();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
     cmd.env("WARREN_AMQP_URL", AMQP_URL)
         .env("WARREN_LOG", "info,lapin=off")
@@ -28,6 +61,7 @@ pub fn warren() -> Command {
 
 /// A queue name no other test uses.
 pub fn unique_queue(test: &str) -> String {
+    watchdog();
     format!("test.{test}.{}", uuid::Uuid::now_v7().simple())
 }
 
@@ -195,10 +229,21 @@ pub fn read_results(text: &str) -> Vec<Value> {
 
 /// A raw AMQP channel for publishing hand-made messages and inspecting queues.
 pub async fn raw_channel() -> (Connection, Channel) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+    watchdog();
+    let within = Duration::from_secs(30);
+    let conn = tokio::time::timeout(
+        within,
+        Connection::connect(AMQP_URL, ConnectionProperties::default()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the broker did not answer a connection within {within:?}"))
+    .unwrap_or_else(|e| {
+        panic!("connect to {AMQP_URL}: {e} (tests/run creates the vhost {TEST_VHOST})")
+    });
+    let channel = tokio::time::timeout(within, conn.create_channel())
         .await
-        .expect("connect");
-    let channel = conn.create_channel().await.expect("channel");
+        .unwrap_or_else(|_| panic!("the broker did not open a channel within {within:?}"))
+        .expect("channel");
     (conn, channel)
 }
 
@@ -281,7 +326,7 @@ pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Re
     reqwest::get(url).await
 }
 
-/// GET a path of the shared broker's management API (e.g. `/api/queues/%2F/q`) as guest.
+/// GET a path of the shared broker's management API (e.g. `/api/queues/warren-test/q`) as guest.
 pub async fn management_get(path: &str) -> Option<String> {
     management_get_at("http://127.0.0.1:15672", path).await
 }

@@ -57,7 +57,7 @@ impl Proxy {
 
     /// The AMQP URL that goes through the proxy.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        super::test_vhost_url(self.port)
     }
 
     /// Closes every connection currently open through the proxy.
