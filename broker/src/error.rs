@@ -197,6 +197,15 @@ impl BrokerError {
     }
 }
 
+/// True when the broker answered `error`'s operation with ACCESS_REFUSED (for a consume: another
+/// process holds the queue).
+pub fn is_access_refused(error: &lapin::Error) -> bool {
+    matches!(
+        amqp_kind(error),
+        Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+    )
+}
+
 /// The AMQP reply kind inside a lapin error, when the broker sent one.
 pub fn amqp_kind(error: &lapin::Error) -> Option<&AMQPErrorKind> {
     match error.kind() {

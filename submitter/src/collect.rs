@@ -14,14 +14,14 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::BrokerError;
 use warren_broker::connection::{RetryBudget, confirm_channel, consumer_channel};
 use warren_broker::depth::{Management, ManagementTarget};
-use warren_broker::error::amqp_kind;
+use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
 };
@@ -354,12 +354,7 @@ async fn collect_session(
     let consumed = consume_alone(&results, &results_queue).await;
     let mut consumer = match consumed {
         Ok(consumer) => consumer,
-        Err(e)
-            if matches!(
-                amqp_kind(&e),
-                Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
-            ) =>
-        {
+        Err(e) if is_access_refused(&e) => {
             return Err(CollectError::Busy {
                 batch: state.batch.clone(),
                 holder: String::new(),

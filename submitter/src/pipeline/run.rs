@@ -28,8 +28,8 @@ use super::{Each, Pipeline};
 use crate::collect::{ack_checkpointed, consume_alone};
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use warren_broker::error::amqp_kind;
+
+use warren_broker::error::is_access_refused;
 
 /// AMQP `type` of a run's state message.
 pub const MESSAGE_TYPE_RUN: &str = "warren.run";
@@ -446,12 +446,7 @@ impl Runner<'_> {
         let mut consumer = match consume_alone(&results, &results_queue).await {
             Ok(consumer) => consumer,
             // Only a refusal means another runner; anything else (a lost connection) is retried.
-            Err(e)
-                if matches!(
-                    amqp_kind(&e),
-                    Some(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
-                ) =>
-            {
+            Err(e) if is_access_refused(&e) => {
                 return Err(RunError::Invalid(format!(
                     "run {run} is being run by another process (its results queue is held): {e}"
                 )));
