@@ -25,10 +25,14 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// The shared broker's test vhost, which `tests/run` recreates before the suite (see
+/// `tests/common`), so nothing these tests leave piles up in a vhost someone else uses.
+const TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/warren-test";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_scales_the_deployment_up_and_an_empty_queue_back_to_zero() {
     let queue = format!("test.kubeloop.{}", std::process::id());
-    let amqp = AmqpSettings::default();
+    let amqp = AmqpSettings::new(TEST_AMQP_URL);
     let connection = connect(&amqp, "kube-loop-test").await.expect("broker");
     let channel = connection.create_channel().await.unwrap();
     warren_broker::topology::declare_task_queue(&channel, &queue)
@@ -109,7 +113,7 @@ async fn a_backlog_scales_the_deployment_up_and_an_empty_queue_back_to_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_outage_does_not_skip_the_scale_down_window() {
     let queue = format!("test.kubeoutage.{}", std::process::id());
-    let amqp = AmqpSettings::default();
+    let amqp = AmqpSettings::new(TEST_AMQP_URL);
     let connection = connect(&amqp, "kube-outage-test").await.expect("broker");
     let channel = connection.create_channel().await.unwrap();
     warren_broker::topology::declare_task_queue(&channel, &queue)

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use warren_broker::AmqpSettings;
 use warren_broker::protocol::ResultEnvelope;
 use warren_submitter::{CollectOptions, Outcome, ResultSink, SubmitOptions, Submitter, TaskSpec};
 use warren_worker::{HandlerResult, Task, TaskFailure, Worker, WorkerConfig};
@@ -21,6 +22,10 @@ impl ResultSink for Collected {
     }
 }
 
+/// The shared broker's test vhost, which `tests/run` recreates before the suite (see
+/// `tests/common`), so nothing this test leaves piles up in a vhost someone else uses.
+const TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/warren-test";
+
 fn spec(kind: &str, args: Value) -> TaskSpec {
     TaskSpec {
         kind: kind.into(),
@@ -35,6 +40,7 @@ async fn custom_handlers_run_and_a_panic_is_a_failed_result() {
     let queue = format!("test.library.{}", uuid_like());
     let worker = Worker::new(WorkerConfig {
         concurrency: 2,
+        amqp: AmqpSettings::new(TEST_AMQP_URL),
         ..WorkerConfig::new(queue.clone())
     })
     .handler("double", |task: Task| async move {
@@ -55,7 +61,7 @@ async fn custom_handlers_run_and_a_panic_is_a_failed_result() {
         let _ = stop_rx.await;
     }));
 
-    let mut submitter = Submitter::new(Default::default(), "library-test");
+    let mut submitter = Submitter::new(AmqpSettings::new(TEST_AMQP_URL), "library-test");
     let tasks = vec![
         spec("double", json!(21)),
         spec("refuse", Value::Null),
