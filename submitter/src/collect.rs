@@ -14,7 +14,6 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions,
 };
-
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};

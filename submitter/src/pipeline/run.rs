@@ -18,6 +18,7 @@ use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, consumer_channel};
+use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{self, PROTOCOL_VERSION, TaskStatus};
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, result_queue, run_queue, short};
@@ -28,8 +29,6 @@ use super::{Each, Pipeline};
 use crate::collect::{ack_checkpointed, consume_alone};
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
-
-use warren_broker::error::is_access_refused;
 
 /// AMQP `type` of a run's state message.
 pub const MESSAGE_TYPE_RUN: &str = "warren.run";
