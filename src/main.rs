@@ -94,9 +94,11 @@ struct CollectArgs {
     /// Stop waiting after this many seconds (exit status 3; resume with `warren wait`).
     #[arg(long)]
     timeout: Option<f64>,
-    /// Seconds to keep retrying while the broker is unreachable before giving up (exit status 2).
-    #[arg(long, default_value_t = warren_broker::connection::DEFAULT_RETRY_FOR.as_secs_f64())]
-    retry_for: f64,
+    /// Seconds to keep retrying while the broker or a batch's queue is unavailable (connection
+    /// lost, a queue without quorum while nodes restart) before giving up (exit status 2).
+    /// Default: 300 for collecting results, 15 for publishing tasks.
+    #[arg(long)]
+    retry_for: Option<f64>,
     /// Seconds the task queue may have no consumer, while results are outstanding, before a
     /// warning says so (a mistyped --queue, or a pool that does not start).
     #[arg(long, default_value_t = warren_submitter::NO_CONSUMER_WARN_AFTER.as_secs_f64())]
@@ -228,7 +230,10 @@ fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
         Some(t) => Some(seconds(t).ok_or(())?),
         None => None,
     };
-    let retry_for = seconds(args.retry_for).ok_or(())?;
+    let retry_for = match args.retry_for {
+        Some(s) => seconds(s).ok_or(())?,
+        None => warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
+    };
     let warn_no_worker_after = seconds(args.warn_no_worker_after).ok_or(())?;
     Ok(WaitCommand {
         output: args.output,

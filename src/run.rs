@@ -54,8 +54,9 @@ pub struct RunArgs {
     /// Stop after this many seconds (exit 3; resume with --resume).
     #[arg(long)]
     timeout: Option<f64>,
-    /// Seconds to keep retrying while the broker is unreachable before giving up (exit 2).
-    #[arg(long, default_value_t = warren_broker::connection::DEFAULT_RETRY_FOR.as_secs_f64())]
+    /// Seconds to keep retrying while the broker or a run's queue is unavailable (connection lost,
+    /// a queue without quorum while nodes restart) before giving up (exit 2).
+    #[arg(long, default_value_t = warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR.as_secs_f64())]
     retry_for: f64,
     /// Hours a run's queues are kept after the last activity.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]

@@ -157,6 +157,13 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
     let Some(expiry) = seconds(args.result_expiry_hours * 3600.0) else {
         return usage("--result-expiry-hours must be a positive number");
     };
+    // One --retry-for, when given, bounds publishing and collecting alike; otherwise each keeps
+    // its own default (publishing gives up sooner: the tasks not confirmed are safe with the user).
+    let publish_retry_for = match args.collect.retry_for.map(seconds) {
+        None => warren_broker::connection::DEFAULT_RETRY_FOR,
+        Some(Some(d)) => d,
+        Some(None) => return usage("--retry-for must be a positive number of seconds"),
+    };
     let Ok(wait) = wait_command(args.collect) else {
         return usage(
             "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
@@ -164,7 +171,7 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
     };
     let options = SubmitOptions {
         result_expiry: expiry,
-        retry_for: wait.retry_for,
+        retry_for: publish_retry_for,
         create_queue: args.create_queue,
         ..SubmitOptions::new(args.queue)
     };
@@ -283,9 +290,16 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     let mut _spooled = None;
     let source: Box<dyn SpecSource + Send> = match &cmd.source {
         TaskSource::Single(spec) => Box::new(vec![spec.clone()]),
-        TaskSource::File(path) if path.as_os_str() == "-" => match spool_stdin().await {
+        // Anything but a regular file (stdin, a pipe, a FIFO, `<(...)`, a device) can be read
+        // only once, and the tasks are read twice (checked, then published): spool it first.
+        TaskSource::File(path) if needs_spooling(path) => match spool(path).await {
             Ok(file) => {
-                let source = TaskFile::new(file.path(), "stdin");
+                let name = if path.as_os_str() == "-" {
+                    "stdin".to_string()
+                } else {
+                    path.display().to_string()
+                };
+                let source = TaskFile::new(file.path(), name);
                 _spooled = Some(file);
                 Box::new(source)
             }
@@ -360,7 +374,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                 let _ = std::io::stdout().flush();
             }
             let resume = match (&cmd.source, journal.save()) {
-                (TaskSource::File(file), Ok(_)) if file.as_os_str() != "-" => format!(
+                (TaskSource::File(file), Ok(_)) if !needs_spooling(file) => format!(
                     "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
                     journal.batch,
                     file.display()
@@ -388,9 +402,11 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
                 );
                 return EXIT_INTERRUPTED;
             }
-            return fail(&format!(
-                "{e} (--retry-for). Once the broker is reachable, {resume}"
-            ));
+            let when = match &e {
+                SubmitError::Interrupted { source, .. } if source.is_fatal() => "Then",
+                _ => "Once the broker is reachable",
+            };
+            return fail(&format!("{e}. {when}, {resume}"));
         }
     };
     if batch_id_to_stdout {
@@ -407,16 +423,38 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     }
 }
 
-/// Reads stdin once into a temporary file, so that the batch can be checked and then published
-/// (and republished after a reconnect) without being held in memory.
-async fn spool_stdin() -> Result<tempfile::NamedTempFile, String> {
-    tokio::task::spawn_blocking(|| {
+/// Whether `--file PATH` can be read only once: `-` (stdin), or anything that is not a regular
+/// file (a pipe, a FIFO, a process substitution's /dev/fd/N). A path that cannot be examined is
+/// left to the reader, which names the error.
+fn needs_spooling(path: &std::path::Path) -> bool {
+    path.as_os_str() == "-" || std::fs::metadata(path).is_ok_and(|m| !m.is_file())
+}
+
+/// Reads `path` (`-`: stdin) once into a temporary file, so that the batch can be checked and
+/// then published (and republished after a reconnect) without being held in memory.
+async fn spool(path: &std::path::Path) -> Result<tempfile::NamedTempFile, String> {
+    let path = path.to_path_buf();
+    let name = if path.as_os_str() == "-" {
+        "stdin".to_string()
+    } else {
+        path.display().to_string()
+    };
+    let failed = |e: &dyn std::fmt::Display| format!("cannot read the tasks from {name}: {e}");
+    let read = tokio::task::spawn_blocking(move || {
         let mut file = tempfile::NamedTempFile::new()
-            .map_err(|e| format!("cannot create a temporary file to hold stdin: {e}"))?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut file)
-            .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?;
-        Ok(file)
+            .map_err(|e| format!("cannot create a temporary file to hold the tasks: {e}"))?;
+        let copied = if path.as_os_str() == "-" {
+            std::io::copy(&mut std::io::stdin().lock(), &mut file)
+        } else {
+            std::fs::File::open(&path).and_then(|mut input| std::io::copy(&mut input, &mut file))
+        };
+        copied.map_err(|e| e.to_string())?;
+        Ok::<_, String>(file)
     })
-    .await
-    .map_err(|e| format!("cannot read the tasks from stdin: {e}"))?
+    .await;
+    match read {
+        Ok(Ok(file)) => Ok(file),
+        Ok(Err(e)) => Err(failed(&e)),
+        Err(e) => Err(failed(&e)),
+    }
 }

@@ -46,6 +46,11 @@ pub struct WorkerArgs {
     /// Bytes of stdout and of stderr kept from each exec task.
     #[arg(long, default_value_t = warren_worker::handlers::exec::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: usize,
+    /// Seconds a publish RabbitMQ refuses (a result, while a quorum queue has no leader or is
+    /// full) is tried again, from the first refusal, before the task is returned to the queue to
+    /// run again; the worker starts no new task meanwhile.
+    #[arg(long, default_value_t = warren_worker::DEFAULT_PUBLISH_RETRY_FOR.as_secs_f64())]
+    publish_retry_for: f64,
     /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9477); off by default.
     #[arg(long, env = "WARREN_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -53,9 +58,14 @@ pub struct WorkerArgs {
 
 /// Runs `warren worker`; returns the exit status.
 pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
-    let (Some(grace), Some(default_timeout)) = (seconds(args.grace), seconds(args.default_timeout))
-    else {
-        return usage("--grace and --default-timeout must be positive numbers of seconds");
+    let (Some(grace), Some(default_timeout), Some(publish_retry_for)) = (
+        seconds(args.grace),
+        seconds(args.default_timeout),
+        seconds(args.publish_retry_for),
+    ) else {
+        return usage(
+            "--grace, --default-timeout and --publish-retry-for must be positive numbers of seconds",
+        );
     };
     let config = WorkerConfig {
         amqp,
@@ -67,6 +77,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         default_timeout,
         max_message_bytes: args.max_message_bytes,
         metrics_addr: args.metrics_addr,
+        publish_retry_for,
         ..WorkerConfig::new(DEFAULT_TASK_QUEUE)
     };
     let mut worker = Worker::new(config);

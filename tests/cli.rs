@@ -596,3 +596,64 @@ async fn prefetch_sends_tasks_ahead_but_concurrency_bounds_what_runs_and_shutdow
     assert_eq!(ready().await, Some(4));
     delete_queues(&queue).await;
 }
+
+/// Tasks waiting in `queue`, from a passive declare.
+async fn queue_depth(queue: &str) -> u32 {
+    let (conn, channel) = raw_channel().await;
+    let depth = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the queue exists")
+        .message_count();
+    let _ = conn.close(200, "bye".into()).await;
+    depth
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_from_a_pipe_a_fifo_or_a_process_substitution_are_all_published() {
+    let queue = unique_queue("pipefile");
+    let dir = scratch("pipefile");
+    let tasks = r#"for i in $(seq 1 10); do echo "{\"kind\":\"echo\",\"args\":$i}"; done"#;
+    // Process substitution: a /dev/fd/N pipe that can be read only once.
+    let script =
+        format!("exec \"$WARREN\" submit --queue {queue} --create-queue --file <({tasks})");
+    let run = |script: String| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg("-c")
+            .arg(script)
+            .env("WARREN", env!("CARGO_BIN_EXE_warren"))
+            .env("WARREN_AMQP_URL", AMQP_URL)
+            .env("WARREN_LOG", "warn")
+            .current_dir(&dir)
+            .kill_on_drop(true);
+        cmd
+    };
+    let out = run(script).output().await.expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("submitted 10 task(s)"), "{stderr}");
+    assert_eq!(
+        queue_depth(&queue).await,
+        10,
+        "every task counted was published"
+    );
+    // A named FIFO, written by another process.
+    let fifo = dir.join("tasks.fifo");
+    let script = format!(
+        "mkfifo {fifo}; ({tasks}) > {fifo} & \"$WARREN\" submit --queue {queue} --file {fifo}",
+        fifo = fifo.display()
+    );
+    let out = run(script).output().await.expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("submitted 10 task(s)"), "{stderr}");
+    assert_eq!(queue_depth(&queue).await, 20);
+    delete_queues(&queue).await;
+}

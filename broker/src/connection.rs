@@ -95,6 +95,11 @@ fn report_blocking(connection: &Connection, url: String, name: String) {
 /// from the first failure of an outage (`--retry-for`).
 pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(15);
 
+/// How long collectors (`wait`, `submit --wait`, `warren run`) keep retrying by default: a
+/// collector holds nothing the broker needs back, so it outlasts a node restart (20-30 s) and a
+/// quorum queue's loss of its majority, where a submitter gives up sooner.
+pub const DEFAULT_COLLECT_RETRY_FOR: Duration = Duration::from_secs(300);
+
 /// Opens a channel in publisher-confirm mode.
 pub async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection.create_channel().await?;

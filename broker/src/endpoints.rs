@@ -28,6 +28,8 @@ pub struct Endpoints {
     /// Where the process registers its metrics.
     pub registry: Registry,
     ready: Arc<AtomicBool>,
+    /// While set, `/readyz` fails with this reason even when connected.
+    problem: Arc<Mutex<Option<String>>>,
     names: Arc<Mutex<Vec<String>>>,
     /// When set, `/healthz` fails once no [`Endpoints::beat`] came for this long.
     stale_after: Option<std::time::Duration>,
@@ -89,6 +91,22 @@ impl Endpoints {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Sets (or clears, with None) a problem that makes `/readyz` fail with its text although the
+    /// process is connected: it cannot do its work now (e.g. a queue without quorum).
+    pub fn set_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// Why `/readyz` fails, if it does.
+    fn not_ready(&self) -> Option<String> {
+        if let Some(problem) = self.problem.lock().ok().and_then(|p| p.clone()) {
+            return Some(format!("not ready: {problem}"));
+        }
+        (!self.ready.load(Ordering::Relaxed)).then(|| "not ready".to_string())
+    }
+
     /// The registry's metrics in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -112,7 +130,7 @@ impl Endpoints {
 
     /// Serves the endpoints on `listener` until the process ends.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        let ready = Arc::clone(&self.ready);
+        let ready = self.clone();
         let health = self.clone();
         let app = Router::new()
             .route(
@@ -130,12 +148,11 @@ impl Endpoints {
             .route(
                 READY_PATH,
                 get(move || {
-                    let ok = ready.load(Ordering::Relaxed);
+                    let problem = ready.not_ready();
                     async move {
-                        if ok {
-                            (StatusCode::OK, "ready").into_response()
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+                        match problem {
+                            None => (StatusCode::OK, "ready".to_string()).into_response(),
+                            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
                         }
                     }
                 }),

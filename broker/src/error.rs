@@ -95,6 +95,18 @@ pub enum BrokerError {
         /// Queue name.
         queue: String,
     },
+    /// A queue exists but cannot be used now: its members are on nodes that are down (a quorum
+    /// queue without a majority, or whose leader is gone). It comes back when they do.
+    #[error(
+        "queue '{queue}' is unavailable: it has lost its quorum (a majority of its RabbitMQ nodes \
+         are down or unreachable) and comes back when they return ({detail})"
+    )]
+    QueueUnavailable {
+        /// Queue name.
+        queue: String,
+        /// What the broker said.
+        detail: String,
+    },
     /// The broker cancelled a consumer, usually because its queue was deleted; declaring the
     /// queue again and consuming anew recovers.
     #[error("RabbitMQ cancelled the consumer of '{queue}' (was the queue deleted?)")]
@@ -114,11 +126,25 @@ pub enum BrokerError {
     },
     /// The broker refused to take responsibility for a message.
     #[error(
-        "RabbitMQ did not accept the message to '{routing_key}' (publisher confirm was a nack)"
+        "RabbitMQ did not accept the message to '{routing_key}' (publisher confirm was a nack: \
+         the queue may have lost its quorum while nodes are down, or be full)"
     )]
     Nacked {
         /// Routing key (queue name) of the publish.
         routing_key: String,
+    },
+    /// The broker kept refusing a publish for the whole retry budget.
+    #[error(
+        "RabbitMQ refused every publish to '{routing_key}' for {after:?} (last: {last}); the queue \
+         may have lost its quorum (nodes down) or be full"
+    )]
+    Refused {
+        /// Routing key (queue name) of the publish.
+        routing_key: String,
+        /// The budget that ran out.
+        after: std::time::Duration,
+        /// The last refusal.
+        last: String,
     },
     /// Any other AMQP failure, usually a lost channel or connection.
     #[error("AMQP error: {0}")]
@@ -164,6 +190,18 @@ impl BrokerError {
             }
             Some(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => BrokerError::QueueNotFound {
                 queue: queue.to_string(),
+            },
+            // RabbitMQ answers an operation on a quorum queue without a majority with
+            // INTERNAL_ERROR (`nodedown`, or a timeout after about 65 s), closing the connection.
+            Some(AMQPErrorKind::Hard(AMQPHardError::INTERNALERROR)) => {
+                BrokerError::QueueUnavailable {
+                    queue: queue.to_string(),
+                    detail: error.to_string(),
+                }
+            }
+            _ if error.to_string().contains("nodedown") => BrokerError::QueueUnavailable {
+                queue: queue.to_string(),
+                detail: error.to_string(),
             },
             _ => BrokerError::Amqp(error),
         }

@@ -151,9 +151,13 @@ pub fn seconds(field: &str, value: f64, zero_ok: bool) -> Result<Duration, Strin
 /// a password holding unencoded `/`, `?`, `#` or `@` is hidden whole too.
 pub fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        // Not a URL: where a password would be cannot be told, so hide all after the first ':'.
-        return match url.split_once(':') {
-            Some((head, _)) => format!("{head}:***"),
+        // A `host:port` entry (a cluster's further nodes) holds no password; one with user info
+        // (`user:password@host`) has it between the first ':' and the last '@'.
+        return match url
+            .rfind('@')
+            .and_then(|at| Some((url[..at].split_once(':')?, at)))
+        {
+            Some(((user, _), at)) => format!("{user}:***{}", &url[at..]),
             None => url.to_string(),
         };
     };
@@ -205,7 +209,13 @@ mod tests {
         assert_eq!(redact("amqps://u@host/v"), "amqps://u@host/v");
         assert_eq!(redact("amqp://host"), "amqp://host");
         assert_eq!(redact("not a url"), "not a url");
-        assert_eq!(redact("guest:secret@host"), "guest:***");
+        assert_eq!(redact("guest:secret@host"), "guest:***@host");
+        // A cluster's further nodes are printed as given: there is no password in them.
+        assert_eq!(redact("127.0.0.1:5673"), "127.0.0.1:5673");
+        assert_eq!(
+            AmqpSettings::new("amqp://u:pw@a:5672/%2f,b:5673,c:5674").redacted_url(),
+            "amqp://u:***@a:5672/%2f,b:5673,c:5674"
+        );
         // Unencoded characters that end the authority elsewhere must not expose the password.
         for password in ["pa/ss", "pa?ss", "pa#ss", "p@ss", "a/b?c@d"] {
             let shown = redact(&format!("amqp://guest:{password}@host:5672/%2f"));

@@ -75,6 +75,8 @@ pub struct Counts {
     pub failed_examples: Vec<(String, String)>,
     /// Consumers of the batch's task queue when last counted (None: not known).
     pub consumers: Option<u64>,
+    /// Tasks waiting in the batch's task queue (of every batch it holds) when last counted.
+    pub queued: Option<u64>,
 }
 
 /// Failed tasks named in a summary.
@@ -138,9 +140,9 @@ pub enum CollectError {
     Broker(#[from] BrokerError),
     /// Connection failures lasted longer than the retry budget; what was collected is saved.
     #[error(
-        "{source}. Gave up after {retry_for:?} of connection failures (--retry-for); every result \
-         written so far is recorded in the batch manifest. Resume with `warren wait {batch}` once \
-         the broker is reachable"
+        "{source}. Gave up after {retry_for:?} of failures (--retry-for); every result written \
+         so far is recorded in the batch manifest. Resume with `warren wait {batch}` once the \
+         broker is reachable and its nodes are back"
     )]
     GaveUp {
         /// Batch id.
@@ -157,7 +159,7 @@ pub enum CollectError {
 pub struct CollectOptions {
     /// Give up (with [`Outcome::Incomplete`]) after this long; None waits forever.
     pub timeout: Option<Duration>,
-    /// How long to keep retrying a lost connection.
+    /// How long to keep retrying a lost connection or a batch queue without quorum.
     pub retry_for: Duration,
     /// Seqs already in the sink from an earlier, interrupted collection (see
     /// [`crate::output::open_output`]): skipped as duplicates and recorded as collected.
@@ -176,7 +178,7 @@ impl Default for CollectOptions {
     fn default() -> Self {
         Self {
             timeout: None,
-            retry_for: warren_broker::connection::DEFAULT_RETRY_FOR,
+            retry_for: warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
             already_written: SeqSet::default(),
             warn_no_worker_after: NO_CONSUMER_WARN_AFTER,
         }
@@ -362,7 +364,7 @@ async fn collect_session(
                 retry: state.consumed_before,
             });
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(BrokerError::from_queue_error(&results_queue, e).into()),
     };
     state.consumed_before = true;
     state.consuming = true;
@@ -462,10 +464,14 @@ async fn watch_consumers(connection: &Connection, state: &mut State) -> bool {
             if found.is_ok() {
                 let _ = channel.close(200, "counted".into()).await;
             }
-            found.ok().map(|q| u64::from(q.consumer_count()))
+            found
+                .ok()
+                .map(|q| (u64::from(q.consumer_count()), u64::from(q.message_count())))
         }
         Err(_) => None,
     };
+    state.counts.queued = consumers.map(|(_, queued)| queued);
+    let consumers = consumers.map(|(consumers, _)| consumers);
     state.counts.consumers = consumers;
     match consumers {
         Some(0) => {
@@ -612,7 +618,8 @@ async fn checkpoint(
     let mut taken = Vec::new();
     while let Some(message) = channel
         .basic_get(short(&queue)?, BasicGetOptions::default())
-        .await?
+        .await
+        .map_err(|e| BrokerError::from_queue_error(&queue, e))?
     {
         let delivery = message.delivery;
         match protocol::decode_manifest(&delivery.data, MAX_RESULT_BYTES) {
@@ -716,14 +723,30 @@ pub(crate) async fn ack_checkpointed(
 }
 
 /// Deletes the batch's queues once every result is written; failures only leave them to expire.
+/// The deletes do not hold the exit: with a queue member's node down each takes about 5 s, so
+/// they get [`FINISH_DELETE_WAIT`] together and are otherwise left to their expiry.
 async fn finish(channel: &Channel, batch: &str) {
-    for queue in [result_queue(batch), manifest_queue(batch)] {
-        if let Ok(name) = short(&queue)
-            && let Err(e) = channel
-                .queue_delete(name, QueueDeleteOptions::default())
-                .await
+    let delete = |queue: String| async move {
+        let Ok(name) = short(&queue) else { return };
+        if let Err(e) = channel
+            .queue_delete(name, QueueDeleteOptions::default())
+            .await
         {
             info!("could not delete {queue} ({e}); it expires on its own");
         }
+    };
+    let both =
+        futures_lite::future::zip(delete(result_queue(batch)), delete(manifest_queue(batch)));
+    if tokio::time::timeout(FINISH_DELETE_WAIT, both)
+        .await
+        .is_err()
+    {
+        info!(
+            "the queues of batch {batch} were not deleted within {FINISH_DELETE_WAIT:?} (a node \
+             down?); they expire on their own"
+        );
     }
 }
+
+/// How long the end of a collection waits for its batch's queues to be deleted.
+const FINISH_DELETE_WAIT: Duration = Duration::from_secs(1);

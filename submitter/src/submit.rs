@@ -101,8 +101,9 @@ pub enum SubmitError {
     /// The connection failed for longer than the retry budget (or fatally) part-way through:
     /// the confirmed tasks will run; the journal says which, for [`Submitter::resume`].
     #[error(
-        "{source}. Gave up on batch {} after {retry_for:?} of failures: {} of {} task(s) were \
-         confirmed by RabbitMQ and will run; the others were not submitted",
+        "{source}. {}batch {} stopped part-way: {} of {} task(s) were confirmed by RabbitMQ and \
+         will run; the others were not submitted",
+        if source.is_fatal() { String::new() } else { format!("Gave up after {retry_for:?} of failures (--retry-for); ") },
         journal.batch,
         journal.confirmed_count(),
         journal.total
@@ -263,6 +264,7 @@ impl Submitter {
             batch: &batch,
             token: &token,
             submitted_at: &submitted_at,
+            fingerprint: &journal.fingerprint,
         };
         let mut retry = RetryBudget::new(options.retry_for);
         let mut confirmed_before = confirmed.iter().filter(|c| **c).count();
@@ -368,6 +370,10 @@ impl Submitter {
         .await?;
         let mut in_flight = VecDeque::with_capacity(CONFIRM_WINDOW);
         let mut stopped = false;
+        // What this pass reads must be exactly what was checked (a pipe read twice gives nothing
+        // the second time): the same count and fingerprint, or the batch is not called submitted.
+        let mut fingerprint = Fingerprint::default();
+        let mut read: usize = 0;
         let tasks = source.read().map_err(|e| changed(e.to_string()))?;
         for (seq, item) in (0u32..).zip(tasks) {
             let index = seq as usize;
@@ -375,6 +381,8 @@ impl Submitter {
             if index >= confirmed.len() {
                 return Err(changed("it has more tasks than when it was checked".into()));
             }
+            fingerprint.add(&spec);
+            read = index + 1;
             if confirmed[index] {
                 continue;
             }
@@ -405,7 +413,21 @@ impl Submitter {
             pending.confirmed().await?;
             confirmed[done] = true;
         }
-        Ok(!stopped)
+        if stopped {
+            return Ok(false);
+        }
+        if read != confirmed.len() {
+            return Err(changed(format!(
+                "{} task(s) were checked but only {read} could be read again to publish",
+                confirmed.len()
+            )));
+        }
+        if fingerprint.finish() != ids.fingerprint {
+            return Err(changed(format!(
+                "its {read} task(s) are not the ones that were checked (same count, other content)"
+            )));
+        }
+        Ok(true)
     }
 }
 
@@ -414,6 +436,8 @@ struct BatchIds<'a> {
     batch: &'a str,
     token: &'a str,
     submitted_at: &'a str,
+    /// What the checked tasks hash to; the publishing pass must read the same.
+    fingerprint: &'a str,
 }
 
 /// Checks every task of `source` before anything is sent (fields, ids used twice, the encoded

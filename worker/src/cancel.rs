@@ -10,7 +10,7 @@ use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::message_properties;
@@ -97,13 +97,57 @@ impl Cancellations {
     }
 }
 
-/// Reads the cancellations stream from its start and records each cancellation, until the
-/// connection ends. `caught_up` is sent once every record written before the call has been read:
-/// the worker appends a marker of its own and waits to read it back. Only returns on error.
-pub(crate) async fn follow(
-    channel: Channel,
+/// Follows the cancellations stream for as long as `connection` lives: a failure to read it (a
+/// restarted node whose stream replica is not back yet, a deleted stream) is logged once and
+/// retried with backoff, and recovery is logged. `caught_up` is sent once the history is read.
+pub(crate) async fn follow_while_connected(
+    connection: std::sync::Arc<lapin::Connection>,
     cancellations: Cancellations,
     caught_up: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut caught_up = Some(caught_up);
+    let mut pause = FOLLOW_RETRY_START;
+    let mut failing = false;
+    loop {
+        let attempt = async {
+            let channel = connection.create_channel().await?;
+            follow(channel, &cancellations, &mut caught_up, failing).await
+        };
+        let error = match attempt.await {
+            Ok(()) => continue,
+            Err(e) => e,
+        };
+        // A connection that is lost or closing ends the session, which says so: not a fault here.
+        if !connection.status().connected() {
+            return;
+        }
+        if failing {
+            debug!("still not following {CANCELLATIONS_STREAM}: {error}");
+        } else {
+            warn!(
+                "not following {CANCELLATIONS_STREAM} ({error}); `warren cancel` does not reach \
+                 this worker until it can; trying again every {FOLLOW_RETRY_CAP:?} at most"
+            );
+            failing = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(FOLLOW_RETRY_CAP);
+    }
+}
+
+/// First pause before following the cancellations stream again after a failure.
+const FOLLOW_RETRY_START: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest pause between tries to follow the cancellations stream.
+const FOLLOW_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Reads the cancellations stream from its start and records each cancellation, until the
+/// consumer ends. `caught_up` is sent once every record written before the call has been read:
+/// the worker appends a marker of its own and waits to read it back. Only returns on error.
+async fn follow(
+    channel: Channel,
+    cancellations: &Cancellations,
+    caught_up: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    recovering: bool,
 ) -> Result<(), BrokerError> {
     // Streams require a prefetch and manual acks. The history is read in large windows and
     // acknowledged in batches: one round of credit per record made a worker start in ~1 s with
@@ -125,6 +169,9 @@ pub(crate) async fn follow(
             args,
         )
         .await?;
+    if recovering {
+        info!("following {CANCELLATIONS_STREAM} again");
+    }
     // A record with no batch is a reader's marker, not a cancellation.
     let marker = protocol::new_token();
     let record = Cancellation {
@@ -142,7 +189,6 @@ pub(crate) async fn follow(
             message_properties(MESSAGE_TYPE_CANCEL),
         )
         .await?;
-    let mut caught_up = Some(caught_up);
     let mut unacked = 0u16;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;

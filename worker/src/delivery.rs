@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
+use warren_broker::connection::confirm_channel;
 use warren_broker::properties::{dead_letter_properties, result_properties};
 use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{
@@ -34,12 +35,18 @@ pub(crate) struct Context {
     pub queue: String,
     pub registry: Registry,
     pub publisher: Publisher,
+    /// The session's connection, for a fresh channel when publishes are refused.
+    pub connection: Arc<lapin::Connection>,
     pub default_timeout: Duration,
     pub max_message_bytes: usize,
     /// None when metrics are off: nothing is recorded.
     pub metrics: Option<WorkerMetrics>,
     /// What `warren cancel` recorded, and the tasks running now.
     pub cancellations: Cancellations,
+    /// How long a refused publish is retried before its delivery is given back to the queue.
+    pub publish_retry_for: Duration,
+    /// Deliveries whose publishes the broker refuses right now; new tasks wait while any do.
+    pub refused: Arc<RefusedPublishes>,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
@@ -381,12 +388,17 @@ async fn schedule_retry(
     let properties = delivery.properties.clone().with_headers(headers);
     let published = async {
         let queue = declare_retry_queue(ctx.publisher.channel(), &ctx.queue, delay).await?;
-        ctx.publisher
-            .publish(&queue, &delivery.data, properties)
+        ctx.publish_patiently(&queue, &delivery.data, properties)
             .await
     };
     if let Err(e) = published.await {
-        return warn!(task_id = %task.id, "cannot set the task aside for a retry ({e}); it will be redelivered");
+        return give_back(
+            ctx,
+            delivery,
+            &task.id,
+            &format!("cannot set the task aside for a retry ({e})"),
+        )
+        .await;
     }
     info!(task_id = %task.id, batch = %task.batch, retry, of = task.max_retries.unwrap_or(0), "attempt failed ({}); retrying in {delay:.1?}", error.kind);
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
@@ -419,8 +431,7 @@ async fn deliver_result(
 ) {
     let body = protocol::encode(result);
     match ctx
-        .publisher
-        .publish(reply_to, &body, result_properties(result))
+        .publish_patiently(reply_to, &body, result_properties(result))
         .await
     {
         Ok(()) => ctx.count_published(body.len()),
@@ -436,16 +447,27 @@ async fn deliver_result(
                 &ctx.worker,
             );
             if let Err(e) = ctx
-                .publisher
-                .publish(&dead_letter_queue(&ctx.queue), &body, props)
+                .publish_patiently(&dead_letter_queue(&ctx.queue), &body, props)
                 .await
             {
-                return warn!(task_id = %result.task_id, "cannot dead-letter the result ({e}); the task will be redelivered");
+                return give_back(
+                    ctx,
+                    delivery,
+                    &result.task_id,
+                    &format!("cannot dead-letter the result ({e})"),
+                )
+                .await;
             }
             ctx.count_dead_letter(DEAD_REASON_RESULT_QUEUE_MISSING, body.len());
         }
         Err(e) => {
-            return warn!(task_id = %result.task_id, "cannot publish the result ({e}); the task will be redelivered");
+            return give_back(
+                ctx,
+                delivery,
+                &result.task_id,
+                &format!("cannot publish the result ({e})"),
+            )
+            .await;
         }
     }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
@@ -514,8 +536,7 @@ async fn reject_with_result(
     warn!(reason = %error.kind, task_id, batch, "dead-lettering a message: {}", error.message);
     if let Some(result) = &result {
         match ctx
-            .publisher
-            .publish(
+            .publish_patiently(
                 reply_to,
                 &protocol::encode(result),
                 result_properties(result),
@@ -525,9 +546,13 @@ async fn reject_with_result(
             // The dead letter below keeps the message; a missing result queue is not a reason to wait.
             Ok(()) | Err(BrokerError::Unroutable { .. }) => {}
             Err(e) => {
-                return warn!(
-                    "cannot publish the rejection ({e}); the message will be redelivered"
-                );
+                return give_back(
+                    ctx,
+                    &delivery,
+                    task_id,
+                    &format!("cannot publish the rejection ({e})"),
+                )
+                .await;
             }
         }
     }
@@ -539,8 +564,7 @@ async fn reject_with_result(
         &ctx.worker,
     );
     match ctx
-        .publisher
-        .publish(&dead_letter_queue(&ctx.queue), &delivery.data, props)
+        .publish_patiently(&dead_letter_queue(&ctx.queue), &delivery.data, props)
         .await
     {
         Ok(()) => {
@@ -549,7 +573,111 @@ async fn reject_with_result(
                 debug!("ack after dead-lettering failed ({e}); it will be dead-lettered again");
             }
         }
-        Err(e) => warn!("cannot dead-letter the message ({e}); it will be redelivered"),
+        Err(e) => {
+            give_back(
+                ctx,
+                &delivery,
+                task_id,
+                &format!("cannot dead-letter the message ({e})"),
+            )
+            .await
+        }
+    }
+}
+
+/// Ends a delivery whose outcome could not be stored: it goes back to the queue for another
+/// worker (or this one, later), so its prefetch slot is never held. If the channel is gone the
+/// nack fails, and the broker requeues the delivery by itself.
+async fn give_back(ctx: &Context, delivery: &Delivery, task_id: &str, why: &str) {
+    warn!(
+        task_id,
+        "{why}; returning the task to the queue to be run again"
+    );
+    let _ = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+    if let Some(m) = &ctx.metrics {
+        m.returned.inc();
+    }
+}
+
+/// Deliveries whose publishes the broker is refusing (publisher-confirm nacks, as while a quorum
+/// queue elects a leader or a queue is full with `reject-publish`). While any is, the worker
+/// starts no new task: there would be nowhere to put its result.
+#[derive(Debug, Default)]
+pub(crate) struct RefusedPublishes {
+    now: std::sync::atomic::AtomicUsize,
+}
+
+impl RefusedPublishes {
+    /// Whether some publish is being refused right now.
+    pub(crate) fn any(&self) -> bool {
+        self.now.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// Waits until no publish is refused (a task about to start waits here).
+    pub(crate) async fn wait_until_clear(&self) {
+        while self.any() {
+            tokio::time::sleep(REFUSED_POLL).await;
+        }
+    }
+}
+
+/// How often a task waiting to start checks whether results are taken again.
+const REFUSED_POLL: Duration = Duration::from_millis(250);
+/// First pause after a refused publish; doubled on each refusal up to [`REFUSED_BACKOFF_CAP`].
+const REFUSED_BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a refused publish.
+const REFUSED_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Marks one delivery as refused until dropped, on every way out of a retry loop.
+struct Refused<'a> {
+    ctx: &'a Context,
+}
+
+impl<'a> Refused<'a> {
+    fn start(ctx: &'a Context, queue: &str, error: &BrokerError) -> Self {
+        let before = ctx
+            .refused
+            .now
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if before == 0 {
+            warn!(
+                "RabbitMQ refuses publishes to '{queue}' ({error}); retrying for up to {:?} and \
+                 starting no new task meanwhile (a quorum queue electing a leader, a full queue, \
+                 or a node down)",
+                ctx.publish_retry_for
+            );
+        }
+        if let Some(m) = &ctx.metrics {
+            m.publishes_refused_now.inc();
+            m.set_problem(Some(format!(
+                "RabbitMQ refuses publishes to '{queue}': {error}"
+            )));
+        }
+        Self { ctx }
+    }
+}
+
+impl Drop for Refused<'_> {
+    fn drop(&mut self) {
+        let before = self
+            .ctx
+            .refused
+            .now
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.ctx.metrics {
+            m.publishes_refused_now.dec();
+        }
+        if before == 1 {
+            if let Some(m) = &self.ctx.metrics {
+                m.set_problem(None);
+            }
+            info!("RabbitMQ takes publishes again; starting tasks again");
+        }
     }
 }
 
@@ -610,6 +738,75 @@ fn result_of(
 }
 
 impl Context {
+    /// Publishes with confirms; a publish the broker refuses (a nack, or a queue that cannot take
+    /// it now) is tried again with backoff for up to `publish_retry_for`, counted from the first
+    /// refusal. A lost channel is not retried here: its deliveries go back to the queue anyway.
+    /// A missing queue (`Unroutable`) is returned at once for the caller to decide.
+    async fn publish_patiently(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let mut refused: Option<(Refused<'_>, tokio::time::Instant)> = None;
+        let mut pause = REFUSED_BACKOFF_START;
+        loop {
+            let published = match &refused {
+                None => {
+                    self.publisher
+                        .publish(queue, body, properties.clone())
+                        .await
+                }
+                // A quorum queue that refused a channel's publish (reject-publish) keeps refusing
+                // that channel until it hears the queue is below its limit, which never comes when
+                // the limit is removed: each retry goes through a fresh channel.
+                Some(_) => {
+                    self.publish_on_new_channel(queue, body, properties.clone())
+                        .await
+                }
+            };
+            let error = match published {
+                Ok(()) => return Ok(()),
+                Err(e @ BrokerError::Unroutable { .. }) => return Err(e),
+                Err(e) if !self.connection.status().connected() => return Err(e),
+                Err(e) => e,
+            };
+            if let Some(m) = &self.metrics {
+                m.publishes_refused.inc();
+            }
+            let since = match &refused {
+                Some((_, since)) => *since,
+                None => {
+                    let now = tokio::time::Instant::now();
+                    refused = Some((Refused::start(self, queue, &error), now));
+                    now
+                }
+            };
+            if since.elapsed() >= self.publish_retry_for {
+                return Err(BrokerError::Refused {
+                    routing_key: queue.to_string(),
+                    after: self.publish_retry_for,
+                    last: error.to_string(),
+                });
+            }
+            debug!("publish to '{queue}' refused ({error}); trying again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(REFUSED_BACKOFF_CAP);
+        }
+    }
+
+    async fn publish_on_new_channel(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let publisher = Publisher::new(confirm_channel(&self.connection).await?);
+        let published = publisher.publish(queue, body, properties).await;
+        let _ = publisher.channel().close(200, "retried".into()).await;
+        published
+    }
+
     fn count_published(&self, bytes: usize) {
         if let Some(m) = &self.metrics {
             m.bytes_out.inc_by(bytes as u64);

@@ -33,6 +33,12 @@ pub struct WorkerMetrics {
     pub dead_lettered: IntCounterVec,
     /// Reconnections to the broker after a lost connection.
     pub reconnects: IntCounter,
+    /// Publishes (results, retries, dead letters) the broker refused; each is tried again.
+    pub publishes_refused: IntCounter,
+    /// Deliveries whose publish the broker is refusing right now.
+    pub publishes_refused_now: IntGauge,
+    /// 1 while the task queue cannot be consumed because it has no quorum (nodes down).
+    pub queue_unavailable: IntGauge,
     /// Task message bytes received.
     pub bytes_in: IntCounter,
     /// Result and dead-letter bytes published.
@@ -92,6 +98,18 @@ impl WorkerMetrics {
                 "warren_worker_broker_reconnects_total",
                 "Reconnections to the broker after a lost connection.",
             )?,
+            publishes_refused: counter(
+                "warren_worker_publishes_refused_total",
+                "Publishes (results, retries, dead letters) RabbitMQ refused; each is tried again.",
+            )?,
+            publishes_refused_now: e.register(IntGauge::new(
+                "warren_worker_publishes_refused",
+                "Deliveries whose publish RabbitMQ is refusing right now.",
+            )?)?,
+            queue_unavailable: e.register(IntGauge::new(
+                "warren_worker_queue_unavailable",
+                "1 while the task queue cannot be consumed (no quorum: nodes down).",
+            )?)?,
             bytes_in: counter(
                 "warren_worker_received_bytes_total",
                 "Task message bytes received.",
@@ -107,5 +125,10 @@ impl WorkerMetrics {
     /// Marks the worker ready (consuming) or not.
     pub fn set_ready(&self, ready: bool) {
         self.endpoints.set_ready(ready);
+    }
+
+    /// Sets or clears what keeps a connected worker from working; `/readyz` says it.
+    pub fn set_problem(&self, problem: Option<String>) {
+        self.endpoints.set_problem(problem);
     }
 }

@@ -13,10 +13,10 @@ use lapin::types::{FieldTable, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use warren_broker::connection::{confirm_channel, connect, consumer_channel, reconnect_delays};
 use warren_broker::publisher::Publisher;
-use warren_broker::topology::{self, CANCELLATIONS_STREAM, short};
+use warren_broker::topology::{self, short};
 use warren_broker::{AmqpSettings, BrokerError};
 
 use crate::cancel::{self, Cancellations};
@@ -31,6 +31,9 @@ pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 const CANCELLATIONS_CATCH_UP: Duration = Duration::from_secs(5);
 /// A session that lasted this long was healthy: the reconnect backoff starts over after it.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Default for [`WorkerConfig::publish_retry_for`]: outlasts a quorum queue's leader election and
+/// a node restart (20-30 s), so such refusals never cost a task a run.
+pub const DEFAULT_PUBLISH_RETRY_FOR: Duration = Duration::from_secs(300);
 /// Default largest task message accepted.
 pub use warren_broker::protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -60,6 +63,9 @@ pub struct WorkerConfig {
     pub reconnect_cap: Duration,
     /// Where to serve `/healthz`, `/readyz` and `/metrics`; None serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long a publish the broker refuses (a result, a retry, a dead letter) is tried again,
+    /// from the first refusal, before the task goes back to the queue to be run again.
+    pub publish_retry_for: Duration,
 }
 
 impl WorkerConfig {
@@ -76,6 +82,7 @@ impl WorkerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             reconnect_cap: Duration::from_secs(10),
             metrics_addr: None,
+            publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
         }
     }
 }
@@ -173,9 +180,17 @@ impl Worker {
         let main = async {
             let mut delays = reconnect_delays(self.config.reconnect_cap);
             let mut sessions = 0u64;
+            let mut unavailable_since: Option<tokio::time::Instant> = None;
             loop {
                 let started = tokio::time::Instant::now();
-                let outcome = self.session(&stop, metrics.as_ref(), &mut sessions).await;
+                let outcome = self
+                    .session(
+                        &stop,
+                        metrics.as_ref(),
+                        &mut sessions,
+                        &mut unavailable_since,
+                    )
+                    .await;
                 // After a healthy stretch a new failure is a new incident: start from short delays.
                 if started.elapsed() >= HEALTHY_SESSION {
                     delays = reconnect_delays(self.config.reconnect_cap);
@@ -185,6 +200,27 @@ impl Worker {
                     Err(e) if e.is_fatal() => {
                         error!("{e}");
                         return Err(WorkerError::Fatal(e));
+                    }
+                    Err(e @ BrokerError::QueueUnavailable { .. }) => {
+                        let delay = delays.next().unwrap_or(self.config.reconnect_cap);
+                        // Said once per outage, then quietly retried until the queue is back.
+                        if unavailable_since.is_none() {
+                            warn!(
+                                "cannot consume: {e}; no task runs here until it is back, trying again every {:?} at most",
+                                self.config.reconnect_cap
+                            );
+                            unavailable_since = Some(tokio::time::Instant::now());
+                            if let Some(m) = &metrics {
+                                m.queue_unavailable.set(1);
+                                m.set_problem(Some(e.to_string()));
+                            }
+                        } else {
+                            debug!("task queue still unavailable: {e}; retrying in {delay:.1?}");
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = stop.cancelled() => return Ok(()),
+                        }
                     }
                     Err(e) => {
                         let delay = delays.next().unwrap_or(self.config.reconnect_cap);
@@ -217,28 +253,21 @@ impl Worker {
         stop: &CancellationToken,
         metrics: Option<&WorkerMetrics>,
         sessions: &mut u64,
+        unavailable_since: &mut Option<tokio::time::Instant>,
     ) -> Result<(), BrokerError> {
         let cfg = &self.config;
-        let connection = connect(&cfg.amqp, &cfg.name).await?;
+        let connection = Arc::new(connect(&cfg.amqp, &cfg.name).await?);
         let publisher = Publisher::new(confirm_channel(&connection).await?);
         let prefetch = cfg.prefetch.unwrap_or(cfg.concurrency).max(1);
         let channel = consumer_channel(&connection, prefetch).await?;
         topology::declare_task_queue(&channel, &cfg.queue).await?;
         // Cancellations are read before any task is taken, so a cancelled task is not started.
         let (caught_up, is_caught_up) = tokio::sync::oneshot::channel();
-        let _follower = {
-            let (channel, cancellations) = (
-                connection.create_channel().await?,
-                self.cancellations.clone(),
-            );
-            AbortOnDropHandle::new(tokio::spawn(async move {
-                if let Err(e) = cancel::follow(channel, cancellations, caught_up).await {
-                    warn!(
-                        "not following {CANCELLATIONS_STREAM} ({e}); `warren cancel` reaches this worker after it reconnects"
-                    );
-                }
-            }))
-        };
+        let _follower = AbortOnDropHandle::new(tokio::spawn(cancel::follow_while_connected(
+            Arc::clone(&connection),
+            self.cancellations.clone(),
+            caught_up,
+        )));
         if tokio::time::timeout(CANCELLATIONS_CATCH_UP, is_caught_up)
             .await
             .is_err()
@@ -258,15 +287,25 @@ impl Worker {
             .await
             .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
+        if let Some(since) = unavailable_since.take() {
+            info!(queue = %cfg.queue, "the task queue is available again after {:.0?}", since.elapsed());
+            if let Some(m) = metrics {
+                m.queue_unavailable.set(0);
+                m.set_problem(None);
+            }
+        }
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),
             registry: self.registry.clone(),
             publisher,
+            connection: Arc::clone(&connection),
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
             metrics: metrics.cloned(),
             cancellations: self.cancellations.clone(),
+            publish_retry_for: cfg.publish_retry_for,
+            refused: Arc::default(),
         });
         *sessions += 1;
         if let Some(m) = metrics {
@@ -345,9 +384,15 @@ async fn when_free(
     delivery: Delivery,
     abandon: CancellationToken,
 ) {
+    // While the broker refuses this worker's publishes, a new task would only produce a result
+    // with nowhere to go: wait for the refusals to end before starting one.
     let permit = tokio::select! {
         biased;
-        permit = slots.acquire_owned() => permit.ok(),
+        permit = async {
+            let permit = slots.acquire_owned().await.ok();
+            ctx.refused.wait_until_clear().await;
+            permit
+        } => permit,
         () = stop.cancelled() => None,
         () = abandon.cancelled() => None,
     };

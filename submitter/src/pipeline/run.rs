@@ -78,7 +78,7 @@ impl RunOptions {
             max_queued: 100,
             barriers: false,
             create_queue: false,
-            retry_for: warren_broker::connection::DEFAULT_RETRY_FOR,
+            retry_for: warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
             stop: None,
             timeout: None,
             expiry: topology::DEFAULT_RESULT_EXPIRY,
@@ -285,7 +285,8 @@ pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunStat
     let mut newest: Option<RunState> = None;
     while let Some(message) = channel
         .basic_get(short(&run_queue(run))?, BasicGetOptions::default())
-        .await?
+        .await
+        .map_err(|e| BrokerError::from_queue_error(&run_queue(run), e))?
     {
         if let Ok(state) = decode_state(&message.delivery.data)
             && newest
@@ -641,7 +642,8 @@ impl Runner<'_> {
         let mut newest: Option<RunState> = None;
         while let Some(message) = channel
             .basic_get(short(&queue)?, BasicGetOptions::default())
-            .await?
+            .await
+            .map_err(|e| BrokerError::from_queue_error(&queue, e))?
         {
             taken.push(message.delivery.delivery_tag);
             match decode_state(&message.delivery.data) {
