@@ -239,6 +239,7 @@ impl Submitter {
         };
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let mut retry = RetryBudget::new(options.retry_for);
+        let mut said = None;
         tokio::pin!(interrupt);
         loop {
             let attempt = async {
@@ -257,6 +258,7 @@ impl Submitter {
             // A session that got as far as consuming was progress: the budget counts afresh.
             if std::mem::take(&mut state.consuming) {
                 retry.progressed();
+                said = None;
             }
             match outcome {
                 Ok(outcome) => return Ok(outcome),
@@ -269,7 +271,13 @@ impl Submitter {
                 }
                 Err(CollectError::Broker(e)) if !e.is_fatal() => match retry.failed() {
                     Some(delay) => {
-                        warn!("collecting interrupted ({e}); reconnecting in {delay:.1?}");
+                        // The whole story once per kind of failure, then a line per retry.
+                        let kind = std::mem::discriminant(&e);
+                        if said.replace(kind) == Some(kind) {
+                            info!("still interrupted; reconnecting in {delay:.1?}");
+                        } else {
+                            warn!("collecting interrupted ({e}); reconnecting in {delay:.1?}");
+                        }
                         self.reset();
                         tokio::time::sleep(delay).await;
                     }

@@ -10,6 +10,7 @@ pub struct PrivateBroker {
     pub node: String,
     pub amqp_port: u16,
     pub management_port: u16,
+    dist_port: u16,
     dir: PathBuf,
 }
 
@@ -39,11 +40,26 @@ impl PrivateBroker {
         )
         .expect("config");
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n").expect("plugins");
+        let broker = Self {
+            node,
+            amqp_port,
+            management_port,
+            dist_port,
+            dir,
+        };
+        broker.launch();
+        broker
+    }
+
+    /// Starts this node's server (again, after [`PrivateBroker::kill9`]: same name, ports and
+    /// data) and waits until its AMQP and management ports answer.
+    pub fn launch(&self) {
+        let dir = &self.dir;
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
-            .env("RABBITMQ_NODENAME", &node)
-            .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
@@ -52,23 +68,32 @@ impl PrivateBroker {
             .status()
             .expect("rabbitmq-server is installed (tests/run brings it up)");
         assert!(status.success(), "rabbitmq-server -detached failed");
-        let broker = Self {
-            node,
-            amqp_port,
-            management_port,
-            dir,
-        };
         let until = Instant::now() + Duration::from_secs(90);
-        while !(answers(amqp_port) && answers(management_port)) {
+        while !(answers(self.amqp_port) && answers(self.management_port)) {
             assert!(
                 Instant::now() < until,
                 "private RabbitMQ {} did not start; see {}",
-                broker.node,
-                broker.dir.join("log").display()
+                self.node,
+                self.dir.join("log").display()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-        broker
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL, as a crashed machine would stop it, and waits
+    /// until its AMQP port no longer answers.
+    pub fn kill9(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while answers(self.amqp_port) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(self.dir.join("pid"));
     }
 
     /// The AMQP URL of this node.

@@ -29,6 +29,8 @@ use crate::metrics::WorkerMetrics;
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longest wait, at connect, for the cancellations recorded so far to be read.
 const CANCELLATIONS_CATCH_UP: Duration = Duration::from_secs(5);
+/// A consume not answered within this long is reported as a queue without quorum.
+const CONSUME_SLOW: Duration = Duration::from_secs(10);
 /// A session that lasted this long was healthy: the reconnect backoff starts over after it.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Default for [`WorkerConfig::publish_retry_for`]: outlasts a quorum queue's leader election and
@@ -277,15 +279,36 @@ impl Worker {
             );
         }
         let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
-        let mut consumer = channel
-            .basic_consume(
-                short(&cfg.queue)?,
-                tag.clone(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
+        let consume = channel.basic_consume(
+            short(&cfg.queue)?,
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        tokio::pin!(consume);
+        // A quorum queue without a majority leaves a consume unanswered for about 65 s before
+        // failing it: say so long before that, once per outage.
+        let consumed = tokio::select! {
+            consumed = &mut consume => consumed,
+            () = tokio::time::sleep(CONSUME_SLOW) => {
+                if unavailable_since.is_none() {
+                    let problem = format!(
+                        "RabbitMQ has not started the consumer of '{}' after {CONSUME_SLOW:?}: the \
+                         queue has probably lost its quorum (a majority of its nodes down); \
+                         waiting for it",
+                        cfg.queue
+                    );
+                    warn!("{problem}");
+                    *unavailable_since = Some(tokio::time::Instant::now());
+                    if let Some(m) = metrics {
+                        m.queue_unavailable.set(1);
+                        m.set_problem(Some(problem));
+                    }
+                }
+                consume.await
+            }
+        };
+        let mut consumer = consumed.map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
         if let Some(since) = unavailable_since.take() {
             info!(queue = %cfg.queue, "the task queue is available again after {:.0?}", since.elapsed());
