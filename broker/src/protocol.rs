@@ -276,6 +276,8 @@ pub enum ErrorKind {
     EnvNotAllowed,
     /// `exec` with a `cwd` that is not a folder on the worker.
     CwdMissing,
+    /// `exec` with a `cwd` or `outputs` path outside the worker's sandbox data roots.
+    PathNotAllowed,
     /// The arguments do not fit the handler.
     InvalidArgs,
     /// No handler of the task's kind on the worker.
@@ -298,7 +300,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in the order of the document's table.
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::ExitStatus,
         ErrorKind::MissingOutputs,
         ErrorKind::SpawnFailed,
@@ -309,6 +311,7 @@ impl ErrorKind {
         ErrorKind::NotAllowed,
         ErrorKind::EnvNotAllowed,
         ErrorKind::CwdMissing,
+        ErrorKind::PathNotAllowed,
         ErrorKind::InvalidArgs,
         ErrorKind::UnknownKind,
         ErrorKind::Cancelled,
@@ -333,6 +336,7 @@ impl ErrorKind {
             ErrorKind::NotAllowed => "not_allowed",
             ErrorKind::EnvNotAllowed => "env_not_allowed",
             ErrorKind::CwdMissing => "cwd_missing",
+            ErrorKind::PathNotAllowed => "path_not_allowed",
             ErrorKind::InvalidArgs => "invalid_args",
             ErrorKind::UnknownKind => "unknown_kind",
             ErrorKind::Cancelled => "cancelled",
@@ -360,6 +364,7 @@ impl ErrorKind {
             ErrorKind::Expired => TaskStatus::Expired,
             ErrorKind::NotAllowed
             | ErrorKind::EnvNotAllowed
+            | ErrorKind::PathNotAllowed
             | ErrorKind::InvalidArgs
             | ErrorKind::UnknownKind
             | ErrorKind::Undecodable

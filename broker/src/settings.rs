@@ -63,6 +63,20 @@ impl AmqpSettings {
             .join(",")
     }
 
+    /// The passwords written in the URL, as written (percent-encoded): what must not be left
+    /// readable where the process's arguments and environment are shown.
+    pub fn url_passwords(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .filter_map(|entry| {
+                let rest = entry.trim().split_once("://").map_or(entry, |(_, r)| r);
+                let userinfo = &rest[..rest.rfind('@')?];
+                let (_, password) = userinfo.split_once(':')?;
+                (!password.is_empty()).then(|| password.to_string())
+            })
+            .collect()
+    }
+
     /// The broker addresses, each a full URL: the comma-separated entries of the URL, where a
     /// `host:port` entry takes the scheme, user info, vhost and query of the first.
     pub fn addresses(&self) -> Vec<String> {
@@ -198,6 +212,17 @@ mod tests {
         );
         assert!(!settings.redacted_url().contains("s3cret"));
         assert_eq!(AmqpSettings::default().addresses(), [DEFAULT_AMQP_URL]);
+    }
+
+    #[test]
+    fn the_passwords_in_a_url_are_found_as_written() {
+        let settings = AmqpSettings::new("amqp://u:p%40ss@a:5672/%2f,b:5673,amqp://v:w@c");
+        assert_eq!(settings.url_passwords(), ["p%40ss", "w"]);
+        assert!(
+            AmqpSettings::new("amqp://a:5672")
+                .url_passwords()
+                .is_empty()
+        );
     }
 
     #[test]

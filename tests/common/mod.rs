@@ -99,7 +99,11 @@ impl WorkerProcess {
         let log = dir.join(format!("{}-{}.log", args[0], uuid::Uuid::now_v7().simple()));
         let file = std::fs::File::create(&log).expect("process log");
         let mut cmd = warren();
-        cmd.args(args).stdout(Stdio::null()).stderr(file);
+        // A worker's default sandbox data root is its working folder: the test's scratch folder.
+        cmd.args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(file);
         for (k, v) in env {
             cmd.env(k, v);
         }

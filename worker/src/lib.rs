@@ -11,6 +11,7 @@ mod cancel;
 mod delivery;
 pub mod handler;
 pub mod handlers;
+pub mod harden;
 pub mod metrics;
 mod runtime;
 

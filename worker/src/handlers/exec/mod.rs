@@ -3,6 +3,7 @@
 
 mod policy;
 mod reaper;
+mod sandbox;
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::handler::{HandlerFuture, Task, TaskFailure};
-pub use policy::{BASE_ENV, DEFAULT_MAX_OUTPUT_BYTES, ExecPolicy, is_dangerous_env};
+pub use policy::{BASE_ENV, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TASK_ENV, ExecPolicy};
 use reaper::ProcessGroup;
+pub use sandbox::{Limits, SYSTEM_READ_ROOTS, Sandbox, SandboxConfig};
 use warren_broker::protocol::{ErrorKind, ExecArgs};
 
 /// How long output is still read after a command exits: a background process that escaped the
@@ -42,7 +44,11 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
         ));
     };
     let resolved = policy.resolve(program)?;
-    let env = policy.command_env(&args.env)?;
+    let mut env = policy.command_env(&args.env)?;
+    let sandbox = policy.sandbox();
+    if let Some(sandbox) = sandbox {
+        check_paths(sandbox, &args)?;
+    }
     if let Some(cwd) = &args.cwd
         && !cwd.is_dir()
     {
@@ -53,6 +59,21 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
                 cwd.display()
             ),
         ));
+    }
+    let prepared = match sandbox {
+        Some(sandbox) => Some(sandbox.prepare(&resolved.path).map_err(|e| {
+            TaskFailure::failed(
+                ErrorKind::SpawnFailed,
+                format!("cannot start '{program}': {e}"),
+            )
+        })?),
+        None => None,
+    };
+    if let Some(prepared) = &prepared {
+        // A private HOME and TMPDIR: nothing a task leaves there reaches another task.
+        env.retain(|(name, _)| name != "HOME" && name != "TMPDIR");
+        env.push(("HOME".into(), prepared.tmpdir().into()));
+        env.push(("TMPDIR".into(), prepared.tmpdir().into()));
     }
     let mut command = Command::new(&resolved.path);
     command
@@ -77,6 +98,15 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     // SAFETY: die_with_parent makes only async-signal-safe calls (prctl, getppid).
     unsafe {
         command.pre_exec(move || reaper::die_with_parent(worker_pid));
+    }
+    if let Some(prepared) = &prepared {
+        if let (Some(uid), Some(gid)) = (prepared.uid, prepared.gid) {
+            command.uid(uid).gid(gid);
+        }
+        // SAFETY: `enter` makes only system calls (setrlimit, prctl, capset, landlock).
+        unsafe {
+            command.pre_exec(prepared.enter());
+        }
     }
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| {
@@ -186,6 +216,36 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     Ok(output)
 }
 
+/// Rejects a `cwd` or an output outside the sandbox's data roots, before anything looks at them
+/// (so a task cannot learn whether a file exists elsewhere).
+fn check_paths(sandbox: &Sandbox, args: &ExecArgs) -> Result<(), TaskFailure> {
+    let base = match &args.cwd {
+        Some(cwd) => cwd.clone(),
+        None => std::env::current_dir().unwrap_or_default(),
+    };
+    let outside = |what: &str, path: &std::path::Path| {
+        TaskFailure::rejected(
+            ErrorKind::PathNotAllowed,
+            format!(
+                "{what} {} is outside the worker's data roots (--data-root): commands may only \
+                 work there",
+                path.display()
+            ),
+        )
+    };
+    if let Some(cwd) = &args.cwd
+        && !sandbox.within_data_roots(&base.join(cwd))
+    {
+        return Err(outside("cwd", cwd));
+    }
+    for output in &args.outputs {
+        if !sandbox.within_data_roots(&base.join(output)) {
+            return Err(outside("output", output));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Captured {
     kept: Vec<u8>,
@@ -257,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn captures_stdout_stdin_env_and_exit_code() {
-        let out = run(&any(), &task(json!({"argv": ["sh", "-c", "cat; echo \"$X\"; echo err >&2"], "env": {"X": "hi"}, "stdin": "in\n"})))
+        let out = run(&any(), &task(json!({"argv": ["sh", "-c", "cat; echo \"$OMP_NUM_THREADS\"; echo err >&2"], "env": {"OMP_NUM_THREADS": "hi"}, "stdin": "in\n"})))
             .await
             .unwrap();
         assert_eq!(out["stdout"], "in\nhi\n");

@@ -21,55 +21,43 @@ pub const BASE_ENV: [&str; 4] = ["PATH", "HOME", "LANG", "TMPDIR"];
 /// PATH given to commands (and used to resolve allowed names) when the worker has none.
 const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// Task variables refused unless the operator allows them by name: each one can make an allowed
-/// program load or run other code (search paths, preloaded libraries, shell start-up files,
-/// interpreter options, plugin folders) or change where its configuration is read from.
-const DANGEROUS_NAMES: [&str; 33] = [
-    "PATH",
-    "HOME",
-    "IFS",
-    "ENV",
-    "BASH_ENV",
-    "SHELLOPTS",
-    "BASHOPTS",
-    "PS4",
-    "CDPATH",
-    "GLOBIGNORE",
-    "PROMPT_COMMAND",
-    "GCONV_PATH",
-    "LOCPATH",
-    "NLSPATH",
-    "HOSTALIASES",
-    "RESOLV_HOST_CONF",
-    "PERLLIB",
-    "PERL5LIB",
-    "PERL5OPT",
-    "PERL5DB",
-    "RUBYLIB",
-    "RUBYOPT",
-    "NODE_OPTIONS",
-    "NODE_PATH",
-    "JAVA_TOOL_OPTIONS",
-    "_JAVA_OPTIONS",
-    "JDK_JAVA_OPTIONS",
-    "CLASSPATH",
-    "GDAL_DRIVER_PATH",
-    "OGR_DRIVER_PATH",
-    "GDAL_PYTHON_DRIVER_PATH",
-    "CPL_CONFIG_FILE",
-    "SSL_CERT_FILE",
+/// Variables a task may set by default: tuning knobs of GDAL, OpenMP and the math libraries, and
+/// the locale. Nothing here names a file or a folder to load code or configuration from; every
+/// other name is refused unless the operator allows it with `--allow-task-env`.
+pub const DEFAULT_TASK_ENV: [&str; 20] = [
+    "GDAL_CACHEMAX",
+    "GDAL_NUM_THREADS",
+    "GDAL_DISABLE_READDIR_ON_OPEN",
+    "GDAL_TIFF_INTERNAL_MASK",
+    "GDAL_TIFF_OVR_BLOCKSIZE",
+    "GDAL_PAM_ENABLED",
+    "GDAL_MAX_DATASET_POOL_SIZE",
+    "GDAL_SWATH_SIZE",
+    "GDAL_FORCE_CACHING",
+    "COMPRESS_OVERVIEW",
+    "CPL_DEBUG",
+    "OGR_SQLITE_CACHE",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
 ];
 
-/// Prefixes of refused task variables: the dynamic loader (`LD_PRELOAD`, `LD_LIBRARY_PATH`,
-/// `LD_AUDIT`...), bash's exported functions (`BASH_FUNC_name%%`), Python's start-up variables,
-/// git's hooks and helpers, and Warren's own settings.
-const DANGEROUS_PREFIXES: [&str; 6] = ["LD_", "DYLD_", "BASH_FUNC_", "PYTHON", "GIT_", "WARREN_"];
+/// Locale variables: their values are looked up as folder names (a message catalog for
+/// `LANGUAGE=../../x`), so a value with a `/` is refused even where the name is allowed.
+const LOCALE_PREFIXES: [&str; 3] = ["LANG", "LANGUAGE", "LC_"];
 
-/// Whether a task may not set `name` unless the operator allows it with `--allow-task-env`.
-pub fn is_dangerous_env(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    DANGEROUS_NAMES.contains(&upper.as_str())
-        || DANGEROUS_PREFIXES.iter().any(|p| upper.starts_with(p))
+/// Whether `pattern` (a name, or a prefix ending in `*`) matches `name`, ignoring case.
+fn env_pattern_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.to_ascii_uppercase(), name.to_ascii_uppercase());
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
 }
 
 /// Which programs may run.
@@ -89,8 +77,10 @@ pub struct ExecPolicy {
     max_output_bytes: usize,
     /// What every command starts with: the base variables and the operator's `--pass-env` ones.
     base_env: Vec<(String, OsString)>,
-    /// Dangerous task variables the operator allowed anyway (`--allow-task-env`).
+    /// What tasks may set: [`DEFAULT_TASK_ENV`] and the operator's `--allow-task-env` patterns.
     task_env_allowed: BTreeSet<String>,
+    /// The boundary around every command; None runs them unconfined (`--no-sandbox`).
+    sandbox: Option<std::sync::Arc<super::Sandbox>>,
 }
 
 /// The program an allowed task runs.
@@ -133,7 +123,8 @@ impl ExecPolicy {
             allowed,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             base_env,
-            task_env_allowed: BTreeSet::new(),
+            task_env_allowed: DEFAULT_TASK_ENV.iter().map(|p| p.to_string()).collect(),
+            sandbox: None,
         };
         if !policy.base_env.iter().any(|(name, _)| name == "PATH") {
             policy
@@ -166,18 +157,53 @@ impl ExecPolicy {
         Ok(self)
     }
 
-    /// Lets tasks set these variables although they are on the refused list (e.g. `PYTHONPATH`
-    /// for a pipeline that needs it). `WARREN_*` cannot be allowed.
-    pub fn with_task_env_allowed(mut self, names: Vec<String>) -> Result<Self, String> {
-        for name in names {
-            if name.to_ascii_uppercase().starts_with("WARREN_") {
+    /// Lets tasks set the variables these patterns match, beside [`DEFAULT_TASK_ENV`]: a name
+    /// (`PYTHONPATH`) or a prefix ending in `*` (`GDAL_*`). `WARREN_*` can never be allowed.
+    pub fn with_task_env_allowed(mut self, patterns: Vec<String>) -> Result<Self, String> {
+        for pattern in patterns {
+            let upper = pattern.to_ascii_uppercase();
+            let prefix = upper.trim_end_matches('*');
+            if upper == "*" || "WARREN_".starts_with(prefix) || prefix.starts_with("WARREN_") {
                 return Err(format!(
-                    "--allow-task-env {name}: tasks may never set Warren's own settings (WARREN_*)"
+                    "--allow-task-env {pattern}: tasks may never set Warren's own settings (WARREN_*)"
                 ));
             }
-            self.task_env_allowed.insert(name.to_ascii_uppercase());
+            if prefix.is_empty()
+                || prefix.contains(['=', '\0'])
+                || upper[..prefix.len()].contains('*')
+            {
+                return Err(format!(
+                    "--allow-task-env {pattern}: give a variable name, or a prefix ending in '*' (GDAL_*)"
+                ));
+            }
+            self.task_env_allowed.insert(upper);
         }
         Ok(self)
+    }
+
+    /// Whether a task may set `name` to `value`.
+    fn task_may_set(&self, name: &str, value: &str) -> bool {
+        let upper = name.to_ascii_uppercase();
+        if upper.starts_with("WARREN_") {
+            return false;
+        }
+        if LOCALE_PREFIXES.iter().any(|p| upper.starts_with(p)) && value.contains('/') {
+            return false;
+        }
+        self.task_env_allowed
+            .iter()
+            .any(|pattern| env_pattern_matches(pattern, name))
+    }
+
+    /// Confines every command to `sandbox` (see [`super::Sandbox`]).
+    pub fn with_sandbox(mut self, sandbox: super::Sandbox) -> Self {
+        self.sandbox = Some(std::sync::Arc::new(sandbox));
+        self
+    }
+
+    /// The sandbox commands run in, if any.
+    pub fn sandbox(&self) -> Option<&super::Sandbox> {
+        self.sandbox.as_deref()
     }
 
     /// The cap on captured stdout and stderr bytes, each.
@@ -242,13 +268,19 @@ impl ExecPolicy {
                     ),
                 ));
             }
-            if is_dangerous_env(name) && !self.task_env_allowed.contains(&name.to_ascii_uppercase())
-            {
+            if !self.task_may_set(name, value) {
                 return Err(TaskFailure::rejected(
                     ErrorKind::EnvNotAllowed,
                     format!(
-                        "a task may not set {name}: it can change which code a command runs. If this \
-                         pipeline needs it, start the worker with --allow-task-env {name}"
+                        "a task may not set {name}{}: tasks may set only the variables the worker \
+                         allows (GDAL, OpenMP and math-library tuning, the locale; see \
+                         `warren worker --help`). If this pipeline needs it, start the worker with \
+                         --allow-task-env {name}",
+                        if value.contains('/') {
+                            " to a path"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -307,9 +339,27 @@ mod tests {
     }
 
     #[test]
-    fn dangerous_task_variables_are_refused_unless_allowed() {
+    fn task_variables_are_allowed_by_name_and_everything_else_is_refused() {
         let policy = ExecPolicy::new(vec!["*".into()]);
         for name in [
+            "GDAL_CONFIG_FILE",
+            "GDAL_VRT_ENABLE_PYTHON",
+            "OPENSSL_CONF",
+            "OPENSSL_MODULES",
+            "XDG_CONFIG_HOME",
+            "PYENV_HOOK_PATH",
+            "GLIBC_TUNABLES",
+            "MALLOC_ARENA_MAX",
+            "TZ",
+            "TZDIR",
+            "LUA_INIT",
+            "TCLLIBPATH",
+            "ZDOTDIR",
+            "GDAL_DATA",
+            "PROJ_DATA",
+            "SSL_CERT_DIR",
+            "CURL_CA_BUNDLE",
+            "TERMINFO",
             "PATH",
             "path",
             "LD_PRELOAD",
@@ -329,8 +379,32 @@ mod tests {
             assert_eq!(err.error.kind, "env_not_allowed", "{name}");
             assert!(err.error.message.contains(name), "{}", err.error.message);
         }
-        let ok = BTreeMap::from([("GDAL_CACHEMAX".to_string(), "512".to_string())]);
+        let ok = BTreeMap::from([
+            ("GDAL_CACHEMAX".to_string(), "512".to_string()),
+            ("gdal_num_threads".to_string(), "2".to_string()),
+            ("LC_ALL".to_string(), "C.UTF-8".to_string()),
+            ("LANGUAGE".to_string(), "de:en".to_string()),
+        ]);
         assert!(policy.command_env(&ok).is_ok());
+        // A locale that is a path would load a message catalog from anywhere.
+        for (name, value) in [("LANGUAGE", "../../../tmp/x"), ("LC_MESSAGES", "/tmp/x")] {
+            let env = BTreeMap::from([(name.to_string(), value.to_string())]);
+            let err = policy.command_env(&env).unwrap_err();
+            assert_eq!(err.error.kind, "env_not_allowed", "{name}");
+        }
+        let prefixed = ExecPolicy::new(vec!["*".into()])
+            .with_task_env_allowed(vec!["AWS_*".into()])
+            .unwrap();
+        let env = BTreeMap::from([("AWS_REGION".to_string(), "eu".to_string())]);
+        assert!(prefixed.command_env(&env).is_ok());
+        for bad in ["*", "WARREN_*", "WAR*", "W*", "A*B"] {
+            assert!(
+                ExecPolicy::new(vec![])
+                    .with_task_env_allowed(vec![bad.into()])
+                    .is_err(),
+                "{bad}"
+            );
+        }
         let opted = policy
             .with_task_env_allowed(vec!["PYTHONPATH".into()])
             .unwrap();
