@@ -2,7 +2,7 @@
 
 use warren_broker::AmqpSettings;
 use warren_broker::BrokerError;
-use warren_broker::connection::{confirm_channel, connect};
+use warren_broker::connection::connect;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, CANCELLATIONS_STREAM, result_queue};
@@ -19,7 +19,7 @@ pub async fn cancel(amqp: AmqpSettings, batch: &str, task: Option<&str>) -> u8 {
     };
     let recorded = async {
         let connection = connect(&amqp, &connection_name("cancel")).await?;
-        let publisher = Publisher::new(confirm_channel(&connection).await?);
+        let publisher = Publisher::open(&connection).await?;
         // A batch that is gone cannot be cancelled; say so rather than record nothing useful.
         topology::inspect(publisher.channel(), &result_queue(batch)).await?;
         topology::declare_cancellations(publisher.channel()).await?;

@@ -255,6 +255,24 @@ fn usage(message: &str) -> u8 {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+    // lapin dumps whole frames (message headers, so batch tokens) at trace level: never that,
+    // whatever WARREN_LOG asks for. (A cap only where trace was asked: a directive of its own
+    // would switch those targets on.)
+    let asks_trace =
+        std::env::var("WARREN_LOG").is_ok_and(|f| f.to_ascii_lowercase().contains("trace"));
+    let caps: &[&str] = if asks_trace {
+        &[
+            "lapin::channels=debug",
+            "lapin::frames=debug",
+            "lapin::io_loop=debug",
+        ]
+    } else {
+        &[]
+    };
+    let filter = caps
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, tracing_subscriber::EnvFilter::add_directive);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -24,9 +24,9 @@ use crate::{CollectArgs, seconds, usage, wait_command};
 
 #[derive(Args)]
 pub struct SubmitArgs {
-    /// Task queue to submit to.
-    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
-    queue: String,
+    /// Task queue to submit to [default: warren.tasks; with --resume, the batch's own].
+    #[arg(long)]
+    queue: Option<String>,
     /// JSON-lines task file, or '-' for stdin.
     #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["each", "each_line"])]
     file: Option<PathBuf>,
@@ -173,7 +173,11 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
         result_expiry: expiry,
         retry_for: publish_retry_for,
         create_queue: args.create_queue,
-        ..SubmitOptions::new(args.queue)
+        ..SubmitOptions::new(
+            args.queue
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TASK_QUEUE.into()),
+        )
     };
     submit(SubmitCommand {
         amqp,
@@ -182,6 +186,7 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
         wait: args.wait.then_some(wait),
         resume: args.resume,
         print_batch_id: args.print_batch_id,
+        queue_given: args.queue,
     })
     .await
 }
@@ -282,6 +287,8 @@ pub struct SubmitCommand {
     pub resume: Option<String>,
     /// Write the batch id to stdout even with `wait` (where stdout otherwise holds only results).
     pub print_batch_id: bool,
+    /// The queue the user named, if any: a resume must not silently use another.
+    pub queue_given: Option<String>,
 }
 
 /// Runs `warren submit`; returns the process exit status.
@@ -333,6 +340,8 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
         stop: Some(Arc::clone(&stop)),
         ..cmd.options.clone()
     };
+    // A resume publishes to the batch's own queue.
+    let mut queue_used = cmd.options.queue.clone();
     let submitted = match &cmd.resume {
         None => match prepare(&*source, &options) {
             Ok(journal) => {
@@ -346,12 +355,28 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             Err(e) => Err(e),
         },
         Some(batch) => match Journal::load(batch) {
+            Ok(journal)
+                if cmd
+                    .queue_given
+                    .as_ref()
+                    .is_some_and(|q| *q != journal.queue) =>
+            {
+                return fail(&format!(
+                    "batch {batch} was submitted to '{}', not '{}': leave --queue out (a resume \
+                     publishes to the batch's own queue) or give --queue {}",
+                    journal.queue,
+                    cmd.queue_given.as_deref().unwrap_or_default(),
+                    journal.queue
+                ));
+            }
             Ok(journal) => {
                 eprintln!(
-                    "resuming batch {batch}: {} of {} task(s) were confirmed before; publishing the rest",
+                    "resuming batch {batch} of '{}': {} of {} task(s) were confirmed before; publishing the rest",
+                    journal.queue,
                     journal.confirmed_count(),
                     journal.total
                 );
+                queue_used = journal.queue.clone();
                 submitter.resume(&*source, &options, journal).await
             }
             Err(message) => return fail(&message),
@@ -415,7 +440,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     }
     eprintln!(
         "submitted {} task(s) to '{}' as batch {}",
-        receipt.total, cmd.options.queue, receipt.batch
+        receipt.total, queue_used, receipt.batch
     );
     match &cmd.wait {
         None => EXIT_OK,

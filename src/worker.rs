@@ -93,6 +93,11 @@ pub struct WorkerArgs {
     /// run again; the worker starts no new task meanwhile.
     #[arg(long, default_value_t = warren_worker::DEFAULT_PUBLISH_RETRY_FOR.as_secs_f64())]
     publish_retry_for: f64,
+    /// RabbitMQ user whose `warren cancel` applies to every batch (repeatable); anyone else's
+    /// cancellation applies only to the batches they submitted (checked by the broker-verified
+    /// user_id of both).
+    #[arg(long = "cancel-admin", value_name = "USER")]
+    cancel_admin: Vec<String>,
     /// Serve /healthz, /readyz and /metrics here (e.g. 0.0.0.0:9477); off by default.
     #[arg(long, env = "WARREN_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -120,6 +125,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         max_message_bytes: args.max_message_bytes,
         metrics_addr: args.metrics_addr,
         publish_retry_for,
+        cancel_admins: args.cancel_admin,
         ..WorkerConfig::new(DEFAULT_TASK_QUEUE)
     };
     // The worker's own secrets go out of reach of what it runs before anything runs.

@@ -213,9 +213,32 @@ fn workers_get_the_time_to_finish_their_longest_task() {
     );
     assert_eq!(
         worker.spec.as_ref().unwrap().replicas,
-        Some(0),
-        "the autoscaler owns replicas"
+        None,
+        "the autoscaler owns replicas: a re-apply must not reset the pool"
     );
+    // The sandbox's data root is the shared volume, and the credentials are mounted outside every
+    // sandbox root (the worker refuses to start otherwise).
+    let worker_container = container(worker);
+    let data_root = arg(worker_container, "--data-root").expect("--data-root");
+    let mounts = worker_container.volume_mounts.as_ref().unwrap();
+    assert!(mounts.iter().any(|m| m.mount_path == data_root));
+    let password = worker_container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == "WARREN_AMQP_PASSWORD_FILE")
+        .and_then(|e| e.value.clone())
+        .expect("a password file");
+    for root in warren_worker::handlers::exec::SYSTEM_READ_ROOTS
+        .iter()
+        .chain([&data_root])
+    {
+        assert!(
+            !std::path::Path::new(&password).starts_with(root),
+            "{password} is under the sandbox root {root}"
+        );
+    }
     assert_eq!(
         pod.security_context.as_ref().unwrap().run_as_non_root,
         Some(true)

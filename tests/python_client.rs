@@ -17,7 +17,18 @@ fn python() -> String {
 async fn the_python_package_submits_collects_and_interoperates_with_the_cli() {
     let queue = unique_queue("python");
     let dir = scratch("python");
-    let worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "8"]);
+    let worker = WorkerProcess::start(
+        &queue,
+        &dir,
+        &[
+            "--allow-exec",
+            "sh",
+            "--allow-task-env",
+            "WHO",
+            "--concurrency",
+            "8",
+        ],
+    );
     worker
         .wait_for_log("consuming", 1, Duration::from_secs(60))
         .await;

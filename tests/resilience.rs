@@ -743,6 +743,35 @@ async fn a_submit_that_gives_up_part_way_prints_its_batch_and_resumes_without_re
         .unwrap();
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not the tasks batch"));
+    // The journal holds the batch's token: its owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let batches = state.join("batches");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&batches), 0o700);
+        assert_eq!(mode(&batches.join(format!("{batch}.json"))), 0o600);
+    }
+    // A resume goes to the batch's own queue; naming another is refused, not ignored.
+    let other = warren()
+        .env("WARREN_STATE_DIR", &state)
+        .args([
+            "submit",
+            "--resume",
+            &batch,
+            "--queue",
+            "some.other.queue",
+            "--file",
+        ])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(other.status.code(), Some(2));
+    let other_err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        other_err.contains(&format!("was submitted to '{queue}'")),
+        "{other_err}"
+    );
     let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
     let resumed = warren()
         .env("WARREN_STATE_DIR", &state)

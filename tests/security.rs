@@ -44,7 +44,15 @@ async fn tasks_cannot_escape_the_allowlist_or_read_the_workers_secrets() {
     let _worker = WorkerProcess::start_with(
         &queue,
         &dir,
-        &["--allow-exec", "sha256sum", "--allow-exec", "cat"],
+        // /proc opened to commands on purpose: their own environ is what is checked here.
+        &[
+            "--allow-exec",
+            "sha256sum",
+            "--allow-exec",
+            "cat",
+            "--sandbox-read",
+            "/proc",
+        ],
         &[("WARREN_AMQP_PASSWORD_FILE_HINT", "s3cret-canary")],
     );
     let d = dir.to_str().unwrap();
@@ -278,4 +286,24 @@ async fn a_forged_result_is_not_taken_and_the_real_one_is() {
         "the forged results are dead-lettered"
     );
     delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_token_stays_out_of_the_most_verbose_logs() {
+    let queue = unique_queue("tokenlog");
+    let dir = scratch("tokenlog");
+    let worker = WorkerProcess::start_with(&queue, &dir, &[], &[("WARREN_LOG", "trace")]);
+    let results = run_tasks(
+        &queue,
+        &dir,
+        &[json!({"id": "t", "kind": "echo", "args": 1})],
+    )
+    .await;
+    assert_eq!(results["t"]["status"], "succeeded");
+    let log = worker.log_text();
+    assert!(log.contains("TRACE"), "the log is at trace level: {log}");
+    assert!(
+        !log.contains("x-warren-token"),
+        "a frame dump shows the task's headers"
+    );
 }

@@ -12,10 +12,13 @@ use crate::topology::short;
 // Properties are built in `properties`; these are re-exported for the callers that publish.
 pub use crate::properties::{header_value, message_properties, with_header};
 
-/// A channel in confirm mode, publishing through the default exchange.
+/// A channel in confirm mode, publishing through the default exchange. Every message carries the
+/// connection's user as its AMQP `user_id`, which RabbitMQ verifies: consumers can trust who sent
+/// it (see [`verified_user`]).
 #[derive(Clone, Debug)]
 pub struct Publisher {
     channel: Channel,
+    user: ShortString,
 }
 
 /// A publish sent but not yet confirmed; await [`PendingConfirm::confirmed`] to learn its fate.
@@ -26,9 +29,27 @@ pub struct PendingConfirm {
 }
 
 impl Publisher {
-    /// Wraps a channel that is already in confirm mode (see `connection::confirm_channel`).
-    pub fn new(channel: Channel) -> Self {
-        Self { channel }
+    /// Wraps a channel of `connection` that is already in confirm mode (see
+    /// `connection::confirm_channel`).
+    pub fn new(channel: Channel, connection: &lapin::Connection) -> Self {
+        Self {
+            channel,
+            user: ShortString::try_new(connection.status().username())
+                .unwrap_or_else(|_| ShortString::from("")),
+        }
+    }
+
+    /// Opens a confirm-mode channel on `connection` and publishes through it.
+    pub async fn open(connection: &lapin::Connection) -> Result<Self, BrokerError> {
+        Ok(Self::new(
+            crate::connection::confirm_channel(connection).await?,
+            connection,
+        ))
+    }
+
+    /// The user every message is sent as.
+    pub fn user(&self) -> &str {
+        self.user.as_str()
     }
 
     /// The underlying channel.
@@ -64,7 +85,13 @@ impl Publisher {
                 short(queue)?,
                 options,
                 body,
-                properties,
+                // A connection authenticated otherwise (EXTERNAL, a client certificate) has no
+                // user name here: the broker would refuse any user_id, so none is set.
+                if self.user.as_str().is_empty() {
+                    properties
+                } else {
+                    properties.with_user_id(self.user.clone())
+                },
             )
             .await?;
         Ok(PendingConfirm {
@@ -72,6 +99,17 @@ impl Publisher {
             routing_key: queue.to_string(),
         })
     }
+}
+
+/// The user RabbitMQ verified as a message's publisher: its `user_id` property, which the broker
+/// checks against the publishing connection's user. None when the publisher did not set it
+/// (nothing is verified then).
+pub fn verified_user(properties: &BasicProperties) -> Option<&str> {
+    properties
+        .user_id()
+        .as_ref()
+        .map(|u| u.as_str())
+        .filter(|u| !u.is_empty())
 }
 
 impl PendingConfirm {

@@ -18,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::BrokerError;
-use warren_broker::connection::{RetryBudget, confirm_channel, consumer_channel};
+use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{
@@ -339,7 +339,7 @@ async fn collect_session(
     interrupt: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Result<Outcome, CollectError> {
     let results_queue = result_queue(&state.batch);
-    let manifests = Publisher::new(confirm_channel(connection).await?);
+    let manifests = Publisher::open(connection).await?;
     let results = consumer_channel(connection, RESULT_PREFETCH).await?;
     match topology::inspect(&results, &results_queue).await {
         Err(BrokerError::QueueNotFound { .. }) => {

@@ -160,7 +160,7 @@ impl DeadLetters {
     /// Opens the dead-letter queue of `task_queue`; an error if it does not exist.
     pub async fn open(settings: &AmqpSettings, task_queue: &str) -> Result<Self, BrokerError> {
         let connection = connect(settings, "warren-dlq").await?;
-        let publisher = Publisher::new(confirm_channel(&connection).await?);
+        let publisher = Publisher::open(&connection).await?;
         let dead_queue = dead_letter_queue(task_queue);
         topology::inspect(publisher.channel(), &dead_queue).await?;
         Ok(Self {
@@ -375,7 +375,7 @@ impl DeadLetters {
             replays_collected: replays_collected.into_iter().collect(),
             ..current
         };
-        Publisher::new(channel.clone())
+        Publisher::new(channel.clone(), &self.connection)
             .publish(
                 &queue,
                 &protocol::encode(&next),

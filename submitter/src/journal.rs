@@ -95,14 +95,29 @@ impl Journal {
         dir.join("batches").join(format!("{safe}.json"))
     }
 
-    /// Writes the journal; returns where.
+    /// Writes the journal (it holds the batch's token) readable by its owner only: the file 0600
+    /// in folders 0700. Returns where.
     pub fn save(&self) -> std::io::Result<PathBuf> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         let path = Self::path(&self.batch);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&path, text)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        // A file left by an older version keeps its mode on open: set it.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(&text)?;
         Ok(path)
     }
 

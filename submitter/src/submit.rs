@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use lapin::{BasicProperties, Connection};
 use tracing::warn;
-use warren_broker::connection::{RetryBudget, confirm_channel, connect};
+use warren_broker::connection::{RetryBudget, connect};
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, TaskEnvelope,
 };
@@ -155,7 +155,7 @@ impl Submitter {
             .is_some_and(|(c, p)| c.status().connected() && p.channel().status().connected());
         if !usable {
             let connection = connect(&self.settings, &self.name).await?;
-            let publisher = Publisher::new(confirm_channel(&connection).await?);
+            let publisher = Publisher::open(&connection).await?;
             self.connection = Some((connection, publisher));
         }
         self.connection

@@ -23,19 +23,56 @@ const HISTORY_WINDOW: u16 = 250;
 #[derive(Clone, Default)]
 pub(crate) struct Cancellations(Arc<Mutex<Inner>>);
 
+/// Cancelled batches and tasks are kept as keyed 64-bit hashes, not strings: a week of records
+/// costs a worker a few bytes each whatever their ids, and the key is this process's own, so no
+/// one can make a record that matches another task.
+///
+/// Who may cancel is what the broker verified (`user_id`): a task is stopped only by a record
+/// from the user who submitted it, or from a `--cancel-admin`. Each record is kept under its
+/// sender ([`ADMIN`] for an admin) and under [`ANYONE`], which only tasks published without a
+/// verified user (older clients) consult.
 #[derive(Default)]
 struct Inner {
-    batches: HashSet<String>,
-    tasks: HashSet<(String, String)>,
-    running: HashMap<u64, (String, String, CancellationToken)>,
+    hasher: std::hash::RandomState,
+    keys: HashSet<u64>,
+    admins: HashSet<String>,
+    running: HashMap<u64, RunningTask>,
     next_id: u64,
 }
 
+/// A running task: its batch, id, submitter, and the token that stops it.
+struct RunningTask {
+    batch: String,
+    task: String,
+    user: Option<String>,
+    token: CancellationToken,
+}
+
+/// The sender under which an admin's records are kept.
+const ADMIN: &str = "\0admin";
+/// The sender under which every record is also kept, for tasks without a verified submitter.
+const ANYONE: &str = "\0anyone";
+
 impl Inner {
-    fn cancelled(&self, batch: &str, task: &str) -> bool {
-        self.batches.contains(batch) || self.tasks.contains(&(batch.to_string(), task.to_string()))
+    fn key(&self, batch: &str, task: Option<&str>, sender: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((batch, task, sender))
+    }
+
+    fn cancelled(&self, batch: &str, task: &str, submitter: Option<&str>) -> bool {
+        let senders: &[&str] = match submitter {
+            Some(user) => &[user, ADMIN],
+            None => &[ANYONE],
+        };
+        senders.iter().any(|sender| {
+            self.keys.contains(&self.key(batch, None, sender))
+                || self.keys.contains(&self.key(batch, Some(task), sender))
+        })
     }
 }
+
+/// Largest cancellations record read; larger ones are skipped (a record is an id or two).
+pub(crate) const MAX_CANCELLATION_BYTES: usize = 1024;
 
 /// A running task's registration: its token is cancelled if the task is; dropping it unregisters.
 pub(crate) struct Running {
@@ -59,18 +96,36 @@ impl Cancellations {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Registers a task about to run; None when it is cancelled already.
-    pub(crate) fn start(&self, batch: &str, task: &str) -> Option<Running> {
+    /// Users whose cancellations apply to every batch (`--cancel-admin`).
+    pub(crate) fn with_admins(self, admins: impl IntoIterator<Item = String>) -> Self {
+        self.lock().admins.extend(admins);
+        self
+    }
+
+    /// Registers a task about to run, submitted by `submitter` (broker-verified); None when it
+    /// is cancelled already.
+    pub(crate) fn start(
+        &self,
+        batch: &str,
+        task: &str,
+        submitter: Option<&str>,
+    ) -> Option<Running> {
         let mut inner = self.lock();
-        if inner.cancelled(batch, task) {
+        if inner.cancelled(batch, task, submitter) {
             return None;
         }
         let id = inner.next_id;
         inner.next_id += 1;
         let token = CancellationToken::new();
-        inner
-            .running
-            .insert(id, (batch.to_string(), task.to_string(), token.clone()));
+        inner.running.insert(
+            id,
+            RunningTask {
+                batch: batch.to_string(),
+                task: task.to_string(),
+                user: submitter.map(str::to_string),
+                token: token.clone(),
+            },
+        );
         Some(Running {
             cancellations: self.clone(),
             id,
@@ -78,20 +133,25 @@ impl Cancellations {
         })
     }
 
-    /// Records a cancellation and stops the matching running tasks.
-    pub(crate) fn record(&self, cancellation: Cancellation) {
+    /// Records a cancellation sent by `sender` (broker-verified; None when the record carries no
+    /// verified user) and stops the matching running tasks.
+    pub(crate) fn record(&self, cancellation: Cancellation, sender: Option<&str>) {
         let mut inner = self.lock();
-        match cancellation.task_id {
-            Some(task) => {
-                inner.tasks.insert((cancellation.batch, task));
-            }
-            None => {
-                inner.batches.insert(cancellation.batch);
-            }
-        }
-        for (batch, task, token) in inner.running.values() {
-            if inner.cancelled(batch, task) {
-                token.cancel();
+        let (batch, task) = (&cancellation.batch, cancellation.task_id.as_deref());
+        let as_sender = match sender {
+            Some(user) if inner.admins.contains(user) => Some(ADMIN),
+            Some(user) => Some(user),
+            None => None,
+        };
+        let keys: Vec<u64> = as_sender
+            .into_iter()
+            .chain([ANYONE])
+            .map(|s| inner.key(batch, task, s))
+            .collect();
+        inner.keys.extend(keys);
+        for running in inner.running.values() {
+            if inner.cancelled(&running.batch, &running.task, running.user.as_deref()) {
+                running.token.cancel();
             }
         }
     }
@@ -193,13 +253,29 @@ async fn follow(
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         let mut at_marker = false;
-        match protocol::decode_cancellation(&delivery.data) {
+        let record = if delivery.data.len() > MAX_CANCELLATION_BYTES {
+            Err(protocol::DecodeError::Invalid(format!(
+                "{} bytes, more than the {MAX_CANCELLATION_BYTES} a record may have",
+                delivery.data.len()
+            )))
+        } else {
+            protocol::decode_cancellation(&delivery.data).and_then(|c| {
+                protocol::validate_id("batch", &c.batch)
+                    .or_else(|e| if c.batch.is_empty() { Ok(()) } else { Err(e) })?;
+                if let Some(task) = &c.task_id {
+                    protocol::validate_id("task_id", task)?;
+                }
+                Ok(c)
+            })
+        };
+        match record {
             Ok(c) if c.batch.is_empty() => {
                 at_marker = c.task_id.as_deref() == Some(marker.as_str());
             }
             Ok(c) => {
-                debug!(batch = %c.batch, task_id = c.task_id.as_deref().unwrap_or("*"), "cancellation recorded");
-                cancellations.record(c);
+                let sender = warren_broker::publisher::verified_user(&delivery.properties);
+                debug!(batch = %c.batch, task_id = c.task_id.as_deref().unwrap_or("*"), sender, "cancellation recorded");
+                cancellations.record(c, sender);
             }
             Err(e) => warn!("ignoring an unreadable record in {CANCELLATIONS_STREAM}: {e}"),
         }
@@ -234,16 +310,36 @@ mod tests {
     #[test]
     fn cancelled_tasks_do_not_start_and_running_ones_are_stopped() {
         let c = Cancellations::default();
-        let a1 = c.start("a", "1").unwrap();
-        let a2 = c.start("a", "2").unwrap();
-        let b1 = c.start("b", "1").unwrap();
-        c.record(cancel("a", Some("2")));
+        let me = Some("ann");
+        let a1 = c.start("a", "1", me).unwrap();
+        let a2 = c.start("a", "2", me).unwrap();
+        let b1 = c.start("b", "1", me).unwrap();
+        c.record(cancel("a", Some("2")), me);
         assert!(!a1.token.is_cancelled() && a2.token.is_cancelled() && !b1.token.is_cancelled());
-        assert!(c.start("a", "2").is_none());
-        c.record(cancel("b", None));
+        assert!(c.start("a", "2", me).is_none());
+        c.record(cancel("b", None), me);
         assert!(b1.token.is_cancelled());
-        assert!(c.start("b", "anything").is_none());
+        assert!(c.start("b", "anything", me).is_none());
         drop((a1, a2, b1));
         assert!(c.lock().running.is_empty());
+    }
+
+    #[test]
+    fn only_the_submitter_or_an_admin_cancels_a_task() {
+        let c = Cancellations::default().with_admins(["ops".to_string()]);
+        let ann = c.start("a", "1", Some("ann")).unwrap();
+        // Another user, or a record no broker vouched for, stops nothing of ann's.
+        c.record(cancel("a", None), Some("mallory"));
+        c.record(cancel("a", Some("1")), None);
+        assert!(!ann.token.is_cancelled());
+        assert!(c.start("a", "2", Some("ann")).is_some());
+        // A task without a verified submitter (an older client) can be cancelled by anyone.
+        assert!(c.start("a", "3", None).is_none());
+        // An admin stops any batch.
+        c.record(cancel("a", None), Some("ops"));
+        assert!(ann.token.is_cancelled());
+        let bob = c.start("b", "1", Some("bob")).unwrap();
+        c.record(cancel("b", None), Some("bob"));
+        assert!(bob.token.is_cancelled());
     }
 }

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
-use warren_broker::connection::confirm_channel;
 use warren_broker::properties::{dead_letter_properties, result_properties};
 use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{
@@ -69,7 +68,10 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     let limit_reached = attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX);
     // Registering the task as running is also how a cancellation is found.
     let running = (!limit_reached && handler.is_some() && !expired)
-        .then(|| ctx.cancellations.start(&task.batch, &task.id))
+        .then(|| {
+            let submitter = warren_broker::publisher::verified_user(&delivery.properties);
+            ctx.cancellations.start(&task.batch, &task.id, submitter)
+        })
         .flatten();
     let refusal = admit(limit_reached, handler.is_some(), expired, running.is_none());
     let (Ok(()), Some(handler), Some(running)) = (refusal, handler, running) else {
@@ -801,7 +803,7 @@ impl Context {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let publisher = Publisher::new(confirm_channel(&self.connection).await?);
+        let publisher = Publisher::open(&self.connection).await?;
         let published = publisher.publish(queue, body, properties).await;
         let _ = publisher.channel().close(200, "retried".into()).await;
         published

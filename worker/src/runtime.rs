@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
-use warren_broker::connection::{confirm_channel, connect, consumer_channel, reconnect_delays};
+use warren_broker::connection::{connect, consumer_channel, reconnect_delays};
 use warren_broker::publisher::Publisher;
 use warren_broker::topology::{self, short};
 use warren_broker::{AmqpSettings, BrokerError};
@@ -65,6 +65,9 @@ pub struct WorkerConfig {
     pub reconnect_cap: Duration,
     /// Where to serve `/healthz`, `/readyz` and `/metrics`; None serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Users whose `warren cancel` applies to every batch; anyone else's only to the batches
+    /// they submitted (as RabbitMQ verified: the `user_id` of the task and of the record).
+    pub cancel_admins: Vec<String>,
     /// How long a publish the broker refuses (a result, a retry, a dead letter) is tried again,
     /// from the first refusal, before the task goes back to the queue to be run again.
     pub publish_retry_for: Duration,
@@ -85,6 +88,7 @@ impl WorkerConfig {
             reconnect_cap: Duration::from_secs(10),
             metrics_addr: None,
             publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
+            cancel_admins: Vec::new(),
         }
     }
 }
@@ -140,10 +144,11 @@ impl Worker {
         let mut registry = Registry::default();
         registry.insert("echo", handlers::echo);
         registry.insert("sleep", handlers::sleep);
+        let cancellations = Cancellations::default().with_admins(config.cancel_admins.clone());
         Self {
             config,
             registry,
-            cancellations: Cancellations::default(),
+            cancellations,
         }
     }
 
@@ -259,7 +264,7 @@ impl Worker {
     ) -> Result<(), BrokerError> {
         let cfg = &self.config;
         let connection = Arc::new(connect(&cfg.amqp, &cfg.name).await?);
-        let publisher = Publisher::new(confirm_channel(&connection).await?);
+        let publisher = Publisher::open(&connection).await?;
         let prefetch = cfg.prefetch.unwrap_or(cfg.concurrency).max(1);
         let channel = consumer_channel(&connection, prefetch).await?;
         topology::declare_task_queue(&channel, &cfg.queue).await?;

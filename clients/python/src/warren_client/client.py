@@ -174,6 +174,11 @@ class Client:
         except pika.exceptions.AMQPError as error:
             host = f"{parameters.host}:{parameters.port}"
             raise WarrenError(f"cannot connect to RabbitMQ at {host}: {error!r}") from error
+        # Every message carries the connection's user as its user_id, which RabbitMQ verifies:
+        # consumers can trust who sent it.
+        self.user: Optional[str] = parameters.credentials.username if isinstance(
+            parameters.credentials, pika.PlainCredentials
+        ) else None
         self.channel = self.connection.channel()
         # basic_publish now raises on a nack or a return (mandatory): a task counts as sent only
         # once the broker has it.
@@ -191,6 +196,8 @@ class Client:
             self.connection.close()
 
     def _publish(self, queue: str, envelope: Mapping[str, Any], properties: pika.BasicProperties) -> None:
+        if self.user:
+            properties.user_id = self.user
         try:
             self.channel.basic_publish("", queue, protocol.encode(envelope), properties, mandatory=True)
         except pika.exceptions.UnroutableError as error:

@@ -1,0 +1,144 @@
+//! Who sent a message is what RabbitMQ verified (`user_id`), never what the message says. These
+//! tests use real RabbitMQ users: an ordinary user who may publish anywhere in the vhost tries to
+//! cancel somebody else's batch, and to pass a message off as somebody else's.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use serde_json::{Value, json};
+
+const MINUTE: Duration = Duration::from_secs(60);
+const MALLORY: &str = "warren-test-mallory";
+
+/// Creates (again) the user `name` with password `name`, allowed everything in the test vhost.
+async fn user(name: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let api = "http://127.0.0.1:15672/api";
+    for (url, body) in [
+        (
+            format!("{api}/users/{name}"),
+            json!({"password": name, "tags": ""}),
+        ),
+        (
+            format!("{api}/permissions/{TEST_VHOST}/{name}"),
+            json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        ),
+    ] {
+        let response = client
+            .put(&url)
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("management API");
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+    }
+    format!("amqp://{name}:{name}@127.0.0.1:5672/{TEST_VHOST}")
+}
+
+fn sleep_tasks(n: usize, ms: u64) -> Vec<Value> {
+    (0..n)
+        .map(|i| json!({"kind": "sleep", "args": {"ms": ms}, "id": format!("t{i}")}))
+        .collect()
+}
+
+async fn submit(queue: &str, dir: &std::path::Path, tasks: &[Value]) -> String {
+    let file = dir.join(format!("tasks-{}.jsonl", uuid::Uuid::now_v7().simple()));
+    write_tasks(&file, tasks);
+    let done = submit_file(queue, &file, &[]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    done.stdout.trim().to_string()
+}
+
+/// `warren wait` of a batch whose tasks do not all succeed (exit 1); its results.
+async fn wait_failing(batch: &str, out: &std::path::Path) -> Vec<Value> {
+    let waited = run_warren(
+        &["wait", batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(waited.code, Some(1), "{}", waited.stderr);
+    read_results(&std::fs::read_to_string(out).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_submitter_or_an_admin_can_cancel_a_batch() {
+    let mallory = user(MALLORY).await;
+    let queue = unique_queue("forgedcancel");
+    let dir = scratch("forgedcancel");
+    let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "4"]);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    // Mallory cancels guest's batch: the record is written, and ignored.
+    let batch = submit(&queue, &dir, &sleep_tasks(3, 1500)).await;
+    let forged = run_warren(&["cancel", &batch, "--amqp-url", &mallory], None, MINUTE).await;
+    assert_eq!(forged.code, Some(0), "{}", forged.stderr);
+    let (_, results) = wait_into(&batch, &dir.join("forged.jsonl")).await;
+    assert_eq!(results.len(), 3);
+    for result in &results {
+        assert_eq!(result["status"], "succeeded", "{result}");
+    }
+    // Guest cancels its own batch: it stops.
+    let batch = submit(&queue, &dir, &sleep_tasks(3, 20_000)).await;
+    worker
+        .wait_for_log(&format!("task started task_id=t0 batch={batch}"), 1, MINUTE)
+        .await;
+    let own = run_warren(&["cancel", &batch], None, MINUTE).await;
+    assert_eq!(own.code, Some(0), "{}", own.stderr);
+    let results = wait_failing(&batch, &dir.join("own.jsonl")).await;
+    assert_eq!(results.len(), 3);
+    for result in &results {
+        assert_eq!(result["status"], "cancelled", "{result}");
+    }
+    // An admin's cancellation reaches every batch.
+    let admin_queue = unique_queue("admincancel");
+    let _admin_worker = WorkerProcess::start(
+        &admin_queue,
+        &dir,
+        &["--concurrency", "4", "--cancel-admin", MALLORY],
+    );
+    let batch = submit(&admin_queue, &dir, &sleep_tasks(2, 20_000)).await;
+    let by_admin = run_warren(&["cancel", &batch, "--amqp-url", &mallory], None, MINUTE).await;
+    assert_eq!(by_admin.code, Some(0), "{}", by_admin.stderr);
+    let results = wait_failing(&batch, &dir.join("admin.jsonl")).await;
+    assert_eq!(results.len(), 2);
+    for result in &results {
+        assert_eq!(result["status"], "cancelled", "{result}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_refuses_a_message_that_claims_another_user() {
+    let mallory = user(MALLORY).await;
+    let connection = lapin::Connection::connect(&mallory, lapin::ConnectionProperties::default())
+        .await
+        .expect("mallory connects");
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let queue = unique_queue("claim");
+    declare_classic(&channel, &queue).await;
+    let claimed = channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"forged",
+            BasicProperties::default().with_user_id("guest".into()),
+        )
+        .await;
+    let confirmed = match claimed {
+        Ok(confirm) => confirm.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(confirmed.is_err(), "RabbitMQ let mallory claim to be guest");
+    let _ = connection.close(200, "bye".into()).await;
+}
