@@ -51,6 +51,11 @@ pub struct SubmitArgs {
     /// worker or autoscaler has declared is refused (a mistyped --queue, most often).
     #[arg(long)]
     create_queue: bool,
+    /// RabbitMQ user whose results the batch's collector takes (repeatable): the workers' users.
+    /// Recorded in the batch's manifest; a result published by anyone else is set aside, even
+    /// with the batch's token. Default: anyone with the token.
+    #[arg(long = "worker-user", value_name = "USER")]
+    worker_user: Vec<String>,
     /// With --wait, also write the batch id as the first line of stdout (without --wait it always is).
     #[arg(long)]
     print_batch_id: bool,
@@ -173,6 +178,7 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
         result_expiry: expiry,
         retry_for: publish_retry_for,
         create_queue: args.create_queue,
+        worker_users: args.worker_user,
         ..SubmitOptions::new(
             args.queue
                 .clone()

@@ -142,3 +142,89 @@ async fn the_broker_refuses_a_message_that_claims_another_user() {
     assert!(confirmed.is_err(), "RabbitMQ let mallory claim to be guest");
     let _ = connection.close(200, "bye".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_token_and_a_forged_manifest_get_nothing_accepted() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let mallory = user(MALLORY).await;
+    let queue = unique_queue("stolentoken");
+    let dir = scratch("stolentoken");
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &(0..3)
+            .map(|i| json!({"kind": "echo", "args": {"real": i}}))
+            .collect::<Vec<_>>(),
+    );
+    let submitted = submit_file(&queue, &file, &["--worker-user", "guest"]).await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+    let batch = submitted.stdout.trim().to_string();
+    // Mallory may read the manifest queue: she learns the token, then answers task 0 with it
+    // and writes a manifest that says every result is already collected.
+    let connection = lapin::Connection::connect(&mallory, lapin::ConnectionProperties::default())
+        .await
+        .expect("mallory connects");
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            format!("warren.batches.{batch}").as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("a manifest");
+    let manifest: Value = rmp_serde::from_slice(&message.delivery.data).unwrap();
+    let token = manifest["token"].as_str().expect("a token").to_string();
+    message
+        .delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let forged_result = rmp_serde::to_vec_named(&json!({
+        "v": 1, "task_id": "forged-0", "batch": batch, "seq": 0, "kind": "echo", "token": token,
+        "status": "succeeded", "output": {"forged": true}, "worker": "mallory", "attempt": 1,
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z"
+    }))
+    .unwrap();
+    let forged_manifest = rmp_serde::to_vec_named(&json!({
+        "v": 1, "batch": batch, "total": 3, "queue": queue, "generation": 99,
+        "collected": [[0, 2]], "token": token
+    }))
+    .unwrap();
+    for (queue, body) in [
+        (format!("warren.results.{batch}"), forged_result),
+        (format!("warren.batches.{batch}"), forged_manifest),
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_user_id(MALLORY.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let (log, results) = wait_into(&batch, &dir.join("results.jsonl")).await;
+    assert_eq!(
+        results.len(),
+        3,
+        "every real result, none forged: {results:?}"
+    );
+    for r in &results {
+        assert_ne!(r["worker"], "mallory", "a forged result was taken: {r}");
+        assert_eq!(r["output"]["real"], r["seq"], "{r}");
+    }
+    assert!(log.contains("who may not answer this batch"), "{log}");
+    assert!(log.contains("setting aside a manifest"), "{log}");
+}

@@ -460,6 +460,10 @@ pub struct BatchManifest {
     /// The batch's secret, when its tasks carry one: results without it are not accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The RabbitMQ users whose results a collector takes (their broker-verified `user_id`);
+    /// None takes results from anyone who has the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answerers: Option<Vec<String>>,
 }
 
 /// Why bytes could not be turned into an envelope. Each variant names a dead-letter reason.

@@ -150,6 +150,7 @@ fn the_result_and_manifest_tables_list_every_field() {
         replays: vec![[0, 1]],
         replays_collected: vec![[0, 1]],
         token: Some("x".into()),
+        answerers: Some(vec!["w".into()]),
     };
     let rows = table(&doc, "## Batches and `warren wait`");
     assert_eq!(first_names(&rows), keys(&manifest));

@@ -24,7 +24,7 @@ use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
 };
-use warren_broker::publisher::{Publisher, message_properties};
+use warren_broker::publisher::{Publisher, message_properties, verified_user};
 use warren_broker::topology::{self, manifest_queue, result_queue, short};
 
 use crate::seqset::SeqSet;
@@ -524,7 +524,7 @@ async fn take_result(
             return Ok(false);
         }
     };
-    if let Some(why) = foreign(&result, state) {
+    if let Some(why) = foreign(&result, verified_user(&delivery.properties), state) {
         warn!(batch = %state.batch, task_id = %result.task_id, "dead-lettering a result that is not this batch's: {why}");
         channel
             .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
@@ -590,11 +590,22 @@ async fn take_result(
 /// Why `result` cannot be a worker's answer to a task of this batch, if it cannot. Before the
 /// manifest is known only the batch id can be checked (see docs/protocol.md, "What a collector
 /// trusts").
-fn foreign(result: &ResultEnvelope, state: &State) -> Option<String> {
+fn foreign(result: &ResultEnvelope, sender: Option<&str>, state: &State) -> Option<String> {
     if result.batch != state.batch {
         return Some(format!("it names batch '{}'", result.batch));
     }
     let manifest = state.manifest.as_ref()?;
+    if let Some(answerers) = &manifest.answerers
+        && !sender.is_some_and(|s| answerers.iter().any(|a| a == s))
+    {
+        return Some(format!(
+            "it was published by {}, who may not answer this batch (its workers' users: {})",
+            sender.map_or("an unverified publisher".to_string(), |s| format!(
+                "user '{s}'"
+            )),
+            answerers.join(", ")
+        ));
+    }
     if let Some(seq) = result.seq
         && seq >= manifest.total
     {
@@ -630,6 +641,19 @@ async fn checkpoint(
         .map_err(|e| BrokerError::from_queue_error(&queue, e))?
     {
         let delivery = message.delivery;
+        // Only this collector's own user may say what the batch is and what was collected (as
+        // RabbitMQ verified): a forged manifest could mark results collected, or drop the token.
+        let sender = verified_user(&delivery.properties);
+        if sender != Some(manifests.user()) {
+            warn!(
+                batch = %state.batch,
+                "setting aside a manifest written by {}, not by this collector's user '{}': collect a batch as the user that submitted it",
+                sender.map_or("an unverified publisher".to_string(), |s| format!("user '{s}'")),
+                manifests.user()
+            );
+            taken.push(delivery.delivery_tag);
+            continue;
+        }
         match protocol::decode_manifest(&delivery.data, MAX_RESULT_BYTES) {
             Ok(m) if m.batch == state.batch => {
                 recorded.extend(&SeqSet::from_ranges(&m.collected));

@@ -316,6 +316,7 @@ impl DeadLetters {
             replays: Vec::new(),
             replays_collected: Vec::new(),
             token: Some(token),
+            answerers: None,
         };
         self.publisher
             .publish(

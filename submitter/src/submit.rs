@@ -43,6 +43,9 @@ pub struct SubmitOptions {
     /// only with `--create-queue`, so a mistyped queue name is an error rather than a queue no
     /// worker will ever serve.
     pub create_queue: bool,
+    /// The RabbitMQ users whose results the batch's collector takes (recorded in the manifest);
+    /// empty: anyone with the batch's token.
+    pub worker_users: Vec<String>,
 }
 
 impl SubmitOptions {
@@ -55,6 +58,7 @@ impl SubmitOptions {
             max_message_bytes: protocol::DEFAULT_MAX_MESSAGE_BYTES,
             stop: None,
             create_queue: true,
+            worker_users: Vec::new(),
         }
     }
 }
@@ -310,6 +314,7 @@ impl Submitter {
             replays: Vec::new(),
             replays_collected: Vec::new(),
             token: Some(token),
+            answerers: (!options.worker_users.is_empty()).then(|| options.worker_users.clone()),
         };
         loop {
             let result = async {

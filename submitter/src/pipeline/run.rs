@@ -283,12 +283,15 @@ pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunStat
         return Ok(None);
     }
     let mut newest: Option<RunState> = None;
+    let own = connection.status().username();
     while let Some(message) = channel
         .basic_get(short(&run_queue(run))?, BasicGetOptions::default())
         .await
         .map_err(|e| BrokerError::from_queue_error(&run_queue(run), e))?
     {
-        if let Ok(state) = decode_state(&message.delivery.data)
+        let sender = warren_broker::publisher::verified_user(&message.delivery.properties);
+        if sender == Some(own.as_str())
+            && let Ok(state) = decode_state(&message.delivery.data)
             && newest
                 .as_ref()
                 .is_none_or(|n| state.generation >= n.generation)
@@ -646,6 +649,13 @@ impl Runner<'_> {
             .map_err(|e| BrokerError::from_queue_error(&queue, e))?
         {
             taken.push(message.delivery.delivery_tag);
+            // Only a state this runner's own user wrote (as RabbitMQ verified) is adopted: a
+            // state pre-seeded by anyone else would make the run skip its work.
+            let sender = warren_broker::publisher::verified_user(&message.delivery.properties);
+            if sender != Some(publisher.user()) {
+                warn!(run = %run, sender = sender.unwrap_or("(unverified)"), "ignoring a state of this run written by another user");
+                continue;
+            }
             match decode_state(&message.delivery.data) {
                 Ok(state) if state.run == run => {
                     if newest
