@@ -378,10 +378,14 @@ class Batch:
         queue = protocol.manifest_queue(self.id)
         taken: List[int] = []
         while True:
-            method, _properties_, body = channel.basic_get(queue, auto_ack=False)
+            method, properties, body = channel.basic_get(queue, auto_ack=False)
             if method is None:
                 break
             taken.append(_tag(method))
+            # Only this collector's own user may say what the batch is and what was collected
+            # (RabbitMQ verifies user_id): a manifest from anyone else is set aside.
+            if self.client.user and getattr(properties, "user_id", None) != self.client.user:
+                continue
             try:
                 manifest = protocol.decode(body)
             except ValueError:
@@ -413,11 +417,14 @@ class Batch:
         if ack_tag is not None:
             results.basic_ack(ack_tag, multiple=True)
 
-    def _foreign(self, result: Envelope) -> Optional[str]:
+    def _foreign(self, result: Envelope, sender: Optional[str] = None) -> Optional[str]:
         if result.get("batch") != self.id:
             return f"it names batch {result.get('batch')!r}"
         if self.manifest is None:
             return None
+        answerers = self.manifest.get("answerers")
+        if answerers is not None and sender not in answerers:
+            return f"it was published by {sender!r}, who may not answer this batch"
         seq = result.get("seq")
         if isinstance(seq, int) and seq >= int(self.manifest["total"]):
             return f"its seq {seq} is beyond the batch's {self.manifest['total']} task(s)"
@@ -482,7 +489,7 @@ class Batch:
         last_checkpoint = time.monotonic()
         try:
             stream = results.consume(queue, exclusive=True, inactivity_timeout=0.2)
-            for method, _properties_, body in stream:
+            for method, properties, body in stream:
                 if self.complete():
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -504,7 +511,7 @@ class Batch:
                 except ValueError:
                     results.basic_reject(_tag(method), requeue=False)
                     continue
-                why = self._foreign(result)
+                why = self._foreign(result, getattr(properties, "user_id", None))
                 if why is not None:
                     results.basic_reject(_tag(method), requeue=False)
                     continue
