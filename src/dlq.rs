@@ -68,7 +68,14 @@ pub async fn dlq(amqp: AmqpSettings, queue: &str, filter: &Filter, action: DlqAc
             }
             Err(e) => fail(&e.to_string()),
         },
-        DlqAction::Replay => match letters.replay(filter).await {
+        DlqAction::Replay => match letters
+            .replay(filter, &mut |batch| {
+                // Named before its first task is sent: a replay stopped part-way leaves a batch
+                // that can still be collected.
+                eprintln!("replaying tasks whose batch is gone into the new batch {batch}");
+            })
+            .await
+        {
             Ok(replayed) => {
                 if replayed.home > 0 {
                     eprintln!(

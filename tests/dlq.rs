@@ -222,3 +222,61 @@ async fn a_replay_reaches_a_wait_that_is_already_collecting_its_batch() {
     assert_eq!(lines.len(), 3, "{lines:?}");
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_part_way_leaves_a_named_batch_that_wait_collects() {
+    let queue = unique_queue("replaykill");
+    let dir = scratch("replaykill");
+    let total = 1500;
+    // A worker without exec sets every task aside; its batch is then collected, so it is gone.
+    let mut refusing = WorkerProcess::start(&queue, &dir, &["--concurrency", "16"]);
+    let tasks: Vec<Value> = (0..total)
+        .map(|i| json!({"kind": "exec", "args": {"argv": ["true"]}, "id": format!("t{i}")}))
+        .collect();
+    let batch = submit_tasks(&queue, &dir, "tasks.jsonl", &tasks).await;
+    let waited = run_warren(&["wait", &batch, "--output", "/dev/null"], None, MINUTE * 3).await;
+    assert_eq!(waited.code, Some(1), "{}", waited.stderr);
+    refusing.signal(nix::sys::signal::Signal::SIGTERM);
+    refusing.exit_code(MINUTE).await;
+    let _runner = WorkerProcess::start(
+        &queue,
+        &dir,
+        &["--concurrency", "16", "--allow-exec", "true"],
+    );
+    // The replay names its new batch before sending anything; it is killed part-way.
+    let mut replay = WorkerProcess::spawn(&["dlq", "replay", "--queue", &queue], &dir, &[]);
+    replay.wait_for_log("into the new batch", 1, MINUTE).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replay.signal(nix::sys::signal::Signal::SIGKILL);
+    replay.exit_code(MINUTE).await;
+    let log = replay.log_text();
+    let new_batch = log
+        .split("into the new batch ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the new batch is named")
+        .to_string();
+    // What was published is a batch `warren wait` completes: every task it counts has a result.
+    let out = dir.join("replayed.jsonl");
+    let collected = run_warren(
+        &["wait", &new_batch, "--output", out.to_str().unwrap()],
+        None,
+        MINUTE * 2,
+    )
+    .await;
+    assert_eq!(collected.code, Some(0), "{}", collected.stderr);
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert!(
+        !results.is_empty() && results.len() < total,
+        "killed part-way: {}",
+        results.len()
+    );
+    // Nothing is lost: the rest still wait in the dead-letter queue (one may be in both, when
+    // the kill came between its publish and its removal).
+    let left = dead_letter_count(&queue).await;
+    assert!(
+        (total..=total + 1).contains(&(results.len() + left)),
+        "{} replayed + {left} left of {total}",
+        results.len()
+    );
+}

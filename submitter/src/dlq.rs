@@ -228,8 +228,14 @@ impl DeadLetters {
     /// collector waits for and writes the new result although it wrote the one that set the task
     /// aside. Tasks whose batch is gone (collected or expired) go to one new batch, so
     /// `warren wait NEW` collects them. Messages that are not tasks, or cannot be read as one,
-    /// are left where they are.
-    pub async fn replay(&self, filter: &Filter) -> Result<Replayed, BrokerError> {
+    /// are left where they are. `announce` gets the new batch's id before its first task is
+    /// published, and the batch's manifest is kept current after each task, so a replay killed
+    /// part-way leaves a batch that `warren wait` can collect.
+    pub async fn replay(
+        &self,
+        filter: &Filter,
+        announce: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Replayed, BrokerError> {
         let options = SubmitOptions::new(self.task_queue.as_str());
         let (batch, token) = (protocol::new_id(), protocol::new_token());
         let channel = self.publisher.channel();
@@ -291,11 +297,35 @@ impl DeadLetters {
             .map_err(|e| BrokerError::Invalid(e.to_string()))?;
             let mut headers = properties.headers().clone().unwrap_or_default();
             headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
+            if replayed.tasks == 0 {
+                announce(&batch);
+            }
             self.publisher
                 .publish(&self.task_queue, &body, properties.with_headers(headers))
                 .await?;
             walk.take(&delivery).await?;
             replayed.tasks += 1;
+            // After the task, so the manifest never counts a task that was not published; the
+            // newest generation holds the count.
+            let manifest = BatchManifest {
+                v: PROTOCOL_VERSION,
+                batch: batch.clone(),
+                total: replayed.tasks,
+                queue: self.task_queue.clone(),
+                generation: u64::from(replayed.tasks),
+                collected: Vec::new(),
+                replays: Vec::new(),
+                replays_collected: Vec::new(),
+                token: Some(token.clone()),
+                answerers: None,
+            };
+            self.publisher
+                .publish(
+                    &manifest_queue(&batch),
+                    &protocol::encode(&manifest),
+                    message_properties(MESSAGE_TYPE_MANIFEST),
+                )
+                .await?;
         }
         walk.end().await;
         if replayed.tasks == 0 {
@@ -304,27 +334,7 @@ impl DeadLetters {
                     .queue_delete(short(&queue)?, Default::default())
                     .await;
             }
-            return Ok(replayed);
         }
-        let manifest = BatchManifest {
-            v: PROTOCOL_VERSION,
-            batch: batch.clone(),
-            total: replayed.tasks,
-            queue: self.task_queue.clone(),
-            generation: 0,
-            collected: Vec::new(),
-            replays: Vec::new(),
-            replays_collected: Vec::new(),
-            token: Some(token),
-            answerers: None,
-        };
-        self.publisher
-            .publish(
-                &manifest_queue(&batch),
-                &protocol::encode(&manifest),
-                message_properties(MESSAGE_TYPE_MANIFEST),
-            )
-            .await?;
         Ok(replayed)
     }
 
