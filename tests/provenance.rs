@@ -14,37 +14,6 @@ use serde_json::{Value, json};
 const MINUTE: Duration = Duration::from_secs(60);
 const MALLORY: &str = "warren-test-mallory";
 
-/// Creates (again) the user `name` with password `name`, allowed everything in the test vhost.
-async fn user(name: &str) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::new();
-    let api = "http://127.0.0.1:15672/api";
-    for (url, body) in [
-        (
-            format!("{api}/users/{name}"),
-            json!({"password": name, "tags": ""}),
-        ),
-        (
-            format!("{api}/permissions/{TEST_VHOST}/{name}"),
-            json!({"configure": ".*", "write": ".*", "read": ".*"}),
-        ),
-    ] {
-        let response = client
-            .put(&url)
-            .basic_auth("guest", Some("guest"))
-            .json(&body)
-            .send()
-            .await
-            .expect("management API");
-        assert!(
-            response.status().is_success(),
-            "{url}: {}",
-            response.status()
-        );
-    }
-    format!("amqp://{name}:{name}@127.0.0.1:5672/{TEST_VHOST}")
-}
-
 fn sleep_tasks(n: usize, ms: u64) -> Vec<Value> {
     (0..n)
         .map(|i| json!({"kind": "sleep", "args": {"ms": ms}, "id": format!("t{i}")}))
@@ -73,7 +42,7 @@ async fn wait_failing(batch: &str, out: &std::path::Path) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_submitter_or_an_admin_can_cancel_a_batch() {
-    let mallory = user(MALLORY).await;
+    let mallory = rabbit_user(MALLORY).await;
     let queue = unique_queue("forgedcancel");
     let dir = scratch("forgedcancel");
     let worker = WorkerProcess::start(&queue, &dir, &["--concurrency", "4"]);
@@ -118,7 +87,7 @@ async fn only_the_submitter_or_an_admin_can_cancel_a_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_refuses_a_message_that_claims_another_user() {
-    let mallory = user(MALLORY).await;
+    let mallory = rabbit_user(MALLORY).await;
     let connection = lapin::Connection::connect(&mallory, lapin::ConnectionProperties::default())
         .await
         .expect("mallory connects");
@@ -146,7 +115,7 @@ async fn the_broker_refuses_a_message_that_claims_another_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stolen_token_and_a_forged_manifest_get_nothing_accepted() {
     use lapin::options::{BasicGetOptions, BasicNackOptions};
-    let mallory = user(MALLORY).await;
+    let mallory = rabbit_user(MALLORY).await;
     let queue = unique_queue("stolentoken");
     let dir = scratch("stolentoken");
     let file = dir.join("tasks.jsonl");

@@ -453,3 +453,86 @@ async fn ctrl_c_stops_a_run_with_exit_3_and_the_resume_command() {
     assert!(counts.values().all(|n| *n == 1), "{counts:?}");
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_pre_seeded_by_another_user_is_not_adopted() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions};
+    let mallory = rabbit_user("warren-test-mallory").await;
+    let queue = unique_queue("preseed");
+    let done_dir = project("preseed-done", 2, THREE_STAGES);
+    let fresh_dir = project("preseed-fresh", 2, THREE_STAGES);
+    let _worker = WorkerProcess::start(
+        &queue,
+        &done_dir,
+        &[
+            "--allow-exec",
+            "sh",
+            "--data-root",
+            done_dir.to_str().unwrap(),
+            "--data-root",
+            fresh_dir.to_str().unwrap(),
+        ],
+    );
+    // A finished run of the same pipeline file gives Mallory a state with every item done.
+    let finished = warren_run(&done_dir, &queue, &[]).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    let done_run = finished.stdout.lines().next().unwrap().to_string();
+    let victim = format!("nightly-{}", uuid::Uuid::now_v7().simple());
+    let connection = lapin::Connection::connect(&mallory, lapin::ConnectionProperties::default())
+        .await
+        .expect("mallory connects");
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            format!("warren.runs.{done_run}").as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("the finished run's state");
+    let mut state: serde_json::Value = rmp_serde::from_slice(&message.delivery.data).unwrap();
+    message
+        .delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // ...which she plants under the name tonight's run will use.
+    state["run"] = victim.clone().into();
+    state["workdir"] = fresh_dir.display().to_string().into();
+    state["generation"] = 1_000.into();
+    warren_broker::topology::declare_run_queue(
+        &channel,
+        &victim,
+        warren_broker::topology::DEFAULT_RESULT_EXPIRY,
+    )
+    .await
+    .expect("mallory declares the run's queue");
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            format!("warren.runs.{victim}").as_str().into(),
+            BasicPublishOptions::default(),
+            &rmp_serde::to_vec_named(&state).unwrap(),
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_user_id("warren-test-mallory".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "bye".into()).await;
+    // The real run does its work: nothing is skipped as "done".
+    let ran = warren_run(&fresh_dir, &queue, &["--run", &victim]).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert!(
+        fresh_dir.join("out/list.txt").exists(),
+        "the run did its work: {}",
+        ran.stderr
+    );
+    assert_eq!(runs(&fresh_dir).len(), 5, "{:?}", runs(&fresh_dir));
+}

@@ -374,3 +374,34 @@ pub async fn dead_letter_count(queue: &str) -> usize {
     let _ = conn.close(200, "bye".into()).await;
     count
 }
+
+/// Creates (again) the user `name` with password `name`, allowed everything in the test vhost.
+pub async fn rabbit_user(name: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let api = "http://127.0.0.1:15672/api";
+    for (url, body) in [
+        (
+            format!("{api}/users/{name}"),
+            serde_json::json!({"password": name, "tags": ""}),
+        ),
+        (
+            format!("{api}/permissions/{TEST_VHOST}/{name}"),
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        ),
+    ] {
+        let response = client
+            .put(&url)
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("management API");
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+    }
+    format!("amqp://{name}:{name}@127.0.0.1:5672/{TEST_VHOST}")
+}
