@@ -197,3 +197,185 @@ async fn a_stolen_token_and_a_forged_manifest_get_nothing_accepted() {
     assert!(log.contains("who may not answer this batch"), "{log}");
     assert!(log.contains("setting aside a manifest"), "{log}");
 }
+
+/// The permissions the README gives `role` (configure, write, read), from its
+/// `rabbitmqctl set_permissions -p VHOST ROLE ...` line.
+fn readme_permissions(role: &str) -> [String; 3] {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let prefix = format!("rabbitmqctl set_permissions -p VHOST {role} ");
+    let line = readme
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("the README gives the {role} role its permissions"));
+    let patterns: Vec<String> = line
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    patterns.try_into().expect("three quoted patterns")
+}
+
+/// Creates (again) the user `name` with the README's permissions of `role` in the test vhost;
+/// returns its URL. The queue names of the README are the default ones: tests use their own.
+async fn role_user(name: &str, role: &str, task_queue: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let [configure, write, read] =
+        readme_permissions(role).map(|p| p.replace("warren\\.tasks", &regex_escape(task_queue)));
+    let client = reqwest::Client::new();
+    let api = "http://127.0.0.1:15672/api";
+    for (url, body) in [
+        (
+            format!("{api}/users/{name}"),
+            json!({"password": name, "tags": ""}),
+        ),
+        (
+            format!("{api}/permissions/{TEST_VHOST}/{name}"),
+            json!({"configure": configure, "write": write, "read": read}),
+        ),
+    ] {
+        let response = client
+            .put(&url)
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("management API");
+        assert!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+    }
+    format!("amqp://{name}:{name}@127.0.0.1:5672/{TEST_VHOST}")
+}
+
+fn regex_escape(name: &str) -> String {
+    name.replace('.', "\\.")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_can_do_its_work_with_the_readmes_permissions_and_no_more() {
+    let queue = unique_queue("roles");
+    let dir = scratch("roles");
+    let submitter = role_user("warren-test-submitter", "SUBMITTER", &queue).await;
+    let worker_url = role_user("warren-test-worker", "WORKER", &queue).await;
+    // The worker declares its queue; the submitter may not create one.
+    let refused = run_warren(
+        &[
+            "submit",
+            "--amqp-url",
+            &submitter,
+            "--queue",
+            &queue,
+            "--create-queue",
+            "exec",
+            "--",
+            "true",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("Roles and permissions"),
+        "{}",
+        refused.stderr
+    );
+    let worker = WorkerProcess::start_with(
+        &queue,
+        &dir,
+        &["--allow-exec", "true", "--allow-exec", "false"],
+        &[("WARREN_AMQP_URL", worker_url.as_str())],
+    );
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    // The submitter submits and collects; the worker runs, retries and dead-letters.
+    let declared = run_warren(
+        &[
+            "submit",
+            "--amqp-url",
+            &submitter,
+            "--queue",
+            &queue,
+            "exec",
+            "--",
+            "true",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(declared.code, Some(0), "{}", declared.stderr);
+    let first = declared.stdout.trim().to_string();
+    let tasks = dir.join("tasks.jsonl");
+    write_tasks(
+        &tasks,
+        &[
+            json!({"kind": "exec", "args": {"argv": ["true"]}, "id": "ok"}),
+            json!({"kind": "exec", "args": {"argv": ["false"]}, "id": "retried", "max_retries": 1, "retry_backoff_s": 0.1}),
+            json!({"kind": "nope", "id": "dead"}),
+        ],
+    );
+    let out = dir.join("results.jsonl");
+    let done = run_warren(
+        &[
+            "submit",
+            "--amqp-url",
+            &submitter,
+            "--queue",
+            &queue,
+            "--worker-user",
+            "warren-test-worker",
+            "--file",
+            tasks.to_str().unwrap(),
+            "--wait",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(done.code, Some(1), "{}", done.stderr);
+    let results = by_task_id(read_results(&std::fs::read_to_string(&out).unwrap()));
+    assert_eq!(results["ok"]["status"], "succeeded");
+    assert_eq!(results["retried"]["attempt"], 2, "{}", results["retried"]);
+    assert_eq!(results["dead"]["error"]["kind"], "unknown_kind");
+    let waited = run_warren(&["wait", &first, "--amqp-url", &submitter], None, MINUTE).await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    // No more: a worker cannot collect a batch, a submitter cannot take tasks off the queue.
+    let batch = {
+        let again = run_warren(
+            &[
+                "submit",
+                "--amqp-url",
+                &submitter,
+                "--queue",
+                &queue,
+                "exec",
+                "--",
+                "true",
+            ],
+            None,
+            MINUTE,
+        )
+        .await;
+        assert_eq!(again.code, Some(0), "{}", again.stderr);
+        again.stdout.trim().to_string()
+    };
+    let stolen = run_warren(&["wait", &batch, "--amqp-url", &worker_url], None, MINUTE).await;
+    assert_eq!(stolen.code, Some(2), "{}", stolen.stderr);
+    let connection = lapin::Connection::connect(&submitter, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let taken = channel
+        .basic_get(queue.as_str().into(), Default::default())
+        .await;
+    assert!(taken.is_err(), "a submitter read the task queue");
+    let _ = connection.close(200, "bye".into()).await;
+    let collected = run_warren(&["wait", &batch, "--amqp-url", &submitter], None, MINUTE).await;
+    assert_eq!(collected.code, Some(0), "{}", collected.stderr);
+}

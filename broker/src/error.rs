@@ -146,9 +146,17 @@ pub enum BrokerError {
         /// The last refusal.
         last: String,
     },
+    /// The broker refused this user an operation on a queue or exchange: its permissions (the
+    /// configure, write and read patterns of the vhost) do not cover it. Retrying cannot help.
+    #[error(
+        "RabbitMQ refused the operation: {0}. The user's permissions in this vhost (configure, \
+         write and read patterns) do not cover it; see the README's 'Roles and permissions' for \
+         what each Warren role needs"
+    )]
+    PermissionDenied(String),
     /// Any other AMQP failure, usually a lost channel or connection.
     #[error("AMQP error: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
     /// Configuration that cannot work (bad URL, unreadable password file).
     #[error("{0}")]
     Config(String),
@@ -165,6 +173,18 @@ pub enum BrokerError {
     },
 }
 
+impl From<lapin::Error> for BrokerError {
+    fn from(error: lapin::Error) -> Self {
+        // ACCESS_REFUSED on a channel is a permission the user lacks (an exclusive consume that
+        // another process holds is told apart where it can happen, with `is_access_refused`).
+        if is_access_refused(&error) {
+            BrokerError::PermissionDenied(error.to_string())
+        } else {
+            BrokerError::Amqp(error)
+        }
+    }
+}
+
 impl BrokerError {
     /// Whether retrying cannot help: configuration, credentials or topology must be fixed first.
     pub fn is_fatal(&self) -> bool {
@@ -176,6 +196,7 @@ impl BrokerError {
                 | BrokerError::QueueMismatch { .. }
                 | BrokerError::Config(_)
                 | BrokerError::Invalid(_)
+                | BrokerError::PermissionDenied(_)
         )
     }
 
@@ -203,7 +224,7 @@ impl BrokerError {
                 queue: queue.to_string(),
                 detail: error.to_string(),
             },
-            _ => BrokerError::Amqp(error),
+            _ => BrokerError::from(error),
         }
     }
 

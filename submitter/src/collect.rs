@@ -170,7 +170,7 @@ pub struct CollectOptions {
 
 impl From<lapin::Error> for CollectError {
     fn from(e: lapin::Error) -> Self {
-        CollectError::Broker(BrokerError::Amqp(e))
+        CollectError::Broker(BrokerError::from(e))
     }
 }
 
@@ -417,7 +417,7 @@ async fn collect_session(
                         pending = 0;
                     }
                 }
-                Some(Err(e)) => return Err(BrokerError::Amqp(e).into()),
+                Some(Err(e)) => return Err(BrokerError::from(e).into()),
                 None => return Err(BrokerError::ConsumerCancelled { queue: results_queue.clone() }.into()),
             },
             _ = ticker.tick() => {

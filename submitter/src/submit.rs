@@ -362,10 +362,13 @@ impl Submitter {
         };
         let (connection, publisher) = self.connection().await?;
         let publisher = publisher.clone();
-        if !options.create_queue {
+        // Declaring a queue that dead-letters needs read permission on it: a submitter that only
+        // checks the queue exists may be kept from reading the tasks (and so others' tokens).
+        if options.create_queue {
+            topology::declare_task_queue(publisher.channel(), &options.queue).await?;
+        } else {
             topology::require_task_queue(connection, &options.queue).await?;
         }
-        topology::declare_task_queue(publisher.channel(), &options.queue).await?;
         topology::declare_batch_queues(
             publisher.channel(),
             ids.batch,

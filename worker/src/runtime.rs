@@ -360,7 +360,7 @@ impl Worker {
                 () = stop.cancelled() => break None,
                 next = consumer.next() => match next {
                     Some(Ok(d)) => { tracker.spawn(start(d)); }
-                    Some(Err(e)) => break Some(BrokerError::Amqp(e)),
+                    Some(Err(e)) => break Some(BrokerError::from(e)),
                     None => break Some(BrokerError::ConsumerCancelled { queue: cfg.queue.clone() }),
                 },
             }

@@ -139,7 +139,7 @@ pub enum RunError {
 
 impl From<lapin::Error> for RunError {
     fn from(e: lapin::Error) -> Self {
-        RunError::Broker(BrokerError::Amqp(e))
+        RunError::Broker(BrokerError::from(e))
     }
 }
 
@@ -454,7 +454,7 @@ impl Runner<'_> {
                     "run {run} is being run by another process (its results queue is held): {e}"
                 )));
             }
-            Err(e) => return Err(BrokerError::Amqp(e).into()),
+            Err(e) => return Err(BrokerError::from(e).into()),
         };
         self.progressed = true;
         // Results that arrived while no runner was there are taken before anything is submitted,
@@ -503,7 +503,7 @@ impl Runner<'_> {
                     unacked = Some(delivery.delivery_tag);
                     pending += 1;
                 }
-                Ok(Some(Err(e))) => return Err(BrokerError::Amqp(e).into()),
+                Ok(Some(Err(e))) => return Err(BrokerError::from(e).into()),
                 Ok(None) => {
                     return Err(BrokerError::ConsumerCancelled {
                         queue: results_queue.clone(),
