@@ -600,6 +600,47 @@ async fn only_one_wait_may_hold_a_batch_and_a_second_says_who_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_waits_started_together_give_one_the_batch_and_tell_the_other_who_has_it() {
+    let queue = unique_queue("racewaits");
+    let dir = scratch("racewaits");
+    // Long enough for the management API to show the holder (its statistics come every 5 s).
+    let batch = submit_only(&queue, &dir, &sleep_tasks(3, 10_000)).await;
+    let outs = [dir.join("a.jsonl"), dir.join("b.jsonl")];
+    let mut waits: Vec<WorkerProcess> = outs
+        .iter()
+        .map(|out| {
+            WorkerProcess::spawn(
+                &["wait", &batch, "--output", out.to_str().unwrap()],
+                &dir,
+                &[],
+            )
+        })
+        .collect();
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let mut codes = Vec::new();
+    for wait in &mut waits {
+        codes.push(wait.exit_code(MINUTE).await);
+    }
+    codes.sort();
+    assert_eq!(codes, [Some(0), Some(2)], "one collects, one is refused");
+    let refused = waits
+        .iter()
+        .map(WorkerProcess::log_text)
+        .find(|log| log.contains("being collected by another process"))
+        .expect("the refused one says why");
+    assert!(
+        refused.contains("warren-wait@"),
+        "it names the holder: {refused}"
+    );
+    let written: usize = outs
+        .iter()
+        .map(|o| read_results(&std::fs::read_to_string(o).unwrap_or_default()).len())
+        .sum();
+    assert_eq!(written, 3, "every result written once, by the holder");
+    delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_is_reported_and_the_batch_goes_through_once_it_clears() {
     let broker = tokio::task::spawn_blocking(common::private_broker::PrivateBroker::start)
         .await

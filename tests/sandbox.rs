@@ -311,3 +311,45 @@ async fn a_worker_refuses_to_start_with_its_password_file_inside_a_sandbox_root(
         refused.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_embedded_in_an_inline_vrt_runs_but_reaches_only_the_data_roots() {
+    let queue = unique_queue("vrtpython");
+    let target = Target::new("vrtpython");
+    let ran = target.data.join("vrt-ran");
+    // Nothing on disk: the whole dataset, Python included, is in the task's arguments.
+    let vrt = format!(
+        r#"<VRTDataset rasterXSize="1" rasterYSize="1">
+  <VRTRasterBand dataType="Byte" band="1" subClass="VRTDerivedRasterBand">
+    <PixelFunctionType>evil</PixelFunctionType>
+    <PixelFunctionLanguage>Python</PixelFunctionLanguage>
+    <PixelFunctionCode><![CDATA[
+def evil(in_ar, out_ar, xoff, yoff, xsize, ysize, raster_xsize, raster_ysize, buf_radius, gt, **kwargs):
+    open('{ran}', 'w').write('ran')
+    try:
+        stolen = open('{secret}').read()
+        open('{marker}', 'w').write(stolen)
+        print('secret=' + stolen)
+    except Exception as e:
+        print('denied', type(e).__name__)
+    out_ar[:] = 0
+]]></PixelFunctionCode>
+  </VRTRasterBand>
+</VRTDataset>"#,
+        ran = ran.display(),
+        secret = target.secret.display(),
+        marker = target.marker.display()
+    );
+    let _worker = target.worker(&queue, &["gdalinfo"], &[]);
+    let results = run_tasks(
+        &queue,
+        &target.dir,
+        &[json!({"id": "vrt", "kind": "exec", "args": {
+            "argv": ["gdalinfo", "--config", "GDAL_VRT_ENABLE_PYTHON", "YES", "-checksum", vrt],
+            "cwd": target.data}})],
+    )
+    .await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(ran.exists(), "the embedded Python ran: {}", results["vrt"]);
+    target.assert_untouched(&results);
+}

@@ -265,24 +265,40 @@ impl Management {
             .unwrap_or_default();
         let mut holders = Vec::new();
         for consumer in &consumers {
-            // The channel names its connection by address; the client's own name for it (e.g.
-            // `warren-wait@host-pid`) is among the connection's client properties.
-            let Some(connection) = consumer["channel_details"]["connection_name"].as_str() else {
-                continue;
-            };
-            let details: Option<serde_json::Value> = self
-                .get_json(&format!("/api/connections/{}", encode_path(connection)))
-                .await
-                .ok();
-            let client_name = details
-                .as_ref()
-                .and_then(|d| d["client_properties"]["connection_name"].as_str());
-            holders.push(match client_name {
-                Some(name) => format!("{name} ({connection})"),
-                None => connection.to_string(),
-            });
+            if let Some(connection) = consumer["channel_details"]["connection_name"].as_str() {
+                holders.push(self.describe_connection(connection).await);
+            }
         }
         Ok(holders)
+    }
+
+    /// The connection that owns an exclusive queue, named as [`Management::consumer_connections`]
+    /// names them; None when the queue is gone or has no owner.
+    pub async fn queue_owner(&self, queue: &str) -> Option<String> {
+        let path = format!(
+            "/api/queues/{}/{}",
+            encode_path(&self.vhost),
+            encode_path(queue)
+        );
+        let q: serde_json::Value = self.get_json(&path).await.ok()?;
+        let connection = q["owner_pid_details"]["name"].as_str()?.to_string();
+        Some(self.describe_connection(&connection).await)
+    }
+
+    /// A connection's client-given name (e.g. `warren-wait@host-pid`, among its client
+    /// properties) and its address.
+    async fn describe_connection(&self, connection: &str) -> String {
+        let details: Option<serde_json::Value> = self
+            .get_json(&format!("/api/connections/{}", encode_path(connection)))
+            .await
+            .ok();
+        let client_name = details
+            .as_ref()
+            .and_then(|d| d["client_properties"]["connection_name"].as_str());
+        match client_name {
+            Some(name) => format!("{name} ({connection})"),
+            None => connection.to_string(),
+        }
     }
 
     /// Fetches one queue's figures.

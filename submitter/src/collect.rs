@@ -316,11 +316,16 @@ impl Submitter {
         // (every 5 s by default): ask again for a little while.
         let deadline = Instant::now() + HOLDER_LOOKUP;
         loop {
+            // The collector lock names its owner at once; consumers show with the next stats.
+            if let Some(owner) = api.queue_owner(&collector_lock(batch)).await {
+                return format!("held by {owner}");
+            }
             match api.consumer_connections(&result_queue(batch)).await {
                 Ok(holders) if !holders.is_empty() => {
                     return format!("held by {}", holders.join(", "));
                 }
-                Ok(_) if Instant::now() < deadline => {
+                // A new queue or consumer shows with the next statistics: not yet is not never.
+                Ok(_) | Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Ok(_) => return "it has just let go; try again".into(),
@@ -339,6 +344,15 @@ async fn collect_session(
     interrupt: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Result<Outcome, CollectError> {
     let results_queue = result_queue(&state.batch);
+    // Two collectors started together both see no consumer; the lock makes the second one say
+    // who holds the batch instead of waiting, unseen, as the queue's standby consumer.
+    if !take_collector_lock(connection, &state.batch).await? {
+        return Err(CollectError::Busy {
+            batch: state.batch.clone(),
+            holder: String::new(),
+            retry: state.consumed_before,
+        });
+    }
     let manifests = Publisher::open(connection).await?;
     let results = consumer_channel(connection, RESULT_PREFETCH).await?;
     match topology::inspect(&results, &results_queue).await {
@@ -448,6 +462,14 @@ async fn collect_session(
     sink.flush()?;
     if state.manifest.is_some() {
         checkpoint(&manifests, state, unacked.take().map(|tag| (&results, tag))).await?;
+    }
+    // Another process may take over the batch now.
+    if let Ok(name) = short(&collector_lock(&state.batch)) {
+        let _ = tokio::time::timeout(
+            FINISH_DELETE_WAIT,
+            results.queue_delete(name, QueueDeleteOptions::default()),
+        )
+        .await;
     }
     Ok(Outcome::Incomplete(state.counts.clone()))
 }
@@ -754,6 +776,47 @@ pub(crate) async fn ack_checkpointed(
     Ok(())
 }
 
+/// The collector lock of `batch`: an exclusive queue, owned by the collecting connection and gone
+/// with it.
+fn collector_lock(batch: &str) -> String {
+    format!("{}.lock", manifest_queue(batch))
+}
+
+/// Takes the collector lock of `batch` for `connection`; false when another connection has it.
+async fn take_collector_lock(connection: &Connection, batch: &str) -> Result<bool, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let lock = collector_lock(batch);
+    let declared = channel
+        .queue_declare(
+            short(&lock)?,
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = channel.close(200, "locked".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_resource_locked(&e) => Ok(false),
+        Err(e) => Err(BrokerError::from_queue_error(&lock, e)),
+    }
+}
+
+/// Whether the broker answered RESOURCE_LOCKED (an exclusive queue of another connection).
+fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(
+        warren_broker::error::amqp_kind(error),
+        Some(lapin::protocol::AMQPErrorKind::Soft(
+            lapin::protocol::AMQPSoftError::RESOURCELOCKED
+        ))
+    )
+}
+
 /// Deletes the batch's queues once every result is written; failures only leave them to expire.
 /// The deletes do not hold the exit: with a queue member's node down each takes about 5 s, so
 /// they get [`FINISH_DELETE_WAIT`] together and are otherwise left to their expiry.
@@ -767,8 +830,10 @@ async fn finish(channel: &Channel, batch: &str) {
             info!("could not delete {queue} ({e}); it expires on its own");
         }
     };
-    let both =
-        futures_lite::future::zip(delete(result_queue(batch)), delete(manifest_queue(batch)));
+    let both = futures_lite::future::zip(
+        futures_lite::future::zip(delete(result_queue(batch)), delete(manifest_queue(batch))),
+        delete(collector_lock(batch)),
+    );
     if tokio::time::timeout(FINISH_DELETE_WAIT, both)
         .await
         .is_err()
