@@ -32,6 +32,39 @@ def warren(*args, stdin=None):
     )
 
 
+def close_my_connection():
+    """Has the broker close this process's connections (as a node shutting down would), through
+    the management API; False when none was found within 15 s (its statistics lag)."""
+    import base64
+    import time
+    import urllib.request
+
+    auth = base64.b64encode(b"guest:guest").decode()
+
+    def call(method, path):
+        request = urllib.request.Request(
+            "http://127.0.0.1:15672" + path, method=method, headers={"Authorization": "Basic " + auth}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+            return json.loads(body) if body else None
+
+    suffix = f"-{os.getpid()}"
+    until = time.monotonic() + 15
+    while time.monotonic() < until:
+        mine = [
+            c["name"]
+            for c in call("GET", "/api/connections")
+            if str((c.get("client_properties") or {}).get("connection_name", "")).endswith(suffix)
+        ]
+        if mine:
+            for name in mine:
+                call("DELETE", "/api/connections/" + urllib.request.quote(name, safe=""))
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def lines(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -82,6 +115,20 @@ class SubmitAndCollect(unittest.TestCase):
         rest = [r["seq"] for r in lines(waited.stdout)]
         self.assertEqual(len(rest), 180, "warren wait writes only what python did not take")
         self.assertEqual(sorted(taken + rest), list(range(300)))
+
+    def test_a_collection_rides_out_a_connection_the_broker_closes(self):
+        batch = self.client.submit(
+            [{"kind": "sleep", "args": {"ms": 700}} for _ in range(8)], queue=QUEUE
+        )
+        results = []
+        closed = False
+        for result in batch.results(timeout=90):
+            results.append(result)
+            if not closed:
+                closed = close_my_connection()
+        self.assertTrue(closed, "the broker closed the collecting connection")
+        self.assertEqual(sorted(r["seq"] for r in results), list(range(8)))
+        self.assertTrue(batch.complete())
 
     def test_bad_tasks_are_named_before_anything_is_sent(self):
         cases = [

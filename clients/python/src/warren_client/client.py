@@ -27,6 +27,12 @@ DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 CHECKPOINT_AFTER = 100
 #: Seconds between checkpoints while results trickle in.
 CHECKPOINT_EVERY = 0.5
+# How long a collector keeps trying through an outage (a lost connection, a queue without quorum
+# while nodes restart), counted from the first failure; as `warren wait --retry-for`.
+DEFAULT_COLLECT_RETRY_FOR = 300.0
+# Broker answers that mean "not now": INTERNAL_ERROR (a quorum queue without a majority),
+# CONNECTION_FORCED (a node shutting down).
+_OUTAGE_CODES = {320, 541}
 
 
 class WarrenError(Exception):
@@ -169,6 +175,9 @@ class Client:
         parameters = pika.URLParameters(self.url)
         parameters.socket_timeout = connect_timeout
         parameters.blocked_connection_timeout = 300
+        # Named like the CLI's connections, so the broker's connection list says who it is.
+        parameters.client_properties = {"connection_name": f"warren-python@{os.uname().nodename}-{os.getpid()}"}
+        self._parameters = parameters
         try:
             self.connection = pika.BlockingConnection(parameters)
         except pika.exceptions.AMQPError as error:
@@ -194,6 +203,17 @@ class Client:
         """Closes the connection."""
         if self.connection.is_open:
             self.connection.close()
+
+    def _reconnect(self) -> None:
+        """Opens a new connection after an outage (the old one is dropped)."""
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+        self.connection = pika.BlockingConnection(self._parameters)
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
 
     def _publish(self, queue: str, envelope: Mapping[str, Any], properties: pika.BasicProperties) -> None:
         if self.user:
@@ -456,13 +476,51 @@ class Batch:
         self,
         *,
         timeout: Optional[float] = None,
+        retry_for: float = DEFAULT_COLLECT_RETRY_FOR,
         _before_checkpoint: Optional[Any] = None,
     ) -> Iterator[Envelope]:
         """Yields each task's result (a dict, as in ``warren wait``'s lines) once, as it arrives,
         until all are in or ``timeout`` seconds pass. Progress is recorded in the batch's manifest
         every few results: a collector that stops (or dies) leaves the rest to the next one, which
         may be ``warren wait``. Handle each result before asking for the next; results not yet
-        recorded when a process dies are delivered again to the next collector."""
+        recorded when a process dies are delivered again to the next collector.
+
+        An outage (a lost connection, a queue that lost its quorum while RabbitMQ nodes restart)
+        is waited through: the client reconnects with backoff for up to ``retry_for`` seconds,
+        counted from the first failure, and goes on where it was; past that it raises
+        :class:`WarrenError` saying how to finish."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failing_since: Optional[float] = None
+        pause = 0.2
+        while True:
+            try:
+                for result in self._session(deadline, _before_checkpoint):
+                    failing_since, pause = None, 0.2
+                    yield result
+                return
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosedByBroker,
+                    pika.exceptions.ChannelWrongStateError) as error:
+                if isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code not in _OUTAGE_CODES:
+                    raise
+                if isinstance(error, pika.exceptions.ConnectionClosedByBroker) and error.reply_code not in _OUTAGE_CODES:
+                    raise
+                now = time.monotonic()
+                failing_since = failing_since if failing_since is not None else now
+                if now - failing_since >= retry_for:
+                    raise WarrenError(
+                        f"collecting batch {self.id} failed for {retry_for:.0f} s ({error!r}); every "
+                        f"result given so far is recorded: finish with `warren wait {self.id}` or "
+                        "results() once the broker and its nodes are back"
+                    ) from error
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                try:
+                    self.client._reconnect()
+                except pika.exceptions.AMQPError:
+                    continue
+
+    def _session(self, deadline: Optional[float], _before_checkpoint: Optional[Any]) -> Iterator[Envelope]:
+        """One connection's part of :meth:`results`."""
         connection = self.client.connection
         results = connection.channel()
         results.basic_qos(prefetch_count=256)
@@ -483,7 +541,6 @@ class Batch:
             )
         before = _before_checkpoint or (lambda: None)
         self._checkpoint(results, None)
-        deadline = None if timeout is None else time.monotonic() + timeout
         last_tag: Optional[int] = None
         pending = 0
         last_checkpoint = time.monotonic()
