@@ -353,3 +353,53 @@ def evil(in_ar, out_ar, xoff, yoff, xsize, ysize, raster_xsize, raster_ysize, bu
     assert!(ran.exists(), "the embedded Python ran: {}", results["vrt"]);
     target.assert_untouched(&results);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_may_ask_for_less_than_the_workers_limits_never_more() {
+    let queue = unique_queue("limits");
+    let target = Target::new("limits");
+    let _worker = target.worker(
+        &queue,
+        &["sh"],
+        &["--limit-file-size", "1000000", "--limit-open-files", "256"],
+    );
+    let d = &target.data;
+    let results = run_tasks(
+        &queue,
+        &target.dir,
+        &[
+            // Within the worker's cap: a 2 KB file is too big for a 1 KB limit.
+            json!({"id": "small-files", "kind": "exec", "args": {"argv": ["sh", "-c",
+                "head -c 2000 /dev/zero > big; echo wrote"], "cwd": d, "limits": {"file_bytes": 1000}}}),
+            json!({"id": "open-files", "kind": "exec", "args": {"argv": ["sh", "-c", "ulimit -n"],
+                "cwd": d, "limits": {"open_files": 64}}}),
+            // The worker's caps apply when a task asks for nothing.
+            json!({"id": "defaults", "kind": "exec", "args": {"argv": ["sh", "-c", "ulimit -n; ulimit -f"], "cwd": d}}),
+            // More than the cap is refused, naming it.
+            json!({"id": "greedy", "kind": "exec", "args": {"argv": ["sh", "-c", "true"], "cwd": d,
+                "limits": {"file_bytes": 5000000}}}),
+        ],
+    )
+    .await;
+    assert_eq!(results.len(), 4, "{results:?}");
+    let size = std::fs::metadata(target.data.join("big"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(size <= 1000, "the task's own file limit held: {size} bytes");
+    assert_eq!(results["open-files"]["output"]["stdout"], "64\n");
+    // `ulimit -f` counts 512-byte blocks.
+    assert_eq!(
+        results["defaults"]["output"]["stdout"], "256\n1953\n",
+        "{}",
+        results["defaults"]
+    );
+    assert_eq!(
+        results["greedy"]["status"], "rejected",
+        "{}",
+        results["greedy"]
+    );
+    let message = results["greedy"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("--limit-file-size"), "{message}");
+}

@@ -162,6 +162,30 @@ pub struct ExecArgs {
     /// Absent: every failure may be retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_exit_codes: Option<Vec<i32>>,
+    /// Resource limits the command asks for; each at most the worker's own cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ExecLimits>,
+}
+
+/// Resource limits an `exec` task asks for (`setrlimit`); absent ones take the worker's caps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecLimits {
+    /// Address space, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU time, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<u64>,
+    /// Largest file written, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
+    /// Open files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// Processes of the command's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
 }
 
 /// Arguments of a `sleep` task.

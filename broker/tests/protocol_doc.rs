@@ -218,11 +218,24 @@ fn the_exec_arguments_and_cancellation_records_are_described_field_by_field() {
         stdin: Some(String::new()),
         outputs: vec!["o".into()],
         retry_exit_codes: Some(vec![1]),
+        limits: Some(warren_broker::protocol::ExecLimits {
+            memory_bytes: Some(1),
+            cpu_s: Some(1),
+            file_bytes: Some(1),
+            open_files: Some(1),
+            processes: Some(1),
+        }),
     };
     for key in keys(&exec) {
         assert!(
             section.contains(&format!("\"{key}\"")) || section.contains(&format!("`{key}")),
             "exec argument {key} is not documented"
+        );
+    }
+    for key in keys(exec.limits.as_ref().unwrap()) {
+        assert!(
+            section.contains(&format!("`{key}`")),
+            "exec limit {key} is not documented"
         );
     }
     let cancel = Cancellation {

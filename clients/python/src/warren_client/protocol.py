@@ -127,7 +127,8 @@ def check_json(value: JsonValue, path: str) -> None:
     raise ValueError(f"{path}: a {type(value).__name__} is not a JSON value")
 
 
-_EXEC_FIELDS = {"argv", "env", "cwd", "stdin", "outputs", "retry_exit_codes"}
+_EXEC_FIELDS = {"argv", "env", "cwd", "stdin", "outputs", "retry_exit_codes", "limits"}
+_EXEC_LIMITS = {"memory_bytes", "cpu_s", "file_bytes", "open_files", "processes"}
 
 
 def check_args(kind: str, args: JsonValue) -> None:
@@ -161,6 +162,13 @@ def check_args(kind: str, args: JsonValue) -> None:
             isinstance(codes, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in codes)
         ):
             raise ValueError("args.retry_exit_codes: must be a list of integers")
+        limits = args.get("limits")
+        if limits is not None and not (
+            isinstance(limits, dict)
+            and set(limits) <= _EXEC_LIMITS
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in limits.values())
+        ):
+            raise ValueError(f"args.limits: must be a map of {sorted(_EXEC_LIMITS)} to non-negative integers")
     elif kind == "sleep":
         if not (isinstance(args, dict) and set(args) == {"ms"} and isinstance(args["ms"], int)):
             raise ValueError('args: a sleep task\'s args must be {"ms": int}')

@@ -61,12 +61,20 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
         ));
     }
     let prepared = match sandbox {
-        Some(sandbox) => Some(sandbox.prepare(&resolved.path).map_err(|e| {
-            TaskFailure::failed(
-                ErrorKind::SpawnFailed,
-                format!("cannot start '{program}': {e}"),
-            )
-        })?),
+        Some(sandbox) => Some(
+            {
+                let limits = sandbox
+                    .limits_for(args.limits.as_ref())
+                    .map_err(|e| TaskFailure::rejected(ErrorKind::InvalidArgs, e))?;
+                sandbox.prepare(&resolved.path, limits)
+            }
+            .map_err(|e| {
+                TaskFailure::failed(
+                    ErrorKind::SpawnFailed,
+                    format!("cannot start '{program}': {e}"),
+                )
+            })?,
+        ),
         None => None,
     };
     if let Some(prepared) = &prepared {

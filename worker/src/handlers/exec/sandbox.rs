@@ -230,8 +230,55 @@ impl Sandbox {
             .any(|root| resolved.starts_with(root))
     }
 
-    /// Builds the Landlock ruleset and the private TMPDIR for one command that runs `program`.
-    pub(crate) fn prepare(&self, program: &Path) -> Result<Prepared, String> {
+    /// The limits of a command that asks for `asked`: each the task's value where it gives one,
+    /// else the worker's cap; a value above the worker's cap is refused, naming it.
+    pub fn limits_for(
+        &self,
+        asked: Option<&warren_broker::protocol::ExecLimits>,
+    ) -> Result<Limits, String> {
+        let Some(asked) = asked else {
+            return Ok(self.limits);
+        };
+        let pick = |name: &str, task: Option<u64>, cap: Option<u64>, flag: &str| match (task, cap) {
+            (Some(t), Some(c)) if t > c => Err(format!(
+                "limits.{name} = {t} is above this worker's cap of {c} ({flag}); a task may ask \
+                 for less, never more"
+            )),
+            (Some(t), _) => Ok(Some(t)),
+            (None, cap) => Ok(cap),
+        };
+        Ok(Limits {
+            memory_bytes: pick(
+                "memory_bytes",
+                asked.memory_bytes,
+                self.limits.memory_bytes,
+                "--limit-memory",
+            )?,
+            cpu_seconds: pick("cpu_s", asked.cpu_s, self.limits.cpu_seconds, "--limit-cpu")?,
+            file_bytes: pick(
+                "file_bytes",
+                asked.file_bytes,
+                self.limits.file_bytes,
+                "--limit-file-size",
+            )?,
+            open_files: pick(
+                "open_files",
+                asked.open_files,
+                self.limits.open_files,
+                "--limit-open-files",
+            )?,
+            processes: pick(
+                "processes",
+                asked.processes,
+                self.limits.processes,
+                "--limit-processes",
+            )?,
+        })
+    }
+
+    /// Builds the Landlock ruleset and the private TMPDIR for one command that runs `program`
+    /// with `limits`.
+    pub(crate) fn prepare(&self, program: &Path, limits: Limits) -> Result<Prepared, String> {
         let tmpdir = tempfile::Builder::new()
             .prefix("task-")
             .tempdir_in(&self.tmp_base)
@@ -290,7 +337,7 @@ impl Sandbox {
         Ok(Prepared {
             ruleset,
             tmpdir,
-            limits: self.limits,
+            limits,
             drop_root: self.drop_root,
             uid: self.run_as.as_ref().map(|u| u.uid.as_raw()),
             gid: self.run_as.as_ref().map(|u| u.gid.as_raw()),
