@@ -5,7 +5,7 @@ use warren_broker::BrokerError;
 use warren_broker::connection::connect;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::{Publisher, message_properties};
-use warren_broker::topology::{self, CANCELLATIONS_STREAM, result_queue};
+use warren_broker::topology::{self, cancellations_stream, result_queue};
 
 use crate::cli::*;
 
@@ -25,7 +25,7 @@ pub async fn cancel(amqp: AmqpSettings, batch: &str, task: Option<&str>) -> u8 {
         topology::declare_cancellations(publisher.channel()).await?;
         publisher
             .publish(
-                CANCELLATIONS_STREAM,
+                &cancellations_stream(),
                 &protocol::encode(&cancellation),
                 message_properties(MESSAGE_TYPE_CANCEL),
             )

@@ -56,6 +56,12 @@ struct Global {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WARREN_LOG_FORMAT")]
     log_format: LogFormat,
+    /// First part of the names of batch, run and cancellation queues (NS.results.<batch>, ...):
+    /// one per team lets RabbitMQ permissions confine each to its own. Submitters, collectors
+    /// and workers of a team must share it; set WARREN_NAMESPACE for pools an autoscaler starts.
+    #[arg(long, global = true, env = "WARREN_NAMESPACE",
+          default_value = warren_broker::topology::DEFAULT_NAMESPACE)]
+    namespace: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,6 +160,9 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
+    if let Err(e) = warren_broker::topology::set_namespace(&cli.global.namespace) {
+        return ExitCode::from(usage(&format!("--namespace: {e}")));
+    }
     let Some(connect_timeout) = seconds(cli.global.connect_timeout) else {
         return ExitCode::from(usage(
             "--connect-timeout must be a positive number of seconds",

@@ -220,35 +220,9 @@ fn readme_permissions(role: &str) -> [String; 3] {
 /// Creates (again) the user `name` with the README's permissions of `role` in the test vhost;
 /// returns its URL. The queue names of the README are the default ones: tests use their own.
 async fn role_user(name: &str, role: &str, task_queue: &str) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let [configure, write, read] =
         readme_permissions(role).map(|p| p.replace("warren\\.tasks", &regex_escape(task_queue)));
-    let client = reqwest::Client::new();
-    let api = "http://127.0.0.1:15672/api";
-    for (url, body) in [
-        (
-            format!("{api}/users/{name}"),
-            json!({"password": name, "tags": ""}),
-        ),
-        (
-            format!("{api}/permissions/{TEST_VHOST}/{name}"),
-            json!({"configure": configure, "write": write, "read": read}),
-        ),
-    ] {
-        let response = client
-            .put(&url)
-            .basic_auth("guest", Some("guest"))
-            .json(&body)
-            .send()
-            .await
-            .expect("management API");
-        assert!(
-            response.status().is_success(),
-            "{url}: {}",
-            response.status()
-        );
-    }
-    format!("amqp://{name}:{name}@127.0.0.1:5672/{TEST_VHOST}")
+    rabbit_user_with(name, [&configure, &write, &read]).await
 }
 
 fn regex_escape(name: &str) -> String {
@@ -378,4 +352,60 @@ async fn each_role_can_do_its_work_with_the_readmes_permissions_and_no_more() {
     let _ = connection.close(200, "bye".into()).await;
     let collected = run_warren(&["wait", &batch, "--amqp-url", &submitter], None, MINUTE).await;
     assert_eq!(collected.code, Some(0), "{}", collected.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_confined_to_its_namespace_works_there_and_reaches_nothing_else() {
+    // Alice may use only queues of the namespace team-a (and publish through the default
+    // exchange): RabbitMQ itself keeps her out of everybody else's batches.
+    let alice = rabbit_user_with(
+        "warren-test-alice",
+        [
+            r"^team-a\..*$",
+            r"^(amq\.default|team-a\..*)$",
+            r"^team-a\..*$",
+        ],
+    )
+    .await;
+    let dir = scratch("namespace");
+    let queue = format!("team-a.{}", unique_queue("ns"));
+    let team = [("WARREN_NAMESPACE", "team-a")];
+    let worker = WorkerProcess::start_with(&queue, &dir, &["--allow-exec", "true"], &team);
+    worker.wait_for_log("consuming", 1, MINUTE).await;
+    let mut submit = warren();
+    submit
+        .args(["submit", "--queue", &queue, "--wait", "exec", "--", "true"])
+        .env("WARREN_AMQP_URL", &alice)
+        .env("WARREN_NAMESPACE", "team-a");
+    let out = submit.output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("1 succeeded"), "{stderr}");
+    // A batch outside the namespace is out of her reach, as RabbitMQ says.
+    let other_queue = unique_queue("nsother");
+    let _other_worker = WorkerProcess::start(&other_queue, &dir, &[]);
+    let other = {
+        let file = dir.join("other.jsonl");
+        write_tasks(&file, &[json!({"kind": "echo", "args": 1})]);
+        let done = submit_file(&other_queue, &file, &[]).await;
+        assert_eq!(done.code, Some(0), "{}", done.stderr);
+        done.stdout.trim().to_string()
+    };
+    let mut steal = warren();
+    steal
+        .args(["wait", &other])
+        .env("WARREN_AMQP_URL", &alice)
+        .env("WARREN_NAMESPACE", "warren");
+    let stolen = steal.output().await.unwrap();
+    let stolen_err = String::from_utf8_lossy(&stolen.stderr);
+    assert_eq!(stolen.status.code(), Some(2), "{stolen_err}");
+    assert!(
+        stolen_err.contains("refused") || stolen_err.contains("not found"),
+        "{stolen_err}"
+    );
+    let (_, results) = wait_into(&other, &dir.join("other-results.jsonl")).await;
+    assert_eq!(results.len(), 1, "the owner still collects it");
+    // Bad namespaces are refused before anything is sent.
+    let bad = run_warren(&["status", "--namespace", "a.b"], None, MINUTE).await;
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
 }

@@ -16,10 +16,50 @@ use crate::error::BrokerError;
 pub const DEFAULT_TASK_QUEUE: &str = "warren.tasks";
 /// Suffix of a task queue's dead-letter queue.
 pub const DEAD_LETTER_SUFFIX: &str = ".dead";
-/// Prefix of a batch's result queue.
-pub const RESULT_QUEUE_PREFIX: &str = "warren.results.";
-/// Prefix of a batch's manifest queue.
-pub const MANIFEST_QUEUE_PREFIX: &str = "warren.batches.";
+/// The namespace of Warren's own queues when none is set: `warren.results.<batch>`, ...
+pub const DEFAULT_NAMESPACE: &str = "warren";
+
+static NAMESPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the first part of the names of this process's batch, run and cancellation queues
+/// (`--namespace`, `WARREN_NAMESPACE`): `NS.results.<batch>`, `NS.batches.<batch>`,
+/// `NS.runs.<run>`, `NS.cancellations`. One namespace per team lets RabbitMQ permissions
+/// (`^NS\.`) confine each team to its own. Set it once, before any queue is named.
+pub fn set_namespace(namespace: &str) -> Result<(), String> {
+    let valid = !namespace.is_empty()
+        && namespace.len() <= 64
+        && namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        return Err(format!(
+            "namespace {namespace:?}: use 1 to 64 letters, digits, '-' or '_'"
+        ));
+    }
+    match NAMESPACE.set(namespace.to_string()) {
+        Ok(()) => Ok(()),
+        Err(_) if self::namespace() == namespace => Ok(()),
+        Err(_) => Err(format!(
+            "namespace {namespace:?}: this process already uses {:?}",
+            self::namespace()
+        )),
+    }
+}
+
+/// The namespace of this process's batch, run and cancellation queues.
+pub fn namespace() -> &'static str {
+    NAMESPACE.get().map_or(DEFAULT_NAMESPACE, String::as_str)
+}
+
+/// Prefix of a batch's result queue (`warren.results.` in the default namespace).
+pub fn result_queue_prefix() -> String {
+    format!("{}.results.", namespace())
+}
+
+/// Prefix of a batch's manifest queue (`warren.batches.` in the default namespace).
+pub fn manifest_queue_prefix() -> String {
+    format!("{}.batches.", namespace())
+}
 /// Deliveries of one task (first one included) before RabbitMQ dead-letters it. High enough that
 /// worker restarts and scale-downs never exhaust it, low enough that a task which crashes its
 /// worker every time stops circulating.
@@ -34,12 +74,12 @@ pub fn dead_letter_queue(task_queue: &str) -> String {
 
 /// The result queue of `batch`.
 pub fn result_queue(batch: &str) -> String {
-    format!("{RESULT_QUEUE_PREFIX}{batch}")
+    format!("{}{batch}", result_queue_prefix())
 }
 
 /// The manifest queue of `batch`.
 pub fn manifest_queue(batch: &str) -> String {
-    format!("{MANIFEST_QUEUE_PREFIX}{batch}")
+    format!("{}{batch}", manifest_queue_prefix())
 }
 
 /// Converts a queue or routing-key name, refusing ones AMQP cannot carry (over 255 bytes).
@@ -95,12 +135,10 @@ pub async fn declare_result_queue(
     Ok(())
 }
 
-/// Prefix of the queue that keeps a pipeline run's state (`warren run`).
-pub const RUN_QUEUE_PREFIX: &str = "warren.runs.";
-
-/// The queue that keeps the state of pipeline run `run`.
+/// The queue that keeps the state of pipeline run `run` (`warren.runs.<run>` in the default
+/// namespace).
 pub fn run_queue(run: &str) -> String {
-    format!("{RUN_QUEUE_PREFIX}{run}")
+    format!("{}.runs.{run}", namespace())
 }
 
 /// Declares the state queue of a pipeline run, expiring after `expiry` unused.
@@ -140,9 +178,12 @@ fn expires(expiry: Duration) -> AMQPValue {
 
 /// The stream of cancellation records (`warren cancel`), read by every worker from the start:
 /// a stream, so every reader sees every record; records older than 7 days are dropped.
-pub const CANCELLATIONS_STREAM: &str = "warren.cancellations";
+/// `warren.cancellations` in the default namespace.
+pub fn cancellations_stream() -> String {
+    format!("{}.cancellations", namespace())
+}
 
-/// Declares [`CANCELLATIONS_STREAM`].
+/// Declares [`cancellations_stream`].
 pub async fn declare_cancellations(channel: &Channel) -> Result<(), BrokerError> {
     let mut args = FieldTable::default();
     args.insert(
@@ -153,7 +194,7 @@ pub async fn declare_cancellations(channel: &Channel) -> Result<(), BrokerError>
         "x-max-age".into(),
         AMQPValue::LongString(LongString::from("7D")),
     );
-    declare(channel, CANCELLATIONS_STREAM, args).await?;
+    declare(channel, &cancellations_stream(), args).await?;
     Ok(())
 }
 

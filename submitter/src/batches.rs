@@ -8,7 +8,7 @@ use serde::Serialize;
 use warren_broker::connection::connect;
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::protocol;
-use warren_broker::topology::{RESULT_QUEUE_PREFIX, manifest_queue, short};
+use warren_broker::topology::{manifest_queue, result_queue_prefix, short};
 use warren_broker::{AmqpSettings, BrokerError};
 
 use crate::seqset::SeqSet;
@@ -41,12 +41,13 @@ pub async fn list_batches(
     management: &ManagementTarget,
 ) -> Result<Vec<BatchInfo>, BrokerError> {
     let api = Management::new(management, settings)?;
-    let queues = api.queues(RESULT_QUEUE_PREFIX).await?;
+    let prefix = result_queue_prefix();
+    let queues = api.queues(&prefix).await?;
     let connection = connect(settings, "warren-batches").await?;
     let now = SystemTime::now();
     let mut batches = Vec::with_capacity(queues.len());
     for queue in queues {
-        let batch = queue.name[RESULT_QUEUE_PREFIX.len()..].to_string();
+        let batch = queue.name[prefix.len()..].to_string();
         let manifest = newest_manifest(&connection, &batch).await;
         let idle = queue
             .idle_since

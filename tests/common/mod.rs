@@ -377,6 +377,12 @@ pub async fn dead_letter_count(queue: &str) -> usize {
 
 /// Creates (again) the user `name` with password `name`, allowed everything in the test vhost.
 pub async fn rabbit_user(name: &str) -> String {
+    rabbit_user_with(name, [".*", ".*", ".*"]).await
+}
+
+/// Creates (again) the user `name` (password `name`) with these configure, write and read
+/// patterns in the test vhost; returns its URL.
+pub async fn rabbit_user_with(name: &str, [configure, write, read]: [&str; 3]) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     let api = "http://127.0.0.1:15672/api";
@@ -387,7 +393,7 @@ pub async fn rabbit_user(name: &str) -> String {
         ),
         (
             format!("{api}/permissions/{TEST_VHOST}/{name}"),
-            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+            serde_json::json!({"configure": configure, "write": write, "read": read}),
         ),
     ] {
         let response = client

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::message_properties;
-use warren_broker::topology::{CANCELLATIONS_STREAM, declare_cancellations, short};
+use warren_broker::topology::{cancellations_stream, declare_cancellations, short};
 
 /// Records of the cancellations stream acknowledged at once while reading its history.
 const HISTORY_WINDOW: u16 = 250;
@@ -182,11 +182,12 @@ pub(crate) async fn follow_while_connected(
             return;
         }
         if failing {
-            debug!("still not following {CANCELLATIONS_STREAM}: {error}");
+            debug!("still not following {}: {error}", cancellations_stream());
         } else {
             warn!(
-                "not following {CANCELLATIONS_STREAM} ({error}); `warren cancel` does not reach \
-                 this worker until it can; trying again every {FOLLOW_RETRY_CAP:?} at most"
+                "not following {} ({error}); `warren cancel` does not reach \
+                 this worker until it can; trying again every {FOLLOW_RETRY_CAP:?} at most",
+                cancellations_stream()
             );
             failing = true;
         }
@@ -223,14 +224,14 @@ async fn follow(
     );
     let mut consumer = channel
         .basic_consume(
-            short(CANCELLATIONS_STREAM)?,
+            short(&cancellations_stream())?,
             "".into(),
             BasicConsumeOptions::default(),
             args,
         )
         .await?;
     if recovering {
-        info!("following {CANCELLATIONS_STREAM} again");
+        info!("following {} again", cancellations_stream());
     }
     // A record with no batch is a reader's marker, not a cancellation.
     let marker = protocol::new_token();
@@ -243,7 +244,7 @@ async fn follow(
     channel
         .basic_publish(
             "".into(),
-            short(CANCELLATIONS_STREAM)?,
+            short(&cancellations_stream())?,
             BasicPublishOptions::default(),
             &protocol::encode(&record),
             message_properties(MESSAGE_TYPE_CANCEL),
@@ -277,7 +278,10 @@ async fn follow(
                 debug!(batch = %c.batch, task_id = c.task_id.as_deref().unwrap_or("*"), sender, "cancellation recorded");
                 cancellations.record(c, sender);
             }
-            Err(e) => warn!("ignoring an unreadable record in {CANCELLATIONS_STREAM}: {e}"),
+            Err(e) => warn!(
+                "ignoring an unreadable record in {}: {e}",
+                cancellations_stream()
+            ),
         }
         unacked += 1;
         // Batched while reading the history; one by one once caught up (records are rare then).
@@ -290,7 +294,7 @@ async fn follow(
         }
     }
     Err(BrokerError::ConsumerCancelled {
-        queue: CANCELLATIONS_STREAM.into(),
+        queue: cancellations_stream(),
     })
 }
 
