@@ -59,9 +59,9 @@ struct Global {
     /// First part of the names of batch, run and cancellation queues (NS.results.<batch>, ...):
     /// one per team lets RabbitMQ permissions confine each to its own. Submitters, collectors
     /// and workers of a team must share it; set WARREN_NAMESPACE for pools an autoscaler starts.
-    #[arg(long, global = true, env = "WARREN_NAMESPACE",
+    #[arg(long = "queue-namespace", global = true, env = "WARREN_NAMESPACE",
           default_value = warren_broker::topology::DEFAULT_NAMESPACE)]
-    namespace: String,
+    queue_namespace: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -160,8 +160,8 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
-    if let Err(e) = warren_broker::topology::set_namespace(&cli.global.namespace) {
-        return ExitCode::from(usage(&format!("--namespace: {e}")));
+    if let Err(e) = warren_broker::topology::set_namespace(&cli.global.queue_namespace) {
+        return ExitCode::from(usage(&format!("--queue-namespace: {e}")));
     }
     let Some(connect_timeout) = seconds(cli.global.connect_timeout) else {
         return ExitCode::from(usage(
@@ -289,5 +289,16 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Catches two flags of one name (a global one and a subcommand's, say) before a user does.
+        super::Cli::command().debug_assert();
     }
 }

@@ -476,6 +476,11 @@ async fn a_bad_output_path_is_refused_before_anything_is_sent() {
 }
 
 async fn warren_queue_exists(channel: &lapin::Channel, queue: &str) -> bool {
+    inspect(channel, queue).await.is_ok()
+}
+
+/// A passive declare of `queue`: its figures, or the broker's refusal when it does not exist.
+async fn inspect(channel: &lapin::Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
     channel
         .queue_declare(
             queue.into(),
@@ -486,7 +491,6 @@ async fn warren_queue_exists(channel: &lapin::Channel, queue: &str) -> bool {
             Default::default(),
         )
         .await
-        .is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,15 +604,7 @@ async fn prefetch_sends_tasks_ahead_but_concurrency_bounds_what_runs_and_shutdow
 /// Tasks waiting in `queue`, from a passive declare.
 async fn queue_depth(queue: &str) -> u32 {
     let (conn, channel) = raw_channel().await;
-    let depth = channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    let depth = inspect(&channel, queue)
         .await
         .expect("the queue exists")
         .message_count();

@@ -406,6 +406,6 @@ async fn a_team_confined_to_its_namespace_works_there_and_reaches_nothing_else()
     let (_, results) = wait_into(&other, &dir.join("other-results.jsonl")).await;
     assert_eq!(results.len(), 1, "the owner still collects it");
     // Bad namespaces are refused before anything is sent.
-    let bad = run_warren(&["status", "--namespace", "a.b"], None, MINUTE).await;
+    let bad = run_warren(&["status", "--queue-namespace", "a.b"], None, MINUTE).await;
     assert_eq!(bad.code, Some(2), "{}", bad.stderr);
 }

@@ -38,32 +38,72 @@ async fn policy(name: &str, pattern: &str, definition: Option<Value>) {
     );
 }
 
+/// A batch of `n` echo tasks (ids `t0`...) on a fresh queue, whose result queue takes
+/// `max_length` results and then refuses every publish until [`Refusing::clear`].
+struct Refusing {
+    queue: String,
+    dir: std::path::PathBuf,
+    batch: String,
+    policy: String,
+    pattern: String,
+}
+
+impl Refusing {
+    async fn new(test: &str, n: usize, max_length: u32) -> Self {
+        let queue = unique_queue(test);
+        let dir = scratch(test);
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| json!({"kind": "echo", "args": i, "id": format!("t{i}")}))
+            .collect();
+        let file = dir.join("tasks.jsonl");
+        write_tasks(&file, &tasks);
+        let submitted = submit_file(&queue, &file, &[]).await;
+        assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+        let batch = submitted.stdout.trim().to_string();
+        let refusing = Self {
+            policy: format!("refuse-{batch}"),
+            pattern: format!("^warren\\.results\\.{batch}$"),
+            queue,
+            dir,
+            batch,
+        };
+        policy(
+            &refusing.policy,
+            &refusing.pattern,
+            Some(json!({"max-length": max_length, "overflow": "reject-publish"})),
+        )
+        .await;
+        // The policy reaches the queue's members asynchronously.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        refusing
+    }
+
+    async fn clear(&self) {
+        policy(&self.policy, &self.pattern, None).await;
+    }
+
+    /// `warren wait` of the batch; its results.
+    async fn wait(&self) -> Vec<Value> {
+        let out = self.dir.join("results.jsonl");
+        let waited = run_warren(
+            &["wait", &self.batch, "--output", out.to_str().unwrap()],
+            None,
+            MINUTE * 2,
+        )
+        .await;
+        assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+        read_results(&std::fs::read_to_string(&out).unwrap())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_results_are_retried_and_the_batch_completes_once_the_queue_takes_them() {
-    let queue = unique_queue("refused");
-    let dir = scratch("refused");
-    let tasks: Vec<Value> = (0..20)
-        .map(|i| json!({"kind": "echo", "args": i, "id": format!("t{i}")}))
-        .collect();
-    let file = dir.join("tasks.jsonl");
-    write_tasks(&file, &tasks);
-    let submitted = submit_file(&queue, &file, &[]).await;
-    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
-    let batch = submitted.stdout.trim().to_string();
     // The result queue takes two results, then refuses every publish.
-    let name = format!("refuse-{batch}");
-    let pattern = format!("^warren\\.results\\.{batch}$");
-    policy(
-        &name,
-        &pattern,
-        Some(json!({"max-length": 2, "overflow": "reject-publish"})),
-    )
-    .await;
-    // The policy reaches the queue's members asynchronously.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refusing = Refusing::new("refused", 20, 2).await;
+    let (queue, dir) = (&refusing.queue, &refusing.dir);
     let worker = WorkerProcess::start(
-        &queue,
-        &dir,
+        queue,
+        dir,
         &["--concurrency", "4", "--metrics-addr", "127.0.0.1:0"],
     );
     let metrics = worker.metrics_url().await;
@@ -100,16 +140,8 @@ async fn refused_results_are_retried_and_the_batch_completes_once_the_queue_take
     );
     assert!(started(&later) < 20.0, "{later}");
 
-    policy(&name, &pattern, None).await;
-    let out = dir.join("results.jsonl");
-    let waited = run_warren(
-        &["wait", &batch, "--output", out.to_str().unwrap()],
-        None,
-        MINUTE * 2,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    refusing.clear().await;
+    let results = refusing.wait().await;
     let ids: BTreeSet<String> = results
         .iter()
         .map(|r| r["task_id"].as_str().unwrap().to_string())
@@ -124,7 +156,7 @@ async fn refused_results_are_retried_and_the_batch_completes_once_the_queue_take
     worker
         .wait_for_log("RabbitMQ takes publishes again", 1, MINUTE)
         .await;
-    assert_eq!(dead_letter_count(&queue).await, 0);
+    assert_eq!(dead_letter_count(queue).await, 0);
     let page = scrape(&metrics).await;
     assert_eq!(sample(&page, "warren_worker_publishes_refused"), Some(0.0));
     let ready = http_get(metrics.replace("/metrics", "/readyz"))
@@ -135,44 +167,18 @@ async fn refused_results_are_retried_and_the_batch_completes_once_the_queue_take
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_refused_past_the_budget_goes_back_to_the_queue_and_the_worker_goes_on() {
-    let queue = unique_queue("refusedlong");
-    let dir = scratch("refusedlong");
-    let tasks: Vec<Value> = (0..6)
-        .map(|i| json!({"kind": "echo", "args": i, "id": format!("t{i}")}))
-        .collect();
-    let file = dir.join("tasks.jsonl");
-    write_tasks(&file, &tasks);
-    let submitted = submit_file(&queue, &file, &[]).await;
-    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
-    let batch = submitted.stdout.trim().to_string();
-    let name = format!("refuse-{batch}");
-    let pattern = format!("^warren\\.results\\.{batch}$");
-    policy(
-        &name,
-        &pattern,
-        Some(json!({"max-length": 1, "overflow": "reject-publish"})),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refusing = Refusing::new("refusedlong", 6, 1).await;
     let worker = WorkerProcess::start(
-        &queue,
-        &dir,
+        &refusing.queue,
+        &refusing.dir,
         &["--concurrency", "2", "--publish-retry-for", "2"],
     );
     // Past the budget, the delivery is given back rather than held.
     worker
         .wait_for_log("returning the task to the queue", 1, MINUTE)
         .await;
-    policy(&name, &pattern, None).await;
-    let out = dir.join("results.jsonl");
-    let waited = run_warren(
-        &["wait", &batch, "--output", out.to_str().unwrap()],
-        None,
-        MINUTE * 2,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    refusing.clear().await;
+    let results = refusing.wait().await;
     let ids: BTreeSet<String> = results
         .iter()
         .map(|r| r["task_id"].as_str().unwrap().to_string())

@@ -22,7 +22,7 @@ pub const DEFAULT_NAMESPACE: &str = "warren";
 static NAMESPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Sets the first part of the names of this process's batch, run and cancellation queues
-/// (`--namespace`, `WARREN_NAMESPACE`): `NS.results.<batch>`, `NS.batches.<batch>`,
+/// (`--queue-namespace`, `WARREN_NAMESPACE`): `NS.results.<batch>`, `NS.batches.<batch>`,
 /// `NS.runs.<run>`, `NS.cancellations`. One namespace per team lets RabbitMQ permissions
 /// (`^NS\.`) confine each team to its own. Set it once, before any queue is named.
 pub fn set_namespace(namespace: &str) -> Result<(), String> {
