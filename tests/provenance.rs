@@ -352,6 +352,30 @@ async fn each_role_can_do_its_work_with_the_readmes_permissions_and_no_more() {
     let _ = connection.close(200, "bye".into()).await;
     let collected = run_warren(&["wait", &batch, "--amqp-url", &submitter], None, MINUTE).await;
     assert_eq!(collected.code, Some(0), "{}", collected.stderr);
+    // An autoscaler with its line declares and sizes its own queue (dry run: it starts nothing).
+    let scaled_queue = unique_queue("rolesscaled");
+    let autoscaler_url = role_user("warren-test-autoscaler", "AUTOSCALER", &scaled_queue).await;
+    let scaler = WorkerProcess::spawn(
+        &[
+            "autoscale",
+            "--queue",
+            &scaled_queue,
+            "--backend",
+            "local",
+            "--dry-run",
+            "--poll",
+            "1",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--",
+            "true",
+        ],
+        &dir,
+        &[("WARREN_AMQP_URL", autoscaler_url.as_str())],
+    );
+    scaler.wait_for_log("reason=", 1, MINUTE).await;
+    let log = scaler.log_text();
+    assert!(!log.contains("refused"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
