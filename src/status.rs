@@ -66,7 +66,8 @@ pub async fn status(
 /// Says that `queue` does not exist, and which task queues do (those with a `.dead` sibling).
 async fn missing_queue(amqp: &AmqpSettings, management: &ManagementTarget, queue: &str) -> String {
     let mut message = format!(
-        "task queue '{queue}' does not exist yet: the first `warren worker` or `warren submit` on it creates it"
+        "task queue '{queue}' does not exist yet: the first `warren worker --queue {queue}` or \
+         `warren autoscale --queue {queue}` creates it (or `warren submit --create-queue`)"
     );
     let listed = match Management::new(management, amqp) {
         Ok(api) => api.queues("").await.ok(),

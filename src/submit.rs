@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use warren_broker::AmqpSettings;
 use warren_broker::protocol::ExecArgs;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
+use warren_broker::{AmqpSettings, BrokerError};
 
 use warren_submitter::fanout::{FanOut, glob_items, has_placeholder, line_items};
 use warren_submitter::{SubmitOptions, TaskSpec};
@@ -350,6 +350,15 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
     let mut queue_used = cmd.options.queue.clone();
     let submitted = match &cmd.resume {
         None => match prepare(&*source, &options) {
+            // A queue nobody declared is refused before anything is said; an unreachable broker
+            // is left to the publishing pass, which retries it.
+            Ok(_)
+                if !options.create_queue
+                    && let Err(e @ BrokerError::TaskQueueMissing { .. }) =
+                        submitter.require_queue(&options.queue).await =>
+            {
+                return fail(&format!("nothing was submitted: {e}"));
+            }
             Ok(journal) => {
                 // Said first, so an interrupted submit never leaves a batch nobody can name.
                 eprintln!(

@@ -13,8 +13,8 @@ use crate::{seconds, usage};
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// Task queue to consume.
-    #[arg(long, default_value = DEFAULT_TASK_QUEUE)]
+    /// Task queue to consume (an autoscaler's local pool sets WARREN_QUEUE for its workers).
+    #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_TASK_QUEUE)]
     queue: String,
     /// Tasks run at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]

@@ -331,12 +331,26 @@ async fn a_worker_command_that_cannot_run_fails_at_once_with_advice() {
 async fn an_autoscaler_declares_its_queue_so_a_submit_without_create_queue_is_accepted() {
     let queue = unique_queue("declares");
     let dir = scratch("declares");
-    let mut scaler = autoscaler(
+    // A worker command that names another queue would never take this pool's tasks: refused.
+    let mut mismatched = autoscaler(
         &queue,
         &dir,
         "--min 0 --max 1",
-        &["worker", "--queue", &queue],
+        &["worker", "--queue", "other.queue"],
     );
+    assert_eq!(
+        mismatched.exit_code(MINUTE).await,
+        Some(2),
+        "{}",
+        mismatched.log_text()
+    );
+    assert!(
+        mismatched.log_text().contains("WARREN_QUEUE"),
+        "{}",
+        mismatched.log_text()
+    );
+    // Without --queue, the pool's workers consume the pool's queue (WARREN_QUEUE).
+    let mut scaler = autoscaler(&queue, &dir, "--min 0 --max 1", &["worker"]);
     eventually(MINUTE, "the autoscaler to declare its queue", || async {
         let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
         (status.code == Some(0)).then_some(())

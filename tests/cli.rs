@@ -442,6 +442,13 @@ async fn status_of_a_missing_queue_lists_the_task_queues_that_exist() {
         "{}",
         out.stderr
     );
+    // It says what creates a queue (a submit does not, without --create-queue).
+    assert!(
+        out.stderr.contains("warren worker --queue no.such.queue")
+            && !out.stderr.contains("`warren submit` on it"),
+        "{}",
+        out.stderr
+    );
     assert!(
         out.stderr.contains(&queue),
         "the existing queue is listed: {}",
@@ -508,6 +515,9 @@ async fn a_queue_nobody_declared_is_refused_and_a_queue_without_workers_is_named
         "{}",
         refused.stderr
     );
+    // Refused before anything is announced: no "submitting", no batch id.
+    assert!(!refused.stderr.contains("submitting"), "{}", refused.stderr);
+    assert!(refused.stdout.trim().is_empty(), "{}", refused.stdout);
     let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
     assert_eq!(
         status.code,

@@ -147,8 +147,10 @@ impl PoolEntry {
                 ))
             }
             BackendKind::Local if self.command.is_empty() => Err(format!(
-                "pool '{}': the local backend needs command = [\"warren\", \"worker\", ...]",
-                self.queue
+                "pool '{q}': the local backend needs the worker command, after `--` on the command \
+                 line (`warren autoscale --queue {q} -- warren worker --allow-exec PROGRAM`), or as \
+                 command = [\"warren\", \"worker\", ...] in a pools file",
+                q = self.queue
             )),
             _ => Ok(()),
         }

@@ -34,6 +34,8 @@ pub struct LocalBackend {
     next_id: u64,
     crashes: VecDeque<(Instant, String)>,
     stop_grace: Duration,
+    /// The pool's queue, given to each worker as `WARREN_QUEUE`.
+    queue: Option<String>,
 }
 
 impl LocalBackend {
@@ -67,6 +69,7 @@ impl LocalBackend {
             next_id: 1,
             crashes: VecDeque::new(),
             stop_grace,
+            queue: None,
         })
     }
 
@@ -101,10 +104,36 @@ impl LocalBackend {
         }
     }
 
+    /// Runs the workers for `queue`: they get it as `WARREN_QUEUE` (what `warren worker --queue`
+    /// defaults to), and a command that names another queue is refused, as its workers would
+    /// never take this pool's tasks.
+    pub fn for_queue(mut self, queue: &str) -> Result<Self, String> {
+        let named = self.command.iter().enumerate().find_map(|(i, arg)| {
+            arg.strip_prefix("--queue=").or_else(|| {
+                (arg == "--queue").then(|| self.command.get(i + 1).map(String::as_str))?
+            })
+        });
+        if let Some(other) = named
+            && other != queue
+        {
+            return Err(format!(
+                "the worker command consumes '{other}' (--queue {other}) but this pool serves \
+                 '{queue}': its workers would never take the pool's tasks. Drop --queue from the \
+                 command (the workers get WARREN_QUEUE={queue}) or make the two agree"
+            ));
+        }
+        self.queue = Some(queue.to_string());
+        Ok(self)
+    }
+
     fn spawn(&mut self) -> Result<(), BackendError> {
         let name = format!("{}-{}", self.prefix, self.next_id);
         self.next_id += 1;
-        let child = Command::new(&self.command[0])
+        let mut command = Command::new(&self.command[0]);
+        if let Some(queue) = &self.queue {
+            command.env("WARREN_QUEUE", queue);
+        }
+        let child = command
             .args(&self.command[1..])
             .env("WARREN_WORKER_NAME", &name)
             .stdin(Stdio::null())

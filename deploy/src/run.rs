@@ -75,7 +75,8 @@ pub async fn autoscale(
         match pool.backend {
             BackendKind::Local => {
                 let prefix = format!("{}-{}", pool.queue, std::process::id());
-                let backend = LocalBackend::new(pool.command.clone(), prefix, options.stop_grace)?;
+                let backend = LocalBackend::new(pool.command.clone(), prefix, options.stop_grace)?
+                    .for_queue(&pool.queue)?;
                 loops.spawn(run_pool(spec, backend, probe, metrics, stop));
             }
             BackendKind::Kubernetes => {

@@ -188,6 +188,13 @@ impl Submitter {
         self.publish_batch(source, options, journal).await
     }
 
+    /// Checks that `queue` exists (declared by a worker or an autoscaler), before anything is
+    /// said or sent: a mistyped name is refused at once.
+    pub async fn require_queue(&mut self, queue: &str) -> Result<(), BrokerError> {
+        let (connection, _) = self.connection().await?;
+        topology::require_task_queue(connection, queue).await
+    }
+
     /// Submits `source` as the new batch `journal` describes (from [`prepare`]), so the caller
     /// knows the batch id before anything is sent.
     pub async fn submit_as<S: SpecSource + ?Sized>(

@@ -218,9 +218,14 @@ async fn refuse(
             TaskError::new(
                 ErrorKind::UnknownKind,
                 format!(
-                    "no handler for kind '{}' on this worker (it has: {})",
+                    "no handler for kind '{}' on this worker (it has: {}){}",
                     task.kind,
-                    ctx.registry.kinds().join(", ")
+                    ctx.registry.kinds().join(", "),
+                    if task.kind == "exec" {
+                        "; it runs no commands: start it with --allow-exec PROGRAM"
+                    } else {
+                        ""
+                    }
                 ),
             ),
         ),
