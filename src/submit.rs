@@ -64,6 +64,10 @@ pub struct SubmitArgs {
     /// Hours an uncollected batch's results are kept after the last activity.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]
     result_expiry_hours: f64,
+    /// `exec --timeout-s` given before `exec`: caught here to point to the right place (clap
+    /// would suggest --timeout, the wait's limit).
+    #[arg(long = "timeout-s", hide = true, value_name = "SECONDS")]
+    misplaced_timeout_s: Option<String>,
     #[command(subcommand)]
     single: Option<SingleTask>,
 }
@@ -103,6 +107,12 @@ pub enum SingleTask {
 
 /// Runs `warren submit`; returns the exit status.
 pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
+    if let Some(seconds) = &args.misplaced_timeout_s {
+        return usage(&format!(
+            "--timeout-s is the task's own limit: put it after `exec`, e.g. `warren submit exec \
+             --timeout-s {seconds} -- PROGRAM ...` (--timeout, before `exec`, bounds the wait)"
+        ));
+    }
     let task = args.single.map(exec_task);
     let fan_out = args.each.is_some() || args.each_line.is_some();
     let source = match (task, args.file) {
@@ -130,6 +140,10 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
                 Ok(items) => items,
                 Err(message) => return usage(&message),
             };
+            // A misspelt placeholder is the error to show, not "no placeholder".
+            if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {
+                return usage(&format!("the task's arguments: {e}"));
+            }
             if !has_placeholder(&task.args) {
                 eprintln!(
                     "warning: the task has no placeholder ({{}}, {{name}}, {{stem}}, ...), so all {} task(s) are the same",

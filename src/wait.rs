@@ -114,15 +114,15 @@ pub fn summary(batch: &str, counts: &Counts, elapsed: Duration) -> String {
         line += &format!("; {} collected earlier by another wait", counts.earlier);
     }
     if !counts.failed_examples.is_empty() {
-        let named: Vec<String> = counts
-            .failed_examples
-            .iter()
-            .map(|(id, kind)| format!("{id} ({kind})"))
-            .collect();
-        line += &format!("\nnot succeeded: {}", named.join(", "));
-        let more = counts.failed().saturating_sub(named.len() as u64);
+        line += "\nnot succeeded:";
+        for (id, kind, why) in &counts.failed_examples {
+            line += &format!("\n  {id} ({kind}): {why}");
+        }
+        let more = counts
+            .failed()
+            .saturating_sub(counts.failed_examples.len() as u64);
         if more > 0 {
-            line += &format!(" and {more} more (see the result lines)");
+            line += &format!("\n  and {more} more (see the result lines)");
         }
     }
     line

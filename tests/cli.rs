@@ -663,3 +663,69 @@ async fn tasks_from_a_pipe_a_fifo_or_a_process_substitution_are_all_published() 
     assert_eq!(queue_depth(&queue).await, 20);
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_says_why_each_failed_task_failed() {
+    let queue = unique_queue("whyfailed");
+    let dir = scratch("whyfailed");
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let file = dir.join("tasks.jsonl");
+    write_tasks(
+        &file,
+        &[
+            json!({"kind": "exec", "id": "bad-tile", "args": {"argv": ["sh", "-c",
+                "echo 'Warning 1: noise' >&2; echo 'ERROR 4: raw/bad.tif: not recognized as a supported file format.' >&2; exit 1"]}}),
+            json!({"kind": "exec", "id": "good-tile", "args": {"argv": ["sh", "-c", "true"]}}),
+        ],
+    );
+    let done = submit_file(&queue, &file, &["--wait"]).await;
+    assert_eq!(done.code, Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains(
+            "bad-tile (exit_status): ERROR 4: raw/bad.tif: not recognized as a supported file format."
+        ),
+        "the last line of the failed step's stderr is on screen: {}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("good-tile"), "{}", done.stderr);
+}
+
+#[tokio::test]
+async fn misplaced_flags_and_misspelt_placeholders_get_the_right_advice() {
+    let misplaced = run_warren(
+        &["submit", "--timeout-s", "600", "exec", "--", "true"],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(misplaced.code, Some(2), "{}", misplaced.stderr);
+    assert!(
+        misplaced
+            .stderr
+            .contains("warren submit exec --timeout-s 600"),
+        "{}",
+        misplaced.stderr
+    );
+    let dir = scratch("placeholder");
+    std::fs::write(dir.join("a.tif"), "x").unwrap();
+    let glob = format!("{}/*.tif", dir.display());
+    let misspelt = run_warren(
+        &[
+            "submit", "--each", &glob, "exec", "--", "gdalinfo", "{stme}",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(misspelt.code, Some(2), "{}", misspelt.stderr);
+    assert!(
+        misspelt.stderr.contains("unknown placeholder {stme}"),
+        "{}",
+        misspelt.stderr
+    );
+    assert!(
+        !misspelt.stderr.contains("no placeholder"),
+        "only the right error: {}",
+        misspelt.stderr
+    );
+}

@@ -71,8 +71,9 @@ pub struct Counts {
     pub duplicates: u64,
     /// Of the results this collector wrote, those that needed more than one attempt.
     pub retried: u64,
-    /// The first few tasks this collector wrote that did not succeed: (task id, error kind).
-    pub failed_examples: Vec<(String, String)>,
+    /// The first few tasks this collector wrote that did not succeed: (task id, error kind, why:
+    /// the last line of the command's stderr, else the error message).
+    pub failed_examples: Vec<(String, String, String)>,
     /// Consumers of the batch's task queue when last counted (None: not known).
     pub consumers: Option<u64>,
     /// Tasks waiting in the batch's task queue (of every batch it holds) when last counted.
@@ -598,7 +599,7 @@ async fn take_result(
         state
             .counts
             .failed_examples
-            .push((result.task_id.clone(), kind));
+            .push((result.task_id.clone(), kind, why_failed(&result)));
     }
     state.counts.done = state.written.len();
     *state
@@ -641,6 +642,21 @@ fn foreign(result: &ResultEnvelope, sender: Option<&str>, state: &State) -> Opti
             Some("it does not carry the batch's token (published by someone other than a worker running one of its tasks)".into())
         }
         _ => None,
+    }
+}
+
+/// Why a task failed, in one line: the last line of its command's stderr when it wrote one (a
+/// failed GDAL step says why there), else the error message; at most 200 characters.
+fn why_failed(result: &ResultEnvelope) -> String {
+    let stderr_line = result.output["stderr"]
+        .as_str()
+        .and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty()))
+        .map(str::trim);
+    let message = result.error.as_ref().map(|e| e.message.as_str());
+    let why = stderr_line.or(message).unwrap_or_default();
+    match why.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &why[..cut]),
+        None => why.to_string(),
     }
 }
 
