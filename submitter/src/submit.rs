@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use lapin::{BasicProperties, Connection};
-use tracing::warn;
+use tracing::{info, warn};
 use warren_broker::connection::{RetryBudget, connect};
 use warren_broker::protocol::{
     self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, TaskEnvelope,
@@ -278,6 +278,7 @@ impl Submitter {
             fingerprint: &journal.fingerprint,
         };
         let mut retry = RetryBudget::new(options.retry_for);
+        let mut said = None;
         let mut confirmed_before = confirmed.iter().filter(|c| **c).count();
         loop {
             match self
@@ -301,10 +302,19 @@ impl Submitter {
                         _ if done == 0 => return Err(e.into()),
                         _ => return Err(interrupted(&confirmed, &retry, e)),
                     };
-                    warn!(
-                        "publishing interrupted ({e}); retrying in {delay:.1?}, {} task(s) not yet confirmed",
-                        confirmed.len() - done
-                    );
+                    // The whole story once per kind of failure, then a short line per retry.
+                    let kind = std::mem::discriminant(&e);
+                    if said.replace(kind) == Some(kind) {
+                        info!(
+                            "still interrupted; retrying in {delay:.1?}, {} task(s) not yet confirmed",
+                            confirmed.len() - done
+                        );
+                    } else {
+                        warn!(
+                            "publishing interrupted ({e}); retrying in {delay:.1?}, {} task(s) not yet confirmed",
+                            confirmed.len() - done
+                        );
+                    }
                     self.reset();
                     tokio::time::sleep(delay).await;
                 }
