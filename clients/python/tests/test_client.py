@@ -172,6 +172,11 @@ class Executor(unittest.TestCase):
                 [o["stdout"] for o in pool.map([["sh", "-c", "echo a"], ["sh", "-c", "echo b"]], timeout=60)],
                 ["a\n", "b\n"],
             )
+            # concurrent.futures' shape: a function of the items, then the items.
+            self.assertEqual(
+                [o["stdout"] for o in pool.map(lambda x, y: ["sh", "-c", f"echo {x}{y}"], "ab", "cd", timeout=60)],
+                ["ac\n", "bd\n"],
+            )
 
     def test_a_bad_task_is_refused_at_submit(self):
         with WarrenExecutor(queue=QUEUE) as pool:

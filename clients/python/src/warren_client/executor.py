@@ -105,9 +105,13 @@ class WarrenExecutor(Executor):
         return future
 
     def map(  # type: ignore[override]
-        self, argvs: Any, *, timeout: Optional[float] = None, chunksize: int = 1
+        self, fn: Any, *iterables: Any, timeout: Optional[float] = None, chunksize: int = 1
     ) -> Any:
-        """Runs each argv of ``argvs``; yields their outputs in order (raises TaskFailed)."""
+        """As :meth:`concurrent.futures.Executor.map`, where ``fn(*items)`` returns the argv (or
+        :class:`Task`) to run for each set of items: ``pool.map(lambda f: ["gdalinfo", f], files)``.
+        Yields the outputs in order (raises TaskFailed). ``map(argvs)``, a plain iterable of argvs,
+        works too."""
+        argvs = map(fn, *iterables) if callable(fn) else fn
         futures = [self.submit(argv) for argv in argvs]
 
         def outputs() -> Any:
