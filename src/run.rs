@@ -61,7 +61,13 @@ pub struct RunArgs {
     /// Hours a run's queues are kept after the last activity.
     #[arg(long, default_value_t = DEFAULT_RESULT_EXPIRY.as_secs_f64() / 3600.0)]
     result_expiry_hours: f64,
+    /// With --dry-run, list every item (else the first 10 of each stage).
+    #[arg(long, short = 'v')]
+    verbose: bool,
 }
+
+/// Items listed per stage by --dry-run without --verbose.
+const DRY_RUN_ITEMS: usize = 10;
 
 /// Runs `warren run`; returns the exit status.
 pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
@@ -78,8 +84,19 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
             Ok(stages) => {
                 for (stage, items) in stages {
                     println!("{stage}: {} item(s) would run", items.len());
-                    for item in items {
+                    let shown = if args.verbose {
+                        items.len()
+                    } else {
+                        DRY_RUN_ITEMS
+                    };
+                    for item in items.iter().take(shown) {
                         println!("  {item}");
+                    }
+                    if items.len() > shown {
+                        println!(
+                            "  ... and {} more (--verbose lists them all)",
+                            items.len() - shown
+                        );
                     }
                 }
                 EXIT_OK
@@ -119,6 +136,26 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
             return usage(&e.to_string());
         }
         options.run = run.clone();
+    }
+    // What can be checked is checked before a run id is handed out: items that do not exist
+    // (a glob matching nothing), stage queues nobody declared.
+    if !options.resume
+        && let Err(message) = dry_run(&pipeline, options.force)
+    {
+        return usage(&format!("{message}; nothing was submitted"));
+    }
+    if !options.create_queue {
+        let mut submitter =
+            warren_submitter::Submitter::new(amqp.clone(), crate::cli::connection_name("run"));
+        let queues: std::collections::BTreeSet<&str> =
+            pipeline.stages.iter().map(|s| s.queue.as_str()).collect();
+        for queue in queues {
+            if let Err(e @ warren_broker::BrokerError::TaskQueueMissing { .. }) =
+                submitter.require_queue(queue).await
+            {
+                return usage(&format!("{e}; nothing was submitted"));
+            }
+        }
     }
     let run = options.run.clone();
     // The run id first, so that a run stopped any way can be resumed and inspected.

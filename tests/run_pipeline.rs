@@ -201,6 +201,32 @@ async fn bad_pipeline_files_are_named_and_nothing_is_submitted() {
     let empty = warren_run(&dir, &queue, &[]).await;
     assert_eq!(empty.code, Some(2), "{}", empty.stderr);
     assert!(empty.stderr.contains("matches no file"), "{}", empty.stderr);
+    assert!(
+        empty.stdout.is_empty(),
+        "no run id for a run that cannot start: {}",
+        empty.stdout
+    );
+    assert!(
+        !empty.stderr.contains("status: warren status --run"),
+        "{}",
+        empty.stderr
+    );
+    // A stage queue nobody declared (a typo) is refused before a run id is given out too.
+    let dir = project("runbad", 1, THREE_STAGES);
+    let typo = run_warren(
+        &[
+            "run",
+            "--queue",
+            &queue,
+            dir.join("p.toml").to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(typo.code, Some(2), "{}", typo.stderr);
+    assert!(typo.stderr.contains("does not exist"), "{}", typo.stderr);
+    assert!(typo.stdout.is_empty(), "no run id: {}", typo.stdout);
     let status = run_warren(&["status", "--queue", &queue], None, MINUTE).await;
     assert_eq!(
         status.code,
