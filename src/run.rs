@@ -220,6 +220,9 @@ fn summary(plan: &Plan, took: Duration) -> u64 {
             };
             if listed < 20 {
                 eprintln!("  {}: {item}: {why}", stage.name);
+                for line in plan.failure(index, item).unwrap_or_default().lines() {
+                    eprintln!("      | {line}");
+                }
             }
             listed += 1;
         }

@@ -31,7 +31,7 @@ const THREE_STAGES: &str = r#"
 [[stage]]
 name = "up"
 each = "raw/*.txt"
-command = ["sh", "-c", "echo \"up $1\" >> runs.log; case \"$1\" in *FAIL*) exit 3;; esac; mkdir -p work && tr a-z A-Z < \"$1\" > \"$2\"", "sh", "{}", "work/{stem}.up"]
+command = ["sh", "-c", "echo \"up $1\" >> runs.log; case \"$1\" in *FAIL*) echo \"ERROR 4: $1: not recognized as a supported file format\" >&2; exit 3;; esac; mkdir -p work && tr a-z A-Z < \"$1\" > \"$2\"", "sh", "{}", "work/{stem}.up"]
 outputs = ["work/{stem}.up"]
 
 [[stage]]
@@ -151,6 +151,8 @@ async fn a_failing_item_skips_only_its_own_downstream() {
     assert_eq!(done.code, Some(1), "{}", done.stderr);
     for named in [
         "up: raw/FAIL.txt: failed (exit_status)",
+        // Why, from the step's own stderr, where the user already looks.
+        "| ERROR 4: raw/FAIL.txt: not recognized as a supported file format",
         "gz: work/FAIL.up: skipped",
         "list: (once): skipped",
     ] {

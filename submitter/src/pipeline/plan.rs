@@ -73,7 +73,13 @@ pub struct Plan {
     all_known: Vec<bool>,
     /// Every chained stage waits for the whole of its upstream (for comparisons).
     barriers: bool,
+    /// Why items failed in this session (the last lines of their stderr, or the error), for the
+    /// first [`KEPT_FAILURES`] failures.
+    failures: BTreeMap<(usize, String), String>,
 }
+
+/// Failures whose reason a plan keeps.
+pub const KEPT_FAILURES: usize = 50;
 
 impl Plan {
     /// A plan for `pipeline` with no items yet; give the first stages theirs with [`Plan::add_items`].
@@ -83,6 +89,7 @@ impl Plan {
             items: vec![BTreeMap::new(); n],
             all_known: vec![false; n],
             barriers: false,
+            failures: BTreeMap::new(),
             pipeline,
         };
         for (index, stage) in plan.pipeline.stages.iter().enumerate() {
@@ -122,6 +129,20 @@ impl Plan {
     /// Every item of a stage with its state.
     pub fn items(&self, stage: usize) -> &BTreeMap<String, ItemState> {
         &self.items[stage]
+    }
+
+    /// Keeps why `item` of `stage` failed (bounded to [`KEPT_FAILURES`] items).
+    pub fn note_failure(&mut self, stage: usize, item: &str, why: String) {
+        if self.failures.len() < KEPT_FAILURES {
+            self.failures.insert((stage, item.to_string()), why);
+        }
+    }
+
+    /// Why `item` of `stage` failed, when this session saw it.
+    pub fn failure(&self, stage: usize, item: &str) -> Option<&str> {
+        self.failures
+            .get(&(stage, item.to_string()))
+            .map(String::as_str)
     }
 
     /// Whether every item of `stage` is known and final.

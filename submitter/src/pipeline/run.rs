@@ -272,6 +272,25 @@ pub fn dry_run(pipeline: &Pipeline, force: bool) -> Result<Vec<(String, Vec<Stri
         .collect())
 }
 
+/// The last 3 lines of a failed task's stderr (its command says why there), else its error
+/// message; each line at most 300 characters.
+fn failure_tail(result: &warren_broker::protocol::ResultEnvelope) -> String {
+    let stderr = result.output["stderr"].as_str().unwrap_or_default();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = if lines.is_empty() {
+        vec![result.error.as_ref().map_or("", |e| e.message.as_str())]
+    } else {
+        lines[lines.len().saturating_sub(3)..].to_vec()
+    };
+    tail.iter()
+        .map(|l| match l.char_indices().nth(300) {
+            Some((cut, _)) => format!("{}…", &l[..cut]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Reads the newest recorded state of `run`, leaving it in place; None when the run has none.
 pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunState>, RunError> {
     let mut submitter = Submitter::new(amqp.clone(), "warren-status");
@@ -618,6 +637,7 @@ impl Runner<'_> {
         let outcome = if result.status == TaskStatus::Succeeded {
             ItemState::Done
         } else {
+            self.plan.note_failure(stage, &item, failure_tail(&result));
             ItemState::Failed(
                 result
                     .error
