@@ -144,6 +144,20 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
             if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {
                 return usage(&format!("the task's arguments: {e}"));
             }
+            // Items expand here but run on the workers: relative ones only name the same files
+            // where the command runs in the same folder.
+            if task.args.get("cwd").is_none_or(serde_json::Value::is_null)
+                && let Some(relative) = items.iter().find(|i| !i.starts_with('/'))
+            {
+                let here = std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|_| ".".into());
+                eprintln!(
+                    "warning: the items are relative paths (e.g. {relative}), found from {here}, but \
+                     each command runs in its worker's own folder: add `--cwd {here}` to the exec \
+                     task (or give absolute paths) so {{}} names the same file there"
+                );
+            }
             if !has_placeholder(&task.args) {
                 eprintln!(
                     "warning: the task has no placeholder ({{}}, {{name}}, {{stem}}, ...), so all {} task(s) are the same",
