@@ -728,4 +728,26 @@ async fn misplaced_flags_and_misspelt_placeholders_get_the_right_advice() {
         "only the right error: {}",
         misspelt.stderr
     );
+    // Relative items name files here; the commands run in the workers' folders: say so.
+    let relative = run_warren(
+        &[
+            "submit",
+            "--queue",
+            &unique_queue("relative"),
+            "--each",
+            "src/*.rs",
+            "exec",
+            "--",
+            "wc",
+            "{}",
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert!(
+        relative.stderr.contains("add `--cwd"),
+        "{}",
+        relative.stderr
+    );
 }
