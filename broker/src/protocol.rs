@@ -541,7 +541,7 @@ pub fn encode<T: Serialize>(envelope: &T) -> Vec<u8> {
 
 /// Decodes a task envelope, checking size and version first so the error names the real cause.
 pub fn decode_task(bytes: &[u8], limit: usize) -> Result<TaskEnvelope, DecodeError> {
-    let task: TaskEnvelope = decode_checked(bytes, limit)?;
+    let task: TaskEnvelope = decode_checked(bytes, limit, &["seq"])?;
     if task.seq.is_none() {
         return Err(DecodeError::MissingField("seq".into()));
     }
@@ -603,7 +603,7 @@ pub struct Cancellation {
 
 /// Decodes a cancellation record.
 pub fn decode_cancellation(bytes: &[u8]) -> Result<Cancellation, DecodeError> {
-    decode_checked(bytes, 64 * 1024)
+    decode_checked(bytes, 64 * 1024, &[])
 }
 
 /// Most retries a task may ask for.
@@ -632,12 +632,12 @@ pub fn validate_retries(max_retries: Option<u32>, backoff_s: Option<f64>) -> Res
 
 /// Decodes a result envelope.
 pub fn decode_result(bytes: &[u8], limit: usize) -> Result<ResultEnvelope, DecodeError> {
-    decode_checked(bytes, limit)
+    decode_checked(bytes, limit, &[])
 }
 
 /// Decodes a batch manifest.
 pub fn decode_manifest(bytes: &[u8], limit: usize) -> Result<BatchManifest, DecodeError> {
-    decode_checked(bytes, limit)
+    decode_checked(bytes, limit, &[])
 }
 
 /// Checks that `value` can serve as a task or batch id.
@@ -659,16 +659,70 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Only the version field, read before the whole envelope so a newer envelope whose other fields
-/// changed is reported as a version problem rather than as a confusing shape error.
-#[derive(Deserialize)]
-struct VersionProbe {
-    v: Option<Value>,
+/// What is read of an envelope before the envelope itself: that it is a map with string keys
+/// (integer keys would be read positionally, as serde reads a struct from an array), its version
+/// (so a newer envelope is reported as a version problem rather than a shape error), and which
+/// fields are nil.
+#[derive(Default)]
+struct Probe {
+    /// `None`: no `v`; `Some(None)`: `v` is nil.
+    v: Option<Option<Value>>,
+    nil: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ProbeVisitor)
+    }
+}
+
+struct ProbeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ProbeVisitor {
+    type Value = Probe;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map with string keys (an envelope)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+        let mut probe = Probe::default();
+        while let Some(key) = map.next_key::<StringKey>()? {
+            if key.0 == "v" {
+                probe.v = Some(map.next_value::<Option<Value>>()?);
+            } else if map.next_value::<Option<serde::de::IgnoredAny>>()?.is_none() {
+                probe.nil.push(key.0);
+            }
+        }
+        Ok(probe)
+    }
+}
+
+/// A map key that must be a string.
+struct StringKey(String);
+
+impl<'de> Deserialize<'de> for StringKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = StringKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string map key (the envelope's keys are field names)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringKey, E> {
+                Ok(StringKey(v.to_string()))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Decodes an envelope of at most `limit` bytes; nil in any of `required` (fields that serde reads
+/// as optional but the protocol requires) is `invalid_field`, as for every other required field.
 fn decode_checked<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     limit: usize,
+    required: &[&str],
 ) -> Result<T, DecodeError> {
     if bytes.len() > limit {
         return Err(DecodeError::Oversize {
@@ -676,15 +730,27 @@ fn decode_checked<T: serde::de::DeserializeOwned>(
             limit,
         });
     }
-    let probe: VersionProbe =
+    let probe: Probe =
         rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Undecodable(e.to_string()))?;
     match probe.v {
         None => return Err(DecodeError::MissingField("v".into())),
-        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
-        Some(other) => {
+        Some(None) => {
+            return Err(DecodeError::Invalid(
+                "v: nil is not accepted in a required field".into(),
+            ));
+        }
+        Some(Some(Value::Number(n))) if n.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+        Some(Some(other)) => {
             return Err(DecodeError::UnsupportedVersion {
                 found: other.to_string(),
             });
+        }
+    }
+    for field in required {
+        if probe.nil.iter().any(|n| n == field) {
+            return Err(DecodeError::Invalid(format!(
+                "{field}: nil is not accepted in a required field"
+            )));
         }
     }
     let mut reader = rmp_serde::Deserializer::from_read_ref(bytes);
@@ -904,14 +970,48 @@ mod tests {
             let task = decode_task(&raw_task(field, Some(rmpv::Value::Nil)), 1 << 20);
             assert!(task.is_ok(), "nil {field}: {:?}", task.err());
         }
-        for field in ["id", "batch", "kind", "reply_to", "seq"] {
+        // nil in a required field is invalid_field, whichever field it is (v and seq too).
+        for field in ["v", "id", "batch", "kind", "reply_to", "seq"] {
             let (kind, message) = refusal(&raw_task(field, Some(rmpv::Value::Nil)));
-            assert!(
-                kind == "invalid_field" || kind == "missing_field",
-                "nil {field}: {kind} {message}"
-            );
+            assert_eq!(kind, "invalid_field", "nil {field}: {message}");
             assert!(message.contains(field), "{message}");
         }
+    }
+
+    #[test]
+    fn an_envelope_is_a_map_with_string_keys_never_read_by_position() {
+        use rmpv::Value as V;
+        // Integer keys 0..5 would be read as the struct's fields in order.
+        let positional = V::Map(
+            [
+                V::from(1),
+                V::from("t1"),
+                V::from("b1"),
+                V::from(0),
+                V::from("echo"),
+            ]
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (V::from(i as u64), v))
+            .collect(),
+        );
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &positional).unwrap();
+        let (kind, message) = refusal(&bytes);
+        assert_eq!(kind, "undecodable", "{message}");
+        assert!(message.contains("string map key"), "{message}");
+        // A valid envelope with an extra integer key is refused the same way, not as a
+        // duplicate field.
+        let mut extra = Vec::new();
+        let mut fields = match rmpv::decode::read_value(&mut &raw_task("x", None)[..]).unwrap() {
+            V::Map(fields) => fields,
+            _ => unreachable!(),
+        };
+        fields.push((V::from(0), V::from("x")));
+        rmpv::encode::write_value(&mut extra, &V::Map(fields)).unwrap();
+        let (kind, message) = refusal(&extra);
+        assert_eq!(kind, "undecodable", "{message}");
+        assert!(!message.contains("duplicate"), "{message}");
     }
 
     #[test]
