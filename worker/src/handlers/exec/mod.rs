@@ -43,6 +43,13 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             "argv is empty: give at least the program to run",
         ));
     };
+    // A NUL byte cannot reach a program (C strings end there): refused as the env rule does.
+    if let Some(at) = args.argv.iter().position(|a| a.contains('\0')) {
+        return Err(TaskFailure::rejected(
+            ErrorKind::InvalidArgs,
+            format!("argv[{at}] holds a NUL byte, which no program can receive"),
+        ));
+    }
     let resolved = policy.resolve(program)?;
     let mut env = policy.command_env(&args.env)?;
     let sandbox = policy.sandbox();
@@ -331,6 +338,21 @@ mod tests {
         assert_eq!(out["stdout"], "in\nhi\n");
         assert_eq!(out["stderr"], "err\n");
         assert_eq!(out["exit_code"], 0);
+    }
+
+    #[tokio::test]
+    async fn nul_bytes_in_argv_and_env_are_refused_alike() {
+        for args in [
+            json!({"argv": ["sh", "-c", "echo a\0b"]}),
+            json!({"argv": ["sh"], "env": {"LANG": "C\0"}}),
+        ] {
+            let err = run(&any(), &task(args.clone())).await.unwrap_err();
+            assert_eq!(
+                (err.status, err.error.kind.as_str()),
+                (TaskStatus::Rejected, "invalid_args"),
+                "{args}"
+            );
+        }
     }
 
     #[tokio::test]
