@@ -91,17 +91,109 @@ pub fn short(name: &str) -> Result<ShortString, BrokerError> {
     })
 }
 
+/// Each kind of queue Warren declares; [`QueueKind::arguments`] gives its declaration arguments
+/// (docs/protocol.md's queue table is held to them by a test).
+#[derive(Debug, Clone, Copy)]
+pub enum QueueKind<'a> {
+    /// A task queue, dead-lettering to its `.dead` queue.
+    Task {
+        /// The task queue's name.
+        task_queue: &'a str,
+    },
+    /// A task queue's dead-letter queue.
+    Dead,
+    /// A batch's result queue, dead-lettering unreadable results to the task queue's `.dead`.
+    Results {
+        /// The batch's task queue.
+        task_queue: &'a str,
+        /// Idle time before RabbitMQ deletes it.
+        expiry: Duration,
+    },
+    /// A batch's manifest queue or a run's state queue.
+    Expiring {
+        /// Idle time before RabbitMQ deletes it.
+        expiry: Duration,
+    },
+    /// The cancellations stream.
+    Cancellations,
+    /// A retry delay queue of `task_queue`.
+    Retry {
+        /// The task queue the retries go back to.
+        task_queue: &'a str,
+        /// The delay.
+        delay: Duration,
+    },
+}
+
+impl QueueKind<'_> {
+    /// The arguments a queue of this kind is declared with.
+    pub fn arguments(&self) -> FieldTable {
+        match *self {
+            QueueKind::Task { task_queue } => {
+                let mut args = replicated();
+                dead_letter_to(&mut args, &dead_letter_queue(task_queue));
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(DELIVERY_LIMIT),
+                );
+                args
+            }
+            QueueKind::Dead => replicated(),
+            QueueKind::Results { task_queue, expiry } => {
+                let mut args = replicated();
+                args.insert("x-expires".into(), expires(expiry));
+                // One collector at a time: quorum queues do not refuse a second exclusive
+                // consumer, so a second one waits as a standby (collectors also take a lock).
+                args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+                dead_letter_to(&mut args, &dead_letter_queue(task_queue));
+                args
+            }
+            QueueKind::Expiring { expiry } => {
+                let mut args = replicated();
+                args.insert("x-expires".into(), expires(expiry));
+                args
+            }
+            QueueKind::Cancellations => {
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from("stream")),
+                );
+                args.insert(
+                    "x-max-age".into(),
+                    AMQPValue::LongString(LongString::from("7D")),
+                );
+                args
+            }
+            QueueKind::Retry { task_queue, delay } => {
+                let ms = retry_ms(delay);
+                let mut args = FieldTable::default();
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(ms.saturating_add(60_000)),
+                );
+                dead_letter_to(&mut args, task_queue);
+                args
+            }
+        }
+    }
+}
+
+fn retry_ms(delay: Duration) -> i64 {
+    i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
 /// Declares a task queue and its dead-letter queue (both durable quorum queues).
 pub async fn declare_task_queue(channel: &Channel, task_queue: &str) -> Result<Queue, BrokerError> {
     let dead = dead_letter_queue(task_queue);
-    declare(channel, &dead, replicated()).await?;
-    let mut args = replicated();
-    dead_letter_to(&mut args, &dead);
-    args.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(DELIVERY_LIMIT),
-    );
-    declare(channel, task_queue, args).await
+    declare(channel, &dead, QueueKind::Dead.arguments()).await?;
+    declare(
+        channel,
+        task_queue,
+        QueueKind::Task { task_queue }.arguments(),
+    )
+    .await
 }
 
 /// Declares the result and manifest queues of a batch; both expire after `expiry` unused.
@@ -124,14 +216,8 @@ pub async fn declare_result_queue(
     task_queue: &str,
     expiry: Duration,
 ) -> Result<(), BrokerError> {
-    let mut results = replicated();
-    results.insert("x-expires".into(), expires(expiry));
-    // One collector at a time: quorum queues do not refuse a second exclusive consumer, so a
-    // second one waits as a standby (collectors check the consumer count first, to say who holds
-    // the batch).
-    results.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    dead_letter_to(&mut results, &dead_letter_queue(task_queue));
-    declare(channel, &result_queue(batch), results).await?;
+    let args = QueueKind::Results { task_queue, expiry }.arguments();
+    declare(channel, &result_queue(batch), args).await?;
     Ok(())
 }
 
@@ -155,9 +241,7 @@ async fn declare_expiring(
     queue: &str,
     expiry: Duration,
 ) -> Result<(), BrokerError> {
-    let mut args = replicated();
-    args.insert("x-expires".into(), expires(expiry));
-    declare(channel, queue, args).await?;
+    declare(channel, queue, QueueKind::Expiring { expiry }.arguments()).await?;
     Ok(())
 }
 
@@ -185,16 +269,12 @@ pub fn cancellations_stream() -> String {
 
 /// Declares [`cancellations_stream`].
 pub async fn declare_cancellations(channel: &Channel) -> Result<(), BrokerError> {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("stream")),
-    );
-    args.insert(
-        "x-max-age".into(),
-        AMQPValue::LongString(LongString::from("7D")),
-    );
-    declare(channel, &cancellations_stream(), args).await?;
+    declare(
+        channel,
+        &cancellations_stream(),
+        QueueKind::Cancellations.arguments(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -207,15 +287,8 @@ pub async fn declare_retry_queue(
     task_queue: &str,
     delay: Duration,
 ) -> Result<String, BrokerError> {
-    let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
-    let name = format!("{task_queue}.retry.{ms}ms");
-    let mut args = FieldTable::default();
-    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms));
-    args.insert(
-        "x-expires".into(),
-        AMQPValue::LongLongInt(ms.saturating_add(60_000)),
-    );
-    dead_letter_to(&mut args, task_queue);
+    let name = format!("{task_queue}.retry.{}ms", retry_ms(delay));
+    let args = QueueKind::Retry { task_queue, delay }.arguments();
     declare(channel, &name, args).await?;
     Ok(name)
 }

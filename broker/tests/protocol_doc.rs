@@ -255,3 +255,56 @@ fn the_exec_arguments_and_cancellation_records_are_described_field_by_field() {
         .collect();
     assert_eq!(documented, keys(&cancel));
 }
+
+#[test]
+fn the_queue_table_gives_each_queue_the_arguments_it_is_declared_with() {
+    use warren_broker::topology::QueueKind;
+    let doc = document();
+    let rows = table(&doc, "## Queues");
+    let hour = std::time::Duration::from_secs(3600);
+    let kinds = [
+        ("`<tasks>` ", QueueKind::Task { task_queue: "t" }),
+        ("`<tasks>.dead`", QueueKind::Dead),
+        (
+            "`warren.results.<batch>`",
+            QueueKind::Results {
+                task_queue: "t",
+                expiry: hour,
+            },
+        ),
+        (
+            "`warren.batches.<batch>`",
+            QueueKind::Expiring { expiry: hour },
+        ),
+        ("`warren.runs.<run>`", QueueKind::Expiring { expiry: hour }),
+        ("`warren.cancellations`", QueueKind::Cancellations),
+        (
+            "`<tasks>.retry.<ms>ms`",
+            QueueKind::Retry {
+                task_queue: "t",
+                delay: hour,
+            },
+        ),
+    ];
+    for (name, kind) in kinds {
+        let row = rows
+            .iter()
+            .find(|r| format!("{} ", r[0]).starts_with(name))
+            .unwrap_or_else(|| panic!("the queue table has no row {name}"));
+        // `x-name=value` pairs in the arguments column.
+        let documented: BTreeSet<String> = row[2]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|pair| pair.split('=').next())
+            .map(str::to_string)
+            .collect();
+        let declared: BTreeSet<String> = kind
+            .arguments()
+            .inner()
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(documented, declared, "queue {name}: the table's arguments");
+    }
+}
