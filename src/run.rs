@@ -144,6 +144,21 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     {
         return usage(&format!("{message}; nothing was submitted"));
     }
+    // A resume with another pipeline file is refused before anything is declared for it.
+    if options.resume {
+        match read_state(&amqp, &options.run).await {
+            Ok(Some(state)) if state.fingerprint != pipeline.fingerprint => {
+                return usage(&format!(
+                    "run {} was started with another version of {}; resume it with the original \
+                     file, or start a new run (items whose outputs are up to date are skipped)",
+                    options.run,
+                    args.pipeline.display()
+                ));
+            }
+            // Anything else (a broker not reachable yet) is left to the run, which retries.
+            _ => {}
+        }
+    }
     if !options.create_queue {
         let mut submitter =
             warren_submitter::Submitter::new(amqp.clone(), crate::cli::connection_name("run"));

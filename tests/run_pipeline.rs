@@ -564,3 +564,52 @@ async fn a_state_pre_seeded_by_another_user_is_not_adopted() {
     );
     assert_eq!(runs(&fresh_dir).len(), 5, "{:?}", runs(&fresh_dir));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_with_a_changed_pipeline_is_refused_before_anything_is_declared() {
+    let queue = unique_queue("resumechanged");
+    let dir = project("resumechanged", 1, THREE_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let done = warren_run(&dir, &queue, &[]).await;
+    assert_eq!(done.code, Some(0), "{}", done.stderr);
+    let run = done.stdout.lines().next().unwrap().to_string();
+    // The finished run's results queue is gone; its state is kept for a resume.
+    let results = format!("warren.results.{run}");
+    let exists = |queue: String| async move {
+        let (connection, channel) = raw_channel().await;
+        let found = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .is_ok();
+        let _ = connection.close(200, "bye".into()).await;
+        found
+    };
+    assert!(
+        !exists(results.clone()).await,
+        "the results queue was deleted"
+    );
+    std::fs::write(
+        dir.join("p.toml"),
+        THREE_STAGES.replace("tr a-z A-Z", "tr a-z a-z"),
+    )
+    .unwrap();
+    let refused = warren_run(&dir, &queue, &["--resume", &run]).await;
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("another version"),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stdout.is_empty(), "no run id: {}", refused.stdout);
+    assert!(
+        !exists(results).await,
+        "the refused resume declared the results queue again"
+    );
+}
