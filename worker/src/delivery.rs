@@ -58,14 +58,16 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         }
     }
     let arrival = Arrival::of(&delivery.properties);
-    let attempt = arrival.attempt;
+    // One meaning everywhere (handler, result, log, metric): runs of the task so far, retries
+    // and redeliveries alike. The delivery limit counts deliveries of this message only.
+    let attempt = arrival.attempt();
     let mut task = match protocol::decode_task(&delivery.data, ctx.max_message_bytes) {
         Ok(task) => task,
         Err(error) => return reject_malformed(&ctx, delivery, &error, arrival).await,
     };
     let handler = ctx.registry.get(&task.kind);
     let expired = task.expired(SystemTime::now());
-    let limit_reached = attempt >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX);
+    let limit_reached = arrival.delivery >= u32::try_from(DELIVERY_LIMIT).unwrap_or(u32::MAX);
     // Registering the task as running is also how a cancellation is found.
     let running = (!limit_reached && handler.is_some() && !expired)
         .then(|| {
@@ -209,7 +211,7 @@ async fn refuse(
                 format!(
                     "task was delivered {} times without finishing (does it crash or exhaust its worker?); \
                      not run again, dead-lettered",
-                    arrival.attempt
+                    arrival.delivery
                 ),
             ),
         ),
@@ -514,7 +516,7 @@ async fn reject_malformed(
                 output: Value::Null,
                 error: Some(task_error.clone()),
                 worker: ctx.worker.clone(),
-                attempt: arrival.attempt + arrival.retries,
+                attempt: arrival.attempt(),
                 previous_errors: arrival.previous_errors.clone(),
                 replayed: arrival.replayed,
                 labels: Default::default(),
@@ -691,7 +693,7 @@ impl Drop for Refused<'_> {
 /// What the delivery's headers say about this run of the task.
 struct Arrival {
     /// 1 on the first delivery of this message, +1 on each redelivery.
-    attempt: u32,
+    delivery: u32,
     /// Retries that came before this message (each retry is a new message).
     retries: u32,
     /// Their errors, oldest first.
@@ -701,10 +703,15 @@ struct Arrival {
 }
 
 impl Arrival {
+    /// The attempt number: 1 for the first run, +1 for each retry and each redelivery.
+    fn attempt(&self) -> u32 {
+        self.delivery.saturating_add(self.retries)
+    }
+
     fn of(properties: &BasicProperties) -> Self {
         let number = |name| header_value(properties, name).and_then(|n| n.parse::<u32>().ok());
         Self {
-            attempt: number(HEADER_DELIVERY_COUNT).map_or(1, |n| n.saturating_add(1)),
+            delivery: number(HEADER_DELIVERY_COUNT).map_or(1, |n| n.saturating_add(1)),
             retries: number(HEADER_RETRIES).unwrap_or(0),
             // Written by a worker; anything unreadable is left out rather than failing the task.
             previous_errors: header_value(properties, HEADER_PREVIOUS_ERRORS)
@@ -734,7 +741,7 @@ fn result_of(
         output,
         error,
         worker: ctx.worker.clone(),
-        attempt: arrival.attempt + arrival.retries,
+        attempt: arrival.attempt(),
         previous_errors: arrival.previous_errors.clone(),
         replayed: arrival.replayed,
         labels: task.labels.clone(),

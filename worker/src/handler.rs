@@ -21,7 +21,8 @@ pub struct Task {
     pub kind: String,
     /// Arguments, as submitted.
     pub args: Value,
-    /// Attempt number, 1 on the first delivery.
+    /// Attempt number: 1 for the first run, +1 for each retry (`max_retries`) and each
+    /// redelivery; the result's `attempt` is the same number.
     pub attempt: u32,
     /// Labels, as submitted.
     pub labels: BTreeMap<String, String>,

@@ -141,3 +141,62 @@ fn uuid_like() -> String {
             .as_nanos()
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_retried_twice_is_attempt_3_for_its_handler_and_its_result() {
+    use std::sync::{Arc, Mutex};
+    let queue = format!("test.library.retry.{}", uuid_like());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    let worker = Worker::new(WorkerConfig {
+        amqp: AmqpSettings::new(TEST_AMQP_URL),
+        ..WorkerConfig::new(queue.clone())
+    })
+    .handler("flaky", move |task: Task| {
+        let recorded = Arc::clone(&recorded);
+        async move {
+            recorded.lock().unwrap().push(task.attempt);
+            if task.attempt < 3 {
+                return HandlerResult::Err(TaskFailure::failed("flaky", "not yet"));
+            }
+            HandlerResult::Ok(json!(task.attempt))
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async {
+        let _ = stop_rx.await;
+    }));
+    let mut submitter = Submitter::new(AmqpSettings::new(TEST_AMQP_URL), "library-test");
+    let task = TaskSpec {
+        max_retries: Some(2),
+        retry_backoff_s: Some(0.1),
+        ..spec("flaky", Value::Null)
+    };
+    let receipt = submitter
+        .submit(&vec![task], &SubmitOptions::new(queue.clone()))
+        .await
+        .expect("submit");
+    let mut sink = Collected::default();
+    let options = CollectOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    submitter
+        .collect(
+            &receipt.batch,
+            &mut sink,
+            &mut (),
+            &options,
+            std::future::pending(),
+        )
+        .await
+        .expect("collect");
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3], "the handler's attempts");
+    let result = &sink.0[0];
+    assert_eq!(result.status.as_str(), "succeeded");
+    assert_eq!(result.attempt, 3, "the result's attempt is the handler's");
+    assert_eq!(result.output, json!(3));
+    assert_eq!(result.previous_errors.len(), 2);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(30), running).await;
+}
