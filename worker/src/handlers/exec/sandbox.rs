@@ -144,6 +144,18 @@ impl Sandbox {
             .map_err(|e| format!("the tasks' TMPDIR folder {}: {e}", tmp_base.display()))?;
         let tmp_base = std::fs::canonicalize(&tmp_base)
             .map_err(|e| format!("the tasks' TMPDIR folder {}: {e}", tmp_base.display()))?;
+        // A base made by someone else (a shared /tmp) could be used to reach the tasks' folders.
+        let owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(&tmp_base)
+                .map_err(|e| format!("the tasks' TMPDIR folder {}: {e}", tmp_base.display()))?,
+        );
+        if owner != nix::unistd::geteuid().as_raw() {
+            return Err(format!(
+                "the tasks' TMPDIR folder {} belongs to another user (uid {owner}); give the \
+                 worker a folder of its own with --sandbox-tmp DIR",
+                tmp_base.display()
+            ));
+        }
         // Others may pass through to their own folder but not list the others'.
         set_mode(&tmp_base, 0o711)?;
         for secret in &config.secrets {
