@@ -28,8 +28,9 @@ pub struct Endpoints {
     /// Where the process registers its metrics.
     pub registry: Registry,
     ready: Arc<AtomicBool>,
-    /// While set, `/readyz` fails with this reason even when connected.
-    problem: Arc<Mutex<Option<String>>>,
+    /// While any is set, `/readyz` fails with its reason even when connected; keyed by cause, so
+    /// that one cause ending does not hide another.
+    problems: Arc<Mutex<std::collections::BTreeMap<&'static str, String>>>,
     names: Arc<Mutex<Vec<String>>>,
     /// When set, `/healthz` fails once no [`Endpoints::beat`] came for this long.
     stale_after: Option<std::time::Duration>,
@@ -91,18 +92,27 @@ impl Endpoints {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Sets (or clears, with None) a problem that makes `/readyz` fail with its text although the
-    /// process is connected: it cannot do its work now (e.g. a queue without quorum).
-    pub fn set_problem(&self, problem: Option<String>) {
-        if let Ok(mut p) = self.problem.lock() {
-            *p = problem;
+    /// Sets (or clears, with None) the problem of one `cause` that makes `/readyz` fail with its
+    /// text although the process is connected: it cannot do its work now (e.g. a queue without
+    /// quorum, results refused).
+    pub fn set_problem(&self, cause: &'static str, problem: Option<String>) {
+        if let Ok(mut problems) = self.problems.lock() {
+            match problem {
+                Some(text) => problems.insert(cause, text),
+                None => problems.remove(cause),
+            };
         }
     }
 
     /// Why `/readyz` fails, if it does.
     fn not_ready(&self) -> Option<String> {
-        if let Some(problem) = self.problem.lock().ok().and_then(|p| p.clone()) {
-            return Some(format!("not ready: {problem}"));
+        let problems = self
+            .problems
+            .lock()
+            .map(|p| p.values().cloned().collect::<Vec<_>>().join("; "))
+            .unwrap_or_default();
+        if !problems.is_empty() {
+            return Some(format!("not ready: {problems}"));
         }
         (!self.ready.load(Ordering::Relaxed)).then(|| "not ready".to_string())
     }

@@ -663,9 +663,10 @@ impl<'a> Refused<'a> {
         }
         if let Some(m) = &ctx.metrics {
             m.publishes_refused_now.inc();
-            m.set_problem(Some(format!(
-                "RabbitMQ refuses publishes to '{queue}': {error}"
-            )));
+            m.set_problem(
+                "publishes refused",
+                Some(format!("RabbitMQ refuses publishes to '{queue}': {error}")),
+            );
         }
         Self { ctx }
     }
@@ -683,7 +684,7 @@ impl Drop for Refused<'_> {
         }
         if before == 1 {
             if let Some(m) = &self.ctx.metrics {
-                m.set_problem(None);
+                m.set_problem("publishes refused", None);
             }
             info!("RabbitMQ takes publishes again; starting tasks again");
         }

@@ -127,8 +127,9 @@ impl WorkerMetrics {
         self.endpoints.set_ready(ready);
     }
 
-    /// Sets or clears what keeps a connected worker from working; `/readyz` says it.
-    pub fn set_problem(&self, problem: Option<String>) {
-        self.endpoints.set_problem(problem);
+    /// Sets or clears what keeps a connected worker from working, for one `cause`; `/readyz`
+    /// says it.
+    pub fn set_problem(&self, cause: &'static str, problem: Option<String>) {
+        self.endpoints.set_problem(cause, problem);
     }
 }

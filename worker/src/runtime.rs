@@ -219,7 +219,7 @@ impl Worker {
                             unavailable_since = Some(tokio::time::Instant::now());
                             if let Some(m) = &metrics {
                                 m.queue_unavailable.set(1);
-                                m.set_problem(Some(e.to_string()));
+                                m.set_problem("queue unavailable", Some(e.to_string()));
                             }
                         } else {
                             debug!("task queue still unavailable: {e}; retrying in {delay:.1?}");
@@ -307,7 +307,7 @@ impl Worker {
                     *unavailable_since = Some(tokio::time::Instant::now());
                     if let Some(m) = metrics {
                         m.queue_unavailable.set(1);
-                        m.set_problem(Some(problem));
+                        m.set_problem("queue unavailable", Some(problem));
                     }
                 }
                 consume.await
@@ -319,7 +319,7 @@ impl Worker {
             info!(queue = %cfg.queue, "the task queue is available again after {:.0?}", since.elapsed());
             if let Some(m) = metrics {
                 m.queue_unavailable.set(0);
-                m.set_problem(None);
+                m.set_problem("queue unavailable", None);
             }
         }
         let ctx = Arc::new(Context {
