@@ -403,3 +403,26 @@ async fn a_task_may_ask_for_less_than_the_workers_limits_never_more() {
         .unwrap_or_default();
     assert!(message.contains("--limit-file-size"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_turned_into_a_symlink_does_not_describe_a_file_outside_the_roots() {
+    let queue = unique_queue("outputlink");
+    let target = Target::new("outputlink");
+    let _worker = target.worker(&queue, &["ln"], &[]);
+    let secret = target.secret.display().to_string();
+    let results = run_tasks(
+        &queue,
+        &target.dir,
+        &[json!({"id": "link", "kind": "exec", "args": {
+            "argv": ["ln", "-s", secret, "out"], "cwd": target.data, "outputs": ["out"]}})],
+    )
+    .await;
+    let link = &results["link"];
+    assert_eq!(link["error"]["kind"], "missing_outputs", "{link}");
+    assert!(
+        link["output"]["outputs"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "the secret's size is not reported: {link}"
+    );
+}

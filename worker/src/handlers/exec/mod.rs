@@ -178,6 +178,12 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             Some(cwd) if path.is_relative() => cwd.join(path),
             _ => path.clone(),
         };
+        // Checked again now: the command may have made the output a symlink to a file outside
+        // the roots, which the (unconfined) worker must not describe.
+        if sandbox.is_some_and(|s| !s.within_data_roots(&full)) {
+            missing.push(format!("{} (leads outside the data roots)", path.display()));
+            continue;
+        }
         match std::fs::metadata(&full) {
             Ok(meta) => outputs.push(json!({"path": path, "size": meta.len()})),
             Err(_) => missing.push(path.display().to_string()),
