@@ -109,7 +109,8 @@ impl Sandbox {
                     .into(),
             );
         }
-        let data_roots = if config.data_roots.is_empty() {
+        let defaulted = config.data_roots.is_empty();
+        let data_roots = if defaulted {
             vec![std::env::current_dir().map_err(|e| format!("the working folder: {e}"))?]
         } else {
             config.data_roots
@@ -123,11 +124,16 @@ impl Sandbox {
             .collect::<Result<Vec<_>, _>>()?;
         for root in &data_roots {
             if root == Path::new("/") {
-                return Err(
-                    "--data-root /: a data root must be a folder for the tasks' data, \
-                            not the whole filesystem"
-                        .into(),
-                );
+                return Err(if defaulted {
+                    "without --data-root the worker's working folder is the tasks' data root, and \
+                     it is / here: give --data-root DIR (the folder of the tasks' files), or start \
+                     the worker in that folder"
+                        .into()
+                } else {
+                    "--data-root /: a data root must be a folder for the tasks' data, not the \
+                     whole filesystem"
+                        .into()
+                });
             }
         }
         // Read roots that do not exist here (/lib32 on most machines) are simply left out.
