@@ -30,6 +30,11 @@ pub const HEADER_VERSION: &str = "x-warren-version";
 pub const HEADER_DEAD_REASON: &str = "x-warren-dead-reason";
 /// Dead-letter reason of a result whose batch's result queue no longer exists.
 pub const DEAD_REASON_RESULT_QUEUE_MISSING: &str = "result_queue_missing";
+/// Dead-letter reason of a message in a result queue that a collector cannot read as a result.
+pub const DEAD_REASON_UNREADABLE_RESULT: &str = "unreadable_result";
+/// Dead-letter reason of a result a collector will not take: another batch's, a seq beyond the
+/// batch, or not published by one of the batch's workers.
+pub const DEAD_REASON_FOREIGN_RESULT: &str = "foreign_result";
 /// Header on a dead-lettered message: the human-readable detail of the reason.
 pub const HEADER_DEAD_DETAIL: &str = "x-warren-dead-detail";
 /// Header on a dead-lettered message: the queue it was consumed from.

@@ -21,11 +21,13 @@ use warren_broker::BrokerError;
 use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::error::is_access_refused;
+use warren_broker::properties::dead_letter_properties;
 use warren_broker::protocol::{
-    self, BatchManifest, MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
+    self, BatchManifest, DEAD_REASON_FOREIGN_RESULT, DEAD_REASON_UNREADABLE_RESULT,
+    MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
-use warren_broker::topology::{self, manifest_queue, result_queue, short};
+use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
 
 use crate::seqset::SeqSet;
 use crate::submit::Submitter;
@@ -541,17 +543,30 @@ async fn take_result(
         Ok(r) => r,
         Err(e) => {
             warn!(batch = %state.batch, "dead-lettering an unreadable message in the result queue: {e}");
-            channel
-                .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-                .await?;
+            let detail = e.to_string();
+            set_aside(
+                channel,
+                manifests,
+                &delivery,
+                state,
+                DEAD_REASON_UNREADABLE_RESULT,
+                &detail,
+            )
+            .await?;
             return Ok(false);
         }
     };
     if let Some(why) = foreign(&result, verified_user(&delivery.properties), state) {
         warn!(batch = %state.batch, task_id = %result.task_id, "dead-lettering a result that is not this batch's: {why}");
-        channel
-            .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-            .await?;
+        set_aside(
+            channel,
+            manifests,
+            &delivery,
+            state,
+            DEAD_REASON_FOREIGN_RESULT,
+            &why,
+        )
+        .await?;
         return Ok(false);
     }
     // The batch secret stays out of the output.
@@ -608,6 +623,48 @@ async fn take_result(
         .entry(result.status.as_str())
         .or_default() += 1;
     Ok(true)
+}
+
+/// Moves a message the collector will not take to the task queue's dead-letter queue, with why.
+/// Once the manifest names the task queue, the collector republishes it there itself (confirmed,
+/// with `reason` and `detail` headers) and leaves the delivery to be acked with the next
+/// checkpoint: a rejection is dead-lettered by the broker asynchronously, and deleting the result
+/// queue at the end of the batch could drop it on the way. Before that, it is rejected, and the
+/// result queue's own dead-letter route takes it.
+async fn set_aside(
+    channel: &Channel,
+    manifests: &Publisher,
+    delivery: &Delivery,
+    state: &State,
+    reason: &str,
+    detail: &str,
+) -> Result<(), CollectError> {
+    if let Some(manifest) = &state.manifest {
+        // The republished copy carries the collector's user_id (RabbitMQ allows no other): the
+        // detail keeps who the broker said had sent it.
+        let detail = match verified_user(&delivery.properties) {
+            Some(sender) => format!("{detail} (sent by user '{sender}')"),
+            None => format!("{detail} (sent without a verified user)"),
+        };
+        let properties = dead_letter_properties(
+            delivery.properties.clone(),
+            reason,
+            &detail,
+            &result_queue(&state.batch),
+            &format!("collector ({})", manifests.user()),
+        );
+        let dead = dead_letter_queue(&manifest.queue);
+        match manifests.publish(&dead, &delivery.data, properties).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                warn!(batch = %state.batch, "cannot republish to '{dead}' ({e}); rejecting the message instead");
+            }
+        }
+    }
+    channel
+        .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+        .await?;
+    Ok(())
 }
 
 /// Why `result` cannot be a worker's answer to a task of this batch, if it cannot. Before the
