@@ -17,6 +17,7 @@ mod batches;
 mod cancel;
 mod cli;
 mod dlq;
+mod logs;
 mod progress;
 mod run;
 mod status;
@@ -84,6 +85,8 @@ enum Command {
     Status(StatusArgs),
     /// Inspect, replay or drop what a task queue set aside (its dead-letter queue).
     Dlq(dlq::DlqArgs),
+    /// Show what each attempt of a run's or batch's tasks did: command, exit, worker, stderr.
+    Logs(logs::LogsArgs),
     /// Cancel a batch (or one task of it): queued tasks are not run, running ones are stopped.
     Cancel(CancelArgs),
     /// List the batches the broker holds: size, collected, waiting results, age, expiry.
@@ -227,6 +230,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         }
         Command::Cancel(args) => cancel::cancel(amqp, &args.batch, args.task.as_deref()).await,
         Command::Dlq(args) => dlq::run(args, amqp).await,
+        Command::Logs(args) => logs::logs(amqp, args).await,
         Command::Autoscale(args) => {
             let target = management(args.management_url.clone());
             autoscale::run(args, amqp, target).await

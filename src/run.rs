@@ -196,14 +196,14 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
             EXIT_USAGE_OR_CONNECTION
         }
         Ok((RunEnd::Stopped, plan)) => {
-            summary(&plan, started.elapsed());
+            summary(&run, &plan, started.elapsed());
             eprintln!(
                 "stopped early: what finished is recorded, and submitted tasks still run. Continue with: {resume}"
             );
             EXIT_INCOMPLETE
         }
         Ok((RunEnd::Finished, plan)) => {
-            let failed = summary(&plan, started.elapsed());
+            let failed = summary(&run, &plan, started.elapsed());
             if failed > 0 {
                 eprintln!(
                     "after fixing the cause, run the pipeline again: only the failed items and what depends on them run (outputs that are up to date are skipped)"
@@ -217,7 +217,7 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
 }
 
 /// Prints per-stage counts and the items that failed or were skipped; returns the failures.
-fn summary(plan: &Plan, took: Duration) -> u64 {
+fn summary(run: &str, plan: &Plan, took: Duration) -> u64 {
     let mut failed = 0;
     let mut listed = 0;
     for (index, stage) in plan.pipeline().stages.iter().enumerate() {
@@ -235,8 +235,16 @@ fn summary(plan: &Plan, took: Duration) -> u64 {
             };
             if listed < 20 {
                 eprintln!("  {}: {item}: {why}", stage.name);
-                for line in plan.failure(index, item).unwrap_or_default().lines() {
-                    eprintln!("      | {line}");
+                if let ItemState::Failed(_) = state {
+                    for line in plan.failure(index, item).unwrap_or_default().lines() {
+                        eprintln!("      | {line}");
+                    }
+                    let quoted = shlex::try_quote(item)
+                        .map_or_else(|_| item.to_string(), |q| q.into_owned());
+                    eprintln!(
+                        "      every attempt: warren logs {run} --stage {} --item {quoted}",
+                        stage.name
+                    );
                 }
             }
             listed += 1;

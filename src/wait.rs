@@ -124,6 +124,9 @@ pub fn summary(batch: &str, counts: &Counts, elapsed: Duration) -> String {
         if more > 0 {
             line += &format!("\n  and {more} more (see the result lines)");
         }
+        line += &format!(
+            "\nevery attempt's command, exit and whole stderr: warren logs {batch} --failed"
+        );
     }
     line
 }

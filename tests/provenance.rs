@@ -319,6 +319,22 @@ async fn each_role_can_do_its_work_with_the_readmes_permissions_and_no_more() {
     assert_eq!(results["dead"]["error"]["kind"], "unknown_kind");
     let waited = run_warren(&["wait", &first, "--amqp-url", &submitter], None, MINUTE).await;
     assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    // The worker recorded its attempts; the submitter reads them, the worker may not.
+    let logs = run_warren(
+        &["logs", &first, "--json", "--amqp-url", &submitter],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    assert_eq!(logs.stdout.lines().count(), 1, "{}", logs.stdout);
+    assert!(
+        logs.stdout.contains("\"sent_by\":\"warren-test-worker\""),
+        "{}",
+        logs.stdout
+    );
+    let refused = run_warren(&["logs", &first, "--amqp-url", &worker_url], None, MINUTE).await;
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
     // No more: a worker cannot collect a batch, a submitter cannot take tasks off the queue.
     let batch = {
         let again = run_warren(

@@ -165,6 +165,50 @@ async fn a_failing_item_skips_only_its_own_downstream() {
         );
     }
     assert!(!dir.join("out/list.txt").exists());
+
+    // The summary names the command that shows the rest; it works from anywhere with only the
+    // broker's URL (run_warren's working folder is not the project's), and shows the step's
+    // command, exit and stderr.
+    let run = done.stdout.lines().next().unwrap().to_string();
+    let hint = format!("warren logs {run} --stage up --item raw/FAIL.txt");
+    assert!(done.stderr.contains(&hint), "{hint}: {}", done.stderr);
+    let logs = run_warren(
+        &["logs", &run, "--stage", "up", "--item", "raw/FAIL.txt"],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    for shown in [
+        "up raw/FAIL.txt",
+        "attempt 1",
+        "failed (exit_status",
+        "exit status 3",
+        "$ sh -c",
+        "ERROR 4: raw/FAIL.txt: not recognized as a supported file format",
+    ] {
+        assert!(logs.stdout.contains(shown), "{shown}: {}", logs.stdout);
+    }
+    assert_eq!(logs.stdout.matches("== ").count(), 1, "{}", logs.stdout);
+    // --failed over the whole run: only that attempt; --json lines carry the documented fields.
+    let failed = run_warren(&["logs", &run, "--failed", "--json"], None, MINUTE).await;
+    let records: Vec<serde_json::Value> = failed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record per line"))
+        .collect();
+    assert_eq!(records.len(), 1, "{}", failed.stdout);
+    let record = &records[0];
+    assert_eq!(record["labels"]["item"], "raw/FAIL.txt");
+    assert_eq!(record["output"]["exit_code"], 3);
+    assert_eq!(record["args"]["argv"][0], "sh");
+    assert_eq!(record["next"], "result");
+    assert!(
+        record["sent_by"].is_string() && record["worker"].is_string(),
+        "{record}"
+    );
+    let all = run_warren(&["logs", &run, "--json"], None, MINUTE).await;
+    assert_eq!(all.stdout.lines().count(), 7, "4 up + 3 gz: {}", all.stdout);
     delete_queues(&queue).await;
 }
 
@@ -324,6 +368,17 @@ async fn a_runner_killed_again_and_again_loses_nothing_and_reruns_no_recorded_ta
     for i in 1..=8 {
         assert!(dir.join(format!("out/f{i}.txt")).exists());
     }
+    // The workers' records of the run survived the runner's deaths: each step once.
+    let logs = run_warren(&["logs", &run, "--json"], None, MINUTE).await;
+    assert_eq!(logs.code, Some(0), "{}", logs.stderr);
+    let mut steps = BTreeMap::new();
+    for line in logs.stdout.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("JSON record");
+        let key = format!("{} {}", record["labels"]["stage"], record["labels"]["item"]);
+        *steps.entry(key).or_insert(0) += 1;
+    }
+    assert_eq!(steps.len(), 16, "a record of every step: {steps:?}");
+    assert!(steps.values().all(|n| *n == 1), "none twice: {steps:?}");
     delete_queues(&queue).await;
 }
 

@@ -11,7 +11,12 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod attempt;
 mod strict;
+pub use attempt::{
+    AttemptNext, AttemptRecord, MAX_RECORD_BYTES, MAX_RECORD_STREAM_BYTES, MESSAGE_TYPE_ATTEMPT,
+    MESSAGE_TYPE_MARKER, decode_attempt,
+};
 pub use strict::nil_as_default;
 
 /// Major version of the envelope format. Workers accept exactly this version.

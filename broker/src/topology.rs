@@ -116,6 +116,8 @@ pub enum QueueKind<'a> {
     },
     /// The cancellations stream.
     Cancellations,
+    /// The logs stream: a record of every attempt of every task.
+    Logs,
     /// A retry delay queue of `task_queue`.
     Retry {
         /// The task queue the retries go back to.
@@ -162,6 +164,27 @@ impl QueueKind<'_> {
                 args.insert(
                     "x-max-age".into(),
                     AMQPValue::LongString(LongString::from("7D")),
+                );
+                args
+            }
+            QueueKind::Logs => {
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(LongString::from("stream")),
+                );
+                args.insert(
+                    "x-max-age".into(),
+                    AMQPValue::LongString(LongString::from(LOGS_MAX_AGE)),
+                );
+                args.insert(
+                    "x-max-length-bytes".into(),
+                    AMQPValue::LongLongInt(LOGS_MAX_BYTES),
+                );
+                // Retention drops whole segments: smaller ones keep the stream near its limit.
+                args.insert(
+                    "x-stream-max-segment-size-bytes".into(),
+                    AMQPValue::LongLongInt(LOGS_SEGMENT_BYTES),
                 );
                 args
             }
@@ -276,6 +299,40 @@ pub async fn declare_cancellations(channel: &Channel) -> Result<(), BrokerError>
     )
     .await?;
     Ok(())
+}
+
+/// How long the logs stream keeps a record (RabbitMQ's `x-max-age`; a policy may change it).
+pub const LOGS_MAX_AGE: &str = "7D";
+/// The most the logs stream holds, in bytes, before its oldest records go.
+pub const LOGS_MAX_BYTES: i64 = 2 << 30;
+/// The logs stream's segment size: retention removes whole segments.
+const LOGS_SEGMENT_BYTES: i64 = 64 << 20;
+
+/// The stream of attempt records (`warren logs`): every worker appends one record per attempt
+/// of a task, whatever became of it; kept by age and size ([`LOGS_MAX_AGE`], [`LOGS_MAX_BYTES`]).
+/// `warren.logs` in the default namespace.
+pub fn logs_stream() -> String {
+    format!("{}.logs", namespace())
+}
+
+/// Declares [`logs_stream`].
+pub async fn declare_logs(channel: &Channel) -> Result<(), BrokerError> {
+    declare(channel, &logs_stream(), QueueKind::Logs.arguments()).await?;
+    Ok(())
+}
+
+/// Declares [`logs_stream`] if this connection's user may, on a channel of its own (a refused
+/// declare closes its channel); returns whether it did. Workers and submitters both try, so the
+/// stream exists whichever of them may configure it.
+pub async fn try_declare_logs(connection: &Connection) -> bool {
+    let Ok(channel) = connection.create_channel().await else {
+        return false;
+    };
+    let declared = declare_logs(&channel).await.is_ok();
+    if declared {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    declared
 }
 
 /// The delay queue that holds retries of `task_queue`'s tasks for `delay`: classic (per-queue TTL

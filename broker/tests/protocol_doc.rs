@@ -278,6 +278,7 @@ fn the_queue_table_gives_each_queue_the_arguments_it_is_declared_with() {
         ),
         ("`warren.runs.<run>`", QueueKind::Expiring { expiry: hour }),
         ("`warren.cancellations`", QueueKind::Cancellations),
+        ("`warren.logs`", QueueKind::Logs),
         (
             "`<tasks>.retry.<ms>ms`",
             QueueKind::Retry {
@@ -307,4 +308,38 @@ fn the_queue_table_gives_each_queue_the_arguments_it_is_declared_with() {
             .collect();
         assert_eq!(documented, declared, "queue {name}: the table's arguments");
     }
+}
+
+#[test]
+fn the_attempt_record_table_lists_every_field_of_a_record() {
+    use protocol::{AttemptNext, AttemptRecord};
+    let doc = document();
+    let rows = table(&doc, "## Attempt records");
+    let record = AttemptRecord {
+        v: PROTOCOL_VERSION,
+        batch: "b".into(),
+        task_id: "t".into(),
+        seq: Some(0),
+        kind: "exec".into(),
+        labels: BTreeMap::from([("stage".into(), "s".into())]),
+        attempt: 1,
+        status: TaskStatus::Failed,
+        error: Some(TaskError::new("exit_status", "1")),
+        next: AttemptNext::Retry,
+        args: json!({"argv": ["false"]}),
+        output: json!({}),
+        worker: "w".into(),
+        host: "h".into(),
+        started_at: "a".into(),
+        finished_at: "b".into(),
+        duration_s: 0.1,
+        previous_errors: vec![TaskError::new("timeout", "slow")],
+    };
+    assert_eq!(first_names(&rows), keys(&record));
+    assert!(doc.contains(&format!("`type={}`", protocol::MESSAGE_TYPE_ATTEMPT)));
+    assert!(doc.contains(&format!("`type={}`", protocol::MESSAGE_TYPE_MARKER)));
+    assert!(doc.contains(&format!(
+        "at most {} KiB each",
+        protocol::MAX_RECORD_STREAM_BYTES >> 10
+    )));
 }

@@ -20,6 +20,7 @@ pub mod collect;
 pub mod dlq;
 pub mod fanout;
 pub mod journal;
+pub mod logs;
 pub mod output;
 pub mod pipeline;
 pub mod seqset;

@@ -160,6 +160,9 @@ impl Submitter {
         if !usable {
             let connection = connect(&self.settings, &self.name).await?;
             let publisher = Publisher::open(&connection).await?;
+            // Workers write their attempt records there; one without configure permission on
+            // it relies on its submitters to have declared it.
+            topology::try_declare_logs(&connection).await;
             self.connection = Some((connection, publisher));
         }
         self.connection

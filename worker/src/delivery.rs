@@ -17,15 +17,16 @@ use warren_broker::BrokerError;
 use warren_broker::properties::{dead_letter_properties, result_properties};
 use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{
-    self, DecodeError, ErrorKind, HEADER_DELIVERY_COUNT, HEADER_KIND, HEADER_PREVIOUS_ERRORS,
-    HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN, PROTOCOL_VERSION, ResultEnvelope,
-    TaskEnvelope, TaskError, TaskStatus,
+    self, AttemptNext, DecodeError, ErrorKind, HEADER_DELIVERY_COUNT, HEADER_KIND,
+    HEADER_PREVIOUS_ERRORS, HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN,
+    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, header_value};
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
 use crate::cancel::Cancellations;
 use crate::handler::{Registry, TIMEOUT_GRACE, Task, TaskFailure};
+use crate::logbook::{Finished, Logbook};
 use crate::metrics::WorkerMetrics;
 
 /// What every delivery of a session shares.
@@ -46,6 +47,8 @@ pub(crate) struct Context {
     pub publish_retry_for: Duration,
     /// Deliveries whose publishes the broker refuses right now; new tasks wait while any do.
     pub refused: Arc<RefusedPublishes>,
+    /// Where each attempt's record goes (`warren logs`).
+    pub logbook: Logbook,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
@@ -94,11 +97,12 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         .unwrap_or(ctx.default_timeout);
     let started_at = SystemTime::now();
     info!(task_id = %task.id, batch = %task.batch, kind = %task.kind, attempt, "task started");
+    // The attempt's record shows the args the handler got (an exec task's argv and cwd).
+    let args = task.args.clone();
     let handler_task = Task {
         id: task.id.clone(),
         batch: task.batch.clone(),
         kind: task.kind.clone(),
-        // The envelope does not need its args again: move them rather than copy per task.
         args: std::mem::take(&mut task.args),
         attempt,
         labels: task.labels.clone(),
@@ -131,14 +135,33 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         error,
         permanent,
     } = attempt_of(outcome, &task.kind, &task.batch, timeout);
-    if let Some(error) = &error
-        && retry_wanted(
+    let retry = error.as_ref().filter(|_| {
+        retry_wanted(
             status,
             permanent,
             task.max_retries.unwrap_or(0),
             arrival.retries,
         )
-    {
+    });
+    let finished = Finished {
+        task: &task,
+        args: &args,
+        attempt,
+        previous_errors: &arrival.previous_errors,
+        status,
+        output: &output,
+        error: error.as_ref(),
+        started_at,
+        next: if retry.is_some() {
+            AttemptNext::Retry
+        } else {
+            AttemptNext::Result
+        },
+    };
+    ctx.logbook
+        .record(&ctx.publisher, &ctx.worker, finished)
+        .await;
+    if let Some(error) = retry {
         tokio::select! {
             () = schedule_retry(&ctx, &delivery, &task, &arrival, error) => {}
             () = abandon.cancelled() => {}

@@ -12,6 +12,7 @@ mod delivery;
 pub mod handler;
 pub mod handlers;
 pub mod harden;
+mod logbook;
 pub mod metrics;
 mod runtime;
 

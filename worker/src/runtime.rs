@@ -23,6 +23,7 @@ use crate::cancel::{self, Cancellations};
 use crate::delivery::{self, Context};
 use crate::handler::{Handler, Registry};
 use crate::handlers::{self, exec::ExecPolicy};
+use crate::logbook::{Logbook, host_name};
 use crate::metrics::WorkerMetrics;
 
 /// Default task time limit when a task does not set `timeout_s`.
@@ -268,6 +269,7 @@ impl Worker {
         let prefetch = cfg.prefetch.unwrap_or(cfg.concurrency).max(1);
         let channel = consumer_channel(&connection, prefetch).await?;
         topology::declare_task_queue(&channel, &cfg.queue).await?;
+        topology::try_declare_logs(&connection).await;
         // Cancellations are read before any task is taken, so a cancelled task is not started.
         let (caught_up, is_caught_up) = tokio::sync::oneshot::channel();
         let _follower = AbortOnDropHandle::new(tokio::spawn(cancel::follow_while_connected(
@@ -334,6 +336,7 @@ impl Worker {
             cancellations: self.cancellations.clone(),
             publish_retry_for: cfg.publish_retry_for,
             refused: Arc::default(),
+            logbook: Logbook::new(host_name()),
         });
         *sessions += 1;
         if let Some(m) = metrics {

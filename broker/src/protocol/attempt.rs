@@ -1,0 +1,204 @@
+//! The attempt record: what a worker appends to the logs stream (`warren.logs`) at the end of
+//! every attempt of a task, whether a result or a retry followed, so `warren logs` can show why a
+//! step failed long after, from any machine that reaches the broker. See docs/protocol.md,
+//! "Attempt records".
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{DecodeError, TaskError, TaskStatus, decode_checked};
+
+/// AMQP `type` of an attempt record in the logs stream.
+pub const MESSAGE_TYPE_ATTEMPT: &str = "warren.attempt";
+/// AMQP `type` of a marker a reader appends to the logs stream to learn where its end was.
+pub const MESSAGE_TYPE_MARKER: &str = "warren.marker";
+/// Bytes kept of each of a record's `stdout` and `stderr` (the head and the tail of what the
+/// worker captured, with a note of what was left out between them).
+pub const MAX_RECORD_STREAM_BYTES: usize = 64 << 10;
+/// Bytes of a task's `args` kept in its record; larger args are replaced by a note.
+pub const MAX_RECORD_ARGS_BYTES: usize = 16 << 10;
+/// The largest record a reader accepts (the caps above keep a worker's records well below).
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// What came after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptNext {
+    /// Its result was published: this was the task's last attempt (unless it is redelivered).
+    Result,
+    /// It failed and was set aside for another attempt (`retries`).
+    Retry,
+}
+
+/// One attempt of one task, as the worker that ran it saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Envelope version; see [`super::PROTOCOL_VERSION`].
+    pub v: u32,
+    /// The task's batch (a run's id for the tasks of `warren run`).
+    pub batch: String,
+    /// The task's id.
+    pub task_id: String,
+    /// The task's position in its batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// Handler name.
+    pub kind: String,
+    /// The task's labels (`warren run` sets `stage` and `item`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Attempt number, 1 for the first run of the task.
+    pub attempt: u32,
+    /// How the attempt ended.
+    pub status: TaskStatus,
+    /// Why it did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// What followed it.
+    pub next: AttemptNext,
+    /// The task's arguments (for `exec`: `argv`, `cwd`, `outputs`), capped.
+    #[serde(default)]
+    pub args: Value,
+    /// What the handler returned (for `exec`: exit code or signal, stdout, stderr, outputs), with
+    /// `stdout` and `stderr` capped to [`MAX_RECORD_STREAM_BYTES`] each.
+    #[serde(default)]
+    pub output: Value,
+    /// The worker that ran it.
+    pub worker: String,
+    /// The host the worker ran on.
+    #[serde(default)]
+    pub host: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: String,
+    /// Seconds it took.
+    pub duration_s: f64,
+    /// The errors of the attempts before it, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_errors: Vec<TaskError>,
+}
+
+impl AttemptRecord {
+    /// Caps the record's large parts: each of `output.stdout` and `output.stderr` to
+    /// [`MAX_RECORD_STREAM_BYTES`], and `args` to [`MAX_RECORD_ARGS_BYTES`].
+    pub fn capped(mut self) -> Self {
+        for stream in ["stdout", "stderr"] {
+            if let Some(Value::String(text)) = self.output.get_mut(stream) {
+                cap_text(text, MAX_RECORD_STREAM_BYTES);
+            }
+        }
+        let args_bytes = serde_json::to_vec(&self.args).map_or(0, |a| a.len());
+        if args_bytes > MAX_RECORD_ARGS_BYTES {
+            self.args = Value::String(format!(
+                "[the task's args, {args_bytes} bytes, are larger than a record keeps ({MAX_RECORD_ARGS_BYTES})]"
+            ));
+        }
+        self
+    }
+}
+
+/// Keeps the head and the tail of `text` within `limit` bytes, noting what was left out.
+fn cap_text(text: &mut String, limit: usize) {
+    if text.len() <= limit {
+        return;
+    }
+    let half = limit / 2;
+    let head_end = floor_char_boundary(text, half);
+    let tail_start = ceil_char_boundary(text, text.len() - half);
+    let left_out = tail_start - head_end;
+    *text = format!(
+        "{}\n[… {left_out} bytes left out of this record …]\n{}",
+        &text[..head_end],
+        &text[tail_start..]
+    );
+}
+
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+fn ceil_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    at
+}
+
+/// Decodes an attempt record.
+pub fn decode_attempt(bytes: &[u8]) -> Result<AttemptRecord, DecodeError> {
+    decode_checked(bytes, MAX_RECORD_BYTES, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(output: Value, args: Value) -> AttemptRecord {
+        AttemptRecord {
+            v: super::super::PROTOCOL_VERSION,
+            batch: "b".into(),
+            task_id: "t".into(),
+            seq: Some(0),
+            kind: "exec".into(),
+            labels: BTreeMap::new(),
+            attempt: 1,
+            status: TaskStatus::Failed,
+            error: Some(TaskError::new("exit_status", "exit 1")),
+            next: AttemptNext::Result,
+            args,
+            output,
+            worker: "w".into(),
+            host: "h".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            finished_at: "2026-01-01T00:00:01Z".into(),
+            duration_s: 1.0,
+            previous_errors: vec![],
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips() {
+        let r = record(
+            json!({"stderr": "oops\n", "exit_code": 1}),
+            json!({"argv": ["false"]}),
+        );
+        let back = decode_attempt(&super::super::encode(&r)).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn long_output_keeps_its_head_and_tail_and_says_what_was_left_out() {
+        let long = format!("first line\n{}last line é\n", "é".repeat(100_000));
+        let r = record(json!({"stderr": long, "stdout": "short"}), json!({})).capped();
+        let kept = r.output["stderr"].as_str().unwrap();
+        assert!(
+            kept.len() <= MAX_RECORD_STREAM_BYTES + 100,
+            "{}",
+            kept.len()
+        );
+        assert!(kept.starts_with("first line\n"));
+        assert!(kept.ends_with("last line é\n"));
+        assert!(kept.contains("bytes left out of this record"));
+        assert_eq!(r.output["stdout"], "short");
+    }
+
+    #[test]
+    fn huge_args_are_replaced_by_a_note() {
+        let r = record(json!({}), json!({"argv": ["x".repeat(20_000)]})).capped();
+        assert!(
+            r.args
+                .as_str()
+                .unwrap()
+                .contains("larger than a record keeps")
+        );
+        let small = record(json!({}), json!({"argv": ["true"]})).capped();
+        assert_eq!(small.args, json!({"argv": ["true"]}));
+    }
+}

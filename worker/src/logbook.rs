@@ -1,0 +1,119 @@
+//! The worker's side of `warren logs`: one attempt record per attempt of a task, appended to
+//! the logs stream before the attempt's outcome (result or retry) is published, so a record
+//! exists for everything a collector or runner ever sees. Recording is best effort: a task never
+//! waits on, nor fails because of, the logs stream.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tracing::{debug, warn};
+use warren_broker::BrokerError;
+use warren_broker::protocol::{
+    self, AttemptNext, AttemptRecord, MESSAGE_TYPE_ATTEMPT, PROTOCOL_VERSION, TaskEnvelope,
+    TaskError, TaskStatus,
+};
+use warren_broker::publisher::{Publisher, message_properties};
+use warren_broker::topology::logs_stream;
+
+/// How long a record's publish may take before the worker goes on without it.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where this worker's attempt records go, and whether it already said it cannot write them.
+#[derive(Debug)]
+pub(crate) struct Logbook {
+    host: String,
+    warned: AtomicBool,
+}
+
+/// One finished attempt, as [`Logbook::record`] takes it.
+pub(crate) struct Finished<'a> {
+    pub task: &'a TaskEnvelope,
+    pub args: &'a Value,
+    pub attempt: u32,
+    pub previous_errors: &'a [TaskError],
+    pub status: TaskStatus,
+    pub output: &'a Value,
+    pub error: Option<&'a TaskError>,
+    pub started_at: SystemTime,
+    pub next: AttemptNext,
+}
+
+impl Logbook {
+    /// A logbook for records written on `host`.
+    pub(crate) fn new(host: String) -> Self {
+        Self {
+            host,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Appends the record of `attempt` to the logs stream and waits for the broker's confirm, at
+    /// most [`RECORD_TIMEOUT`]. A failure is logged (as a warning the first time) and ignored.
+    pub(crate) async fn record(&self, publisher: &Publisher, worker: &str, attempt: Finished<'_>) {
+        let finished_at = SystemTime::now();
+        let record = AttemptRecord {
+            v: PROTOCOL_VERSION,
+            batch: attempt.task.batch.clone(),
+            task_id: attempt.task.id.clone(),
+            seq: attempt.task.seq,
+            kind: attempt.task.kind.clone(),
+            labels: attempt.task.labels.clone(),
+            attempt: attempt.attempt,
+            status: attempt.status,
+            error: attempt.error.cloned(),
+            next: attempt.next,
+            args: attempt.args.clone(),
+            output: attempt.output.clone(),
+            worker: worker.to_string(),
+            host: self.host.clone(),
+            started_at: protocol::timestamp(attempt.started_at),
+            finished_at: protocol::timestamp(finished_at),
+            duration_s: finished_at
+                .duration_since(attempt.started_at)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            previous_errors: attempt.previous_errors.to_vec(),
+        }
+        .capped();
+        let body = protocol::encode(&record);
+        let stream = logs_stream();
+        let published = tokio::time::timeout(
+            RECORD_TIMEOUT,
+            publisher.publish(&stream, &body, message_properties(MESSAGE_TYPE_ATTEMPT)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Invalid(format!(
+                "no confirm within {RECORD_TIMEOUT:?}"
+            )))
+        });
+        if let Err(e) = published {
+            let why = match e {
+                BrokerError::Unroutable { .. } => format!(
+                    "the logs stream '{stream}' does not exist (a worker with configure permission on it, or \
+                     any submitter, declares it)"
+                ),
+                other => other.to_string(),
+            };
+            if self.warned.swap(true, Ordering::Relaxed) {
+                debug!(task_id = %record.task_id, "attempt record not kept: {why}");
+            } else {
+                warn!(task_id = %record.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}");
+            }
+        }
+    }
+}
+
+/// The host this worker runs on: `NODE_NAME` (a Kubernetes node, from the downward API), else
+/// the machine's host name.
+pub(crate) fn host_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default()
+}
