@@ -67,7 +67,7 @@ pub async fn logs(amqp: AmqpSettings, args: LogsArgs) -> u8 {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot read the logs: {e}")),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout());
     let mut show = |entry: LogEntry| {
         let text = if args.json {
             json_line(&entry)
@@ -84,6 +84,8 @@ pub async fn logs(amqp: AmqpSettings, args: LogsArgs) -> u8 {
         read = read_logs(&connection, &filter, since, args.follow, &mut show) => read,
         _ = tokio::signal::ctrl_c() => Ok(0),
     };
+    let _ = out.flush();
+    drop(out);
     let _ = connection.close(200, "done".into()).await;
     match read {
         Ok(0) if !args.follow => {

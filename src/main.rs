@@ -22,6 +22,7 @@ mod progress;
 mod run;
 mod status;
 mod submit;
+mod ui;
 mod wait;
 mod worker;
 
@@ -91,6 +92,8 @@ enum Command {
     Cancel(CancelArgs),
     /// List the batches the broker holds: size, collected, waiting results, age, expiry.
     Batches(BatchesArgs),
+    /// Serve a read-only web view of runs, batches, queues and dead letters (127.0.0.1:8080).
+    Ui(ui::UiArgs),
     /// Size worker pools by queue depth: a Kubernetes Deployment, or local worker processes.
     Autoscale(autoscale::AutoscaleArgs),
 }
@@ -231,6 +234,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         Command::Cancel(args) => cancel::cancel(amqp, &args.batch, args.task.as_deref()).await,
         Command::Dlq(args) => dlq::run(args, amqp).await,
         Command::Logs(args) => logs::logs(amqp, args).await,
+        Command::Ui(args) => ui::serve(args, amqp, insecure_management_http).await,
         Command::Autoscale(args) => {
             let target = management(args.management_url.clone());
             autoscale::run(args, amqp, target).await

@@ -43,9 +43,10 @@ pub struct RunArgs {
     /// Create task queues that do not exist (otherwise a stage naming an undeclared queue is refused).
     #[arg(long)]
     create_queue: bool,
-    /// Most tasks submitted and unfinished at once; later stages go first, so each file moves
-    /// through the pipeline early. Raise it for pools of more than about this many task slots.
-    #[arg(long, default_value_t = 100)]
+    /// Most tasks submitted and unfinished at once. Within it the runner keeps each task queue
+    /// only a few tasks ahead of its workers (4, or 2 per consumer), later stages first, so each
+    /// file moves through the pipeline early whatever the pool's size.
+    #[arg(long, default_value_t = warren_submitter::pipeline::run::DEFAULT_MAX_QUEUED)]
     max_queued: usize,
     /// Make every chained stage wait for the whole of the stage before it (to compare with
     /// per-item chaining).

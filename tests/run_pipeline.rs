@@ -302,10 +302,11 @@ outputs = ["out/{name}"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_two_of_the_first_file_starts_before_step_one_of_the_last_file_ends() {
+    // With the default settings: 12 files, one worker of 4 slots.
     let queue = unique_queue("runchain");
-    let dir = project("runchain", 6, SLOW_TWO_STAGES);
-    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "2"]);
-    let done = warren_run(&dir, &queue, &["--max-queued", "2"]).await;
+    let dir = project("runchain", 12, SLOW_TWO_STAGES);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "4"]);
+    let done = warren_run(&dir, &queue, &[]).await;
     assert_eq!(done.code, Some(0), "{}", done.stderr);
     let order = std::fs::read_to_string(dir.join("order.log")).unwrap();
     let position = |line: &str| {
@@ -315,7 +316,8 @@ async fn step_two_of_the_first_file_starts_before_step_one_of_the_last_file_ends
             .unwrap_or_else(|| panic!("{line} not in {order}"))
     };
     assert!(
-        position("start two work/f1.txt") < position("end one raw/f6.txt"),
+        // Items go in glob order: f1, f10, f11, f12, f2, ..., f9 is the last.
+        position("start two work/f1.txt") < position("end one raw/f9.txt"),
         "{order}"
     );
     delete_queues(&queue).await;

@@ -85,7 +85,7 @@ pub async fn read_logs(
     filter: &LogFilter,
     since: Since,
     follow: bool,
-    show: &mut dyn FnMut(LogEntry),
+    show: &mut (dyn FnMut(LogEntry) + Send),
 ) -> Result<u64, BrokerError> {
     let publisher = Publisher::open(connection).await?;
     ensure_stream(connection).await?;

@@ -41,6 +41,9 @@ const BACKLOG_WAIT: Duration = Duration::from_secs(10);
 /// Largest result or state message read.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Default of [`RunOptions::max_queued`].
+pub const DEFAULT_MAX_QUEUED: usize = 10_000;
+
 /// How a run goes.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -50,8 +53,10 @@ pub struct RunOptions {
     pub resume: bool,
     /// Run every item, even those whose outputs are up to date.
     pub force: bool,
-    /// Most tasks submitted and not yet finished at once: enough to keep the pool busy, few
-    /// enough that a file's next step is not queued behind every file's first one.
+    /// Most tasks submitted and not yet finished at once (a bound on the runner's memory and on
+    /// what one run puts in the queues). Within it, each task queue is kept a few tasks ahead of
+    /// its consumers (see `ahead_allowed`), so a file's next step never queues behind every
+    /// file's first one.
     pub max_queued: usize,
     /// Treat every chained stage as a barrier (for comparisons: each stage waits for the whole of
     /// the one before).
@@ -75,7 +80,7 @@ impl RunOptions {
             run: protocol::new_id(),
             resume: false,
             force: false,
-            max_queued: 100,
+            max_queued: DEFAULT_MAX_QUEUED,
             barriers: false,
             create_queue: false,
             retry_for: warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
@@ -115,6 +120,21 @@ pub struct RunState {
     /// Whether the run finished.
     #[serde(default)]
     pub complete: bool,
+    /// The pipeline's edges `(from, to)`: `to` takes `from`'s outputs per item (`each =
+    /// "from.outputs"`, kind `each`) or waits for all of `from` (`needs`, kind `needs`).
+    #[serde(default)]
+    pub edges: Vec<StageEdge>,
+}
+
+/// One edge of a pipeline's stage graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageEdge {
+    /// The stage whose work the other takes.
+    pub from: String,
+    /// The stage that depends on it.
+    pub to: String,
+    /// `each` (item by item) or `needs` (all of it first).
+    pub kind: String,
 }
 
 /// How a run ended.
@@ -342,6 +362,33 @@ struct Runner<'a> {
     submitted_at: String,
     /// Set once a session consumed results: the retry budget starts over.
     progressed: bool,
+    /// Per task queue, what the runner knows of its waiting tasks (see [`Ahead`]).
+    ahead: HashMap<String, Ahead>,
+}
+
+/// Tasks waiting in a task queue beyond what its consumers hold, as last read from the broker
+/// and kept up to date between reads: +1 per task submitted, -1 per result (a finished task
+/// frees a slot, which takes a waiting one). The runner keeps at most [`ahead_allowed`] waiting,
+/// so a file's next step queues behind a few first steps rather than behind every file's.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    waiting: u64,
+    consumers: u64,
+    read_at: Instant,
+}
+
+/// How often the waiting count of a task queue is read again from the broker.
+const AHEAD_REREAD: Duration = Duration::from_millis(500);
+/// Tasks kept waiting in a task queue with no consumer: enough for an autoscaler to see a
+/// backlog and start workers.
+const MIN_AHEAD: u64 = 4;
+/// Tasks kept waiting per consumer of a task queue: enough to refill its slots while the
+/// runner hears of the results, and to show an autoscaler a backlog that grows with the pool.
+const AHEAD_PER_CONSUMER: u64 = 2;
+
+/// The waiting tasks the runner keeps in a queue with `consumers` consumers.
+fn ahead_allowed(consumers: u64) -> u64 {
+    MIN_AHEAD.max(consumers.saturating_mul(AHEAD_PER_CONSUMER))
 }
 
 /// Runs (or resumes) `pipeline`; returns how it ended and the final plan.
@@ -362,6 +409,7 @@ pub async fn run(
         next_seq: 0,
         submitted_at: protocol::timestamp(SystemTime::now()),
         progressed: false,
+        ahead: HashMap::new(),
     };
     runner.plan.set_barriers(options.barriers);
     for (stage, items) in roots {
@@ -555,17 +603,26 @@ impl Runner<'_> {
                 return Ok(());
             }
             let mut submitted_any = false;
-            for (stage, item) in ready.into_iter().take(room) {
+            let mut taken = 0;
+            for (stage, item) in ready {
+                if taken >= room {
+                    break;
+                }
                 if !self.options.force && up_to_date(&self.plan, stage, &item) {
                     self.plan.record(stage, &item, ItemState::UpToDate);
                     submitted_any = true;
                     continue;
                 }
+                let queue = self.plan.pipeline().stages[stage].queue.clone();
+                let ahead = self.waiting_in(publisher, &queue).await?;
+                if ahead.waiting >= ahead_allowed(ahead.consumers) {
+                    continue;
+                }
+                taken += 1;
                 let spec = self
                     .plan
                     .task(&self.options.run, stage, &item)
                     .map_err(|e| RunError::Invalid(format!("stage {stage}, item '{item}': {e}")))?;
-                let queue = self.plan.pipeline().stages[stage].queue.clone();
                 let options = SubmitOptions::new(queue.clone());
                 let (body, properties) = encode_task(
                     &spec,
@@ -577,6 +634,9 @@ impl Runner<'_> {
                 )
                 .map_err(|e| RunError::Invalid(e.to_string()))?;
                 publisher.publish(&queue, &body, properties).await?;
+                if let Some(ahead) = self.ahead.get_mut(&queue) {
+                    ahead.waiting += 1;
+                }
                 self.next_seq = self.next_seq.wrapping_add(1);
                 self.plan.submitted(stage, &item);
                 self.in_flight.insert(
@@ -589,6 +649,24 @@ impl Runner<'_> {
                 return Ok(());
             }
         }
+    }
+
+    /// What the runner knows of `queue`'s waiting tasks, read again from the broker when older
+    /// than [`AHEAD_REREAD`].
+    async fn waiting_in(&mut self, publisher: &Publisher, queue: &str) -> Result<Ahead, RunError> {
+        if let Some(known) = self.ahead.get(queue)
+            && known.read_at.elapsed() < AHEAD_REREAD
+        {
+            return Ok(*known);
+        }
+        let found = topology::inspect(publisher.channel(), queue).await?;
+        let ahead = Ahead {
+            waiting: u64::from(found.message_count()),
+            consumers: u64::from(found.consumer_count()),
+            read_at: Instant::now(),
+        };
+        self.ahead.insert(queue.to_string(), ahead);
+        Ok(ahead)
     }
 
     /// Records one result (ignoring repeats and strangers).
@@ -634,6 +712,12 @@ impl Runner<'_> {
         let Some((stage, item)) = place else {
             return Ok(());
         };
+        if let Some(ahead) = self
+            .ahead
+            .get_mut(&self.plan.pipeline().stages[stage].queue)
+        {
+            ahead.waiting = ahead.waiting.saturating_sub(1);
+        }
         let outcome = if result.status == TaskStatus::Succeeded {
             ItemState::Done
         } else {
@@ -770,6 +854,23 @@ impl Runner<'_> {
             stages,
             counts,
             complete: self.plan.complete(),
+            edges: pipeline
+                .stages
+                .iter()
+                .flat_map(|stage| {
+                    let each = match &stage.each {
+                        Each::OutputsOf(from) => Some((from.clone(), "each")),
+                        _ => None,
+                    };
+                    each.into_iter()
+                        .chain(stage.needs.iter().map(|n| (n.clone(), "needs")))
+                        .map(|(from, kind)| StageEdge {
+                            from,
+                            to: stage.name.clone(),
+                            kind: kind.to_string(),
+                        })
+                })
+                .collect(),
         }
     }
 }
