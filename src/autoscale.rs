@@ -23,11 +23,13 @@ pub struct AutoscaleArgs {
     /// Where the workers run: local or kubernetes.
     #[arg(long, default_value = "local")]
     backend: config::BackendKind,
-    /// Namespace of the worker Deployment (kubernetes backend).
-    #[arg(long)]
+    /// Namespace of the worker Deployment (kubernetes backend); default: the autoscaler pod's
+    /// own namespace.
+    #[arg(long, env = "WARREN_K8S_NAMESPACE")]
     namespace: Option<String>,
-    /// Name of the worker Deployment (kubernetes backend).
-    #[arg(long)]
+    /// Name of the worker Deployment (kubernetes backend). The manifests set it through the
+    /// variable, which kustomize renames with the Deployment (namePrefix, nameSuffix).
+    #[arg(long, env = "WARREN_DEPLOYMENT")]
     deployment: Option<String>,
     /// Kubeconfig context (kubernetes backend outside a cluster; inside a pod the service account is used).
     #[arg(long)]

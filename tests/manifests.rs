@@ -38,7 +38,9 @@ fn load() -> Manifests {
     let present: BTreeSet<String> = std::fs::read_dir(DIR)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+        .filter(|n| {
+            n.ends_with(".yaml") && n != "kustomization.yaml" && n != "kustomizeconfig.yaml"
+        })
         .collect();
     assert_eq!(
         listed, present,
@@ -105,6 +107,14 @@ fn arg<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
 }
 
 /// Checks that the probes hit the worker's health paths on the port given by --metrics-addr.
+fn env(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
 fn check_probes(c: &Container) {
     let port = arg(c, "--metrics-addr")
         .and_then(|a| a.rsplit(':').next())
@@ -250,8 +260,38 @@ fn the_autoscaler_targets_the_worker_deployment_in_its_namespace() {
     let m = load();
     let c = container(&m.deployments["warren-autoscaler"]);
     assert_eq!(arg(c, "--backend"), Some("kubernetes"));
-    assert!(m.deployments.contains_key(arg(c, "--deployment").unwrap()));
-    assert_eq!(arg(c, "--namespace"), Some(m.namespace.as_str()));
+    // The pool's Deployment comes from a variable kustomize renames with it; the namespace is the
+    // pod's own (an overlay that moves the manifests moves both).
+    let target = env(c, "WARREN_DEPLOYMENT").expect("WARREN_DEPLOYMENT");
+    assert!(m.deployments.contains_key(&target), "{target}");
+    assert_eq!(arg(c, "--deployment"), None);
+    assert_eq!(
+        arg(c, "--namespace"),
+        None,
+        "the namespace is the pod's own"
+    );
+    // The Role may touch that Deployment only, by name, and kustomize keeps the names in step.
+    for rule in m.roles[0].rules.iter().flatten() {
+        if rule.api_groups.iter().flatten().any(|g| g == "apps") {
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&[target.clone()][..]),
+                "{rule:?}"
+            );
+        }
+    }
+    let config = std::fs::read_to_string(Path::new(DIR).join("kustomizeconfig.yaml")).unwrap();
+    for path in [
+        "rules/resourceNames",
+        "spec/template/spec/containers/env/value",
+    ] {
+        assert!(config.contains(path), "kustomizeconfig.yaml renames {path}");
+    }
+    let base = std::fs::read_to_string(Path::new(DIR).join("kustomization.yaml")).unwrap();
+    assert!(
+        base.contains("configurations:\n  - kustomizeconfig.yaml"),
+        "{base}"
+    );
     assert_eq!(
         arg(c, "--queue"),
         arg(container(&m.deployments["warren-worker"]), "--queue")
@@ -423,17 +463,20 @@ fn the_admission_policy_lets_the_autoscaler_change_only_the_deletion_cost() {
         .unwrap();
     assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
     assert_eq!(binding["spec"]["validationActions"][0], "Deny");
-    // It applies to the ServiceAccount the autoscaler Deployment runs as, in the base's namespace.
-    let base: Value = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(Path::new(DIR).join("kustomization.yaml")).unwrap(),
-    )
-    .unwrap();
-    let namespace = base["namespace"].as_str().unwrap();
-    let account = format!("system:serviceaccount:{namespace}:warren-autoscaler");
+    // It applies to the ServiceAccount the autoscaler Deployment runs as, in any namespace (an
+    // overlay may move the manifests): no namespace is written in it.
     let condition = policy["spec"]["matchConditions"][0]["expression"]
         .as_str()
         .unwrap();
-    assert!(condition.contains(&account), "{condition}");
+    assert!(
+        condition.contains("startsWith('system:serviceaccount:')")
+            && condition.contains("endsWith(':warren-autoscaler')"),
+        "{condition}"
+    );
+    assert!(
+        !text.contains("serviceaccount:warren:"),
+        "no namespace is hard-coded"
+    );
     assert!(
         std::fs::read_to_string(Path::new(DIR).join("autoscaler.yaml"))
             .unwrap()
@@ -441,7 +484,12 @@ fn the_admission_policy_lets_the_autoscaler_change_only_the_deletion_cost() {
     );
     // The one annotation it allows is the one the code sets.
     assert!(text.contains(&format!("'{}'", warren_deploy::kubernetes::DELETION_COST)));
-    for rule in ["object.spec == oldObject.spec", "labels", "ownerReferences"] {
+    for rule in [
+        "object.spec == oldObject.spec",
+        "labels",
+        "ownerReferences",
+        "finalizers",
+    ] {
         assert!(text.contains(rule), "the policy checks {rule}");
     }
 }

@@ -24,6 +24,8 @@ pub enum BackendErrorKind {
     NotFound,
     /// The autoscaler is not allowed to do something (RBAC).
     Forbidden,
+    /// The API server rejected the autoscaler's credentials (an expired or revoked token).
+    Unauthorized,
     /// A concurrent change conflicted; retried.
     Conflict,
     /// The API server or the process table could not be reached.
@@ -38,6 +40,7 @@ impl BackendErrorKind {
         match self {
             BackendErrorKind::NotFound => "not_found",
             BackendErrorKind::Forbidden => "forbidden",
+            BackendErrorKind::Unauthorized => "unauthorized",
             BackendErrorKind::Conflict => "conflict",
             BackendErrorKind::Unreachable => "unreachable",
             BackendErrorKind::Other => "other",

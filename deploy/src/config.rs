@@ -140,9 +140,14 @@ impl PoolEntry {
     /// Checks that the backend has what it needs.
     pub fn check_backend(&self) -> Result<(), String> {
         match self.backend {
-            BackendKind::Kubernetes if self.namespace.is_none() || self.deployment.is_none() => {
+            BackendKind::Kubernetes
+                if self.deployment.is_none()
+                    || (self.namespace.is_none()
+                        && crate::kubernetes::own_namespace().is_none()) =>
+            {
                 Err(format!(
-                    "pool '{}': the kubernetes backend needs namespace and deployment",
+                    "pool '{}': the kubernetes backend needs namespace and deployment (the namespace \
+                     defaults to the pod's own when the autoscaler runs in a pod)",
                     self.queue
                 ))
             }

@@ -54,6 +54,10 @@ pub struct KubernetesBackend {
     costs: HashMap<String, String>,
     /// Whether to set pod-deletion-cost before a scale-down (needs `patch pods`).
     patch_pods: bool,
+    /// How to make a new client after the API server rejected this one's credentials (a
+    /// rotated or re-issued token is then read from its file at once): the kubeconfig context,
+    /// when the client came from [`client`].
+    rebuild: Option<Option<String>>,
 }
 
 /// A client from the in-cluster service account inside a pod, else from the kubeconfig
@@ -78,6 +82,40 @@ pub async fn client(context: Option<&str>) -> Result<Client, BackendError> {
     };
     client_with_timeouts(config, API_TIMEOUT)
 }
+
+/// What a 403 to `verb` on `resource` in `namespace` means, and what to do: RBAC grants the
+/// autoscaler its Role in one namespace only, so a 403 is as often a wrong `--namespace` as a
+/// missing rule; and right after an API server (re)starts, its RBAC caches are briefly empty.
+fn forbidden_message(verb: &str, resource: &str, namespace: &str, said: &str) -> String {
+    let namespace_hint = match own_namespace() {
+        Some(own) if own != namespace => format!(
+            "this pod runs in namespace '{own}' but --namespace is '{namespace}': the Role of deploy/k8s/autoscaler.yaml \
+             is granted in the manifests' namespace only, so fix --namespace (or apply a Role there)"
+        ),
+        _ => format!(
+            "is --namespace '{namespace}' where the Deployment and the autoscaler's Role are?"
+        ),
+    };
+    format!(
+        "forbidden to {verb} {resource} in namespace {namespace} (403): {namespace_hint}; otherwise its Role lacks a \
+         rule allowing verb '{verb}' on '{resource}' (see deploy/k8s/autoscaler.yaml). Just after the API server \
+         started this may be transient (its permission caches fill in a few seconds): it is tried again every poll. \
+         API server said: {said}"
+    )
+}
+
+/// The namespace this process runs in, when it runs in a pod with a ServiceAccount: the
+/// default of `--namespace`, so the manifests need not repeat (and an overlay cannot desync) it.
+pub fn own_namespace() -> Option<String> {
+    std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE)
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+}
+
+/// Where a pod's ServiceAccount namespace is mounted.
+const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// Longest wait for the API server to accept a connection, and for each read of an answer: a
 /// paused or overloaded API server must fail a call, not stall the control loop silently.
@@ -116,6 +154,31 @@ impl KubernetesBackend {
             not_ready_after,
             costs: HashMap::new(),
             patch_pods: true,
+            rebuild: None,
+        }
+    }
+
+    /// After a 401, make a new client as [`client`] does with `context`, so fresh credentials
+    /// are read at once instead of when kube's own refresh comes round.
+    pub fn rebuilding_on_unauthorized(mut self, context: Option<String>) -> Self {
+        self.rebuild = Some(context);
+        self
+    }
+
+    /// Makes a new client when `error` says the credentials were rejected.
+    async fn renew_client_after(&mut self, error: &BackendError) {
+        if error.kind != BackendErrorKind::Unauthorized {
+            return;
+        }
+        let Some(context) = self.rebuild.clone() else {
+            return;
+        };
+        match client(context.as_deref()).await {
+            Ok(fresh) => {
+                self.deployments = Api::namespaced(fresh.clone(), &self.namespace);
+                self.pods = Api::namespaced(fresh, &self.namespace);
+            }
+            Err(e) => warn!("cannot make a new Kubernetes client after a 401: {e}"),
         }
     }
 
@@ -129,13 +192,19 @@ impl KubernetesBackend {
                         "Deployment {target} not found: create it (deploy/k8s/worker.yaml) or fix --namespace/--deployment"
                     ),
                 },
-                401 | 403 => BackendError {
-                    kind: BackendErrorKind::Forbidden,
+                401 => BackendError {
+                    kind: BackendErrorKind::Unauthorized,
                     message: format!(
-                        "forbidden to {verb} {resource} in namespace {}: the autoscaler's ServiceAccount needs a Role rule \
-                         allowing verb '{verb}' on '{resource}' (see deploy/k8s/autoscaler.yaml). API server said: {}",
-                        self.namespace, status.message
+                        "the API server rejected the autoscaler's credentials (401 Unauthorized) to {verb} {resource} \
+                         {target}: its ServiceAccount token expired or was revoked, or the kubeconfig's user is not \
+                         known there; a projected token is read again from its file, so a rotated one is taken up \
+                         on the next poll. Keeping the current size. API server said: {}",
+                        status.message
                     ),
+                },
+                403 => BackendError {
+                    kind: BackendErrorKind::Forbidden,
+                    message: forbidden_message(verb, resource, &self.namespace, &status.message),
                 },
                 409 => BackendError {
                     kind: BackendErrorKind::Conflict,
@@ -287,12 +356,8 @@ impl KubernetesBackend {
     }
 }
 
-impl Backend for KubernetesBackend {
-    fn describe(&self) -> String {
-        format!("deployment {}/{}", self.namespace, self.name)
-    }
-
-    async fn status(&mut self) -> Result<PoolStatus, BackendError> {
+impl KubernetesBackend {
+    async fn read_status(&mut self) -> Result<PoolStatus, BackendError> {
         let (deployment, replicas) = self.deployment().await?;
         let ready = deployment
             .status
@@ -313,7 +378,7 @@ impl Backend for KubernetesBackend {
         })
     }
 
-    async fn scale(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
+    async fn resize(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
         // Read again: the size may have changed since `status` (another controller, a user).
         let (deployment, current) = self.deployment().await?;
         if self.patch_pods && i64::from(desired) < i64::from(current) {
@@ -346,5 +411,27 @@ impl Backend for KubernetesBackend {
             }
         }
         Ok(())
+    }
+}
+
+impl Backend for KubernetesBackend {
+    fn describe(&self) -> String {
+        format!("deployment {}/{}", self.namespace, self.name)
+    }
+
+    async fn status(&mut self) -> Result<PoolStatus, BackendError> {
+        let status = self.read_status().await;
+        if let Err(e) = &status {
+            self.renew_client_after(e).await;
+        }
+        status
+    }
+
+    async fn scale(&mut self, desired: u32, loads: &[WorkerLoad]) -> Result<(), BackendError> {
+        let scaled = self.resize(desired, loads).await;
+        if let Err(e) = &scaled {
+            self.renew_client_after(e).await;
+        }
+        scaled
     }
 }

@@ -84,7 +84,9 @@ pub async fn autoscale(
                     .await
                     .map_err(|e| e.to_string())?;
                 let (namespace, deployment) = (
-                    pool.namespace.unwrap_or_default(),
+                    pool.namespace
+                        .or_else(crate::kubernetes::own_namespace)
+                        .unwrap_or_default(),
                     pool.deployment.unwrap_or_default(),
                 );
                 let mut backend = KubernetesBackend::new(
@@ -92,7 +94,8 @@ pub async fn autoscale(
                     &namespace,
                     &deployment,
                     options.not_ready_after,
-                );
+                )
+                .rebuilding_on_unauthorized(pool.context.clone());
                 if !options.patch_pods {
                     backend = backend.without_pod_patching();
                 }

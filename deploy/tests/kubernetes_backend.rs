@@ -160,6 +160,46 @@ async fn forbidden_names_the_missing_rbac_rule() {
 }
 
 #[tokio::test]
+async fn rejected_credentials_are_told_apart_from_a_missing_rule() {
+    let cluster = Cluster::with_deployment("warren-worker", 1);
+    cluster
+        .lock()
+        .unwrap()
+        .failures
+        .push_back(("deployments".into(), "get".into(), 401));
+    let err = backend(&cluster, "warren-worker")
+        .status()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Unauthorized);
+    assert!(
+        err.message
+            .contains("rejected the autoscaler's credentials")
+            && !err.message.contains("Role"),
+        "{}",
+        err.message
+    );
+    // A 403 names both causes: the wrong namespace and the missing rule, and says it may pass.
+    cluster
+        .lock()
+        .unwrap()
+        .failures
+        .push_back(("deployments".into(), "get".into(), 403));
+    let err = backend(&cluster, "warren-worker")
+        .status()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, BackendErrorKind::Forbidden);
+    for said in [
+        "--namespace 'pipelines'",
+        "verb 'get' on 'deployments'",
+        "transient",
+    ] {
+        assert!(err.message.contains(said), "{said}: {}", err.message);
+    }
+}
+
+#[tokio::test]
 async fn conflicts_are_retried() {
     let cluster = Cluster::with_deployment("warren-worker", 1);
     for _ in 0..2 {
