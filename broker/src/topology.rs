@@ -325,15 +325,19 @@ pub async fn declare_logs(channel: &Channel) -> Result<(), BrokerError> {
 /// declare closes its channel); returns whether it did. Workers and submitters both try, so the
 /// stream exists whichever of them may configure it.
 pub async fn try_declare_logs(connection: &Connection) -> bool {
-    let Ok(channel) = connection.create_channel().await else {
-        return false;
-    };
-    let declared = declare_logs(&channel).await.is_ok();
-    if declared {
+    // A node just restarted can take long to answer a stream's declare: nobody waits on it.
+    let declared = tokio::time::timeout(LOGS_DECLARE_WAIT, async {
+        let channel = connection.create_channel().await.ok()?;
+        declare_logs(&channel).await.ok()?;
         let _ = channel.close(200, "declared".into()).await;
-    }
-    declared
+        Some(())
+    })
+    .await;
+    matches!(declared, Ok(Some(())))
 }
+
+/// How long [`try_declare_logs`] waits for the broker.
+const LOGS_DECLARE_WAIT: Duration = Duration::from_secs(3);
 
 /// The delay queue that holds retries of `task_queue`'s tasks for `delay`: classic (per-queue TTL
 /// works on every RabbitMQ version), with the TTL dead-lettering them back into the task queue.

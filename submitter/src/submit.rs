@@ -139,6 +139,8 @@ pub struct Submitter {
     settings: AmqpSettings,
     name: String,
     connection: Option<(Connection, Publisher)>,
+    /// Whether the logs stream was (tried to be) declared: once per submitter is enough.
+    logs_declared: bool,
 }
 
 impl Submitter {
@@ -148,6 +150,7 @@ impl Submitter {
             settings,
             name: name.into(),
             connection: None,
+            logs_declared: false,
         }
     }
 
@@ -162,7 +165,10 @@ impl Submitter {
             let publisher = Publisher::open(&connection).await?;
             // Workers write their attempt records there; one without configure permission on
             // it relies on its submitters to have declared it.
-            topology::try_declare_logs(&connection).await;
+            if !self.logs_declared {
+                self.logs_declared = true;
+                topology::try_declare_logs(&connection).await;
+            }
             self.connection = Some((connection, publisher));
         }
         self.connection

@@ -3,8 +3,9 @@
 //! exists for everything a collector or runner ever sees. Recording is best effort: a task never
 //! waits on, nor fails because of, the logs stream.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use tracing::{debug, warn};
@@ -18,12 +19,16 @@ use warren_broker::topology::logs_stream;
 
 /// How long a record's publish may take before the worker goes on without it.
 const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a record could not be written, how long the next ones are not tried (so a logs stream
+/// that is down costs tasks nothing, rather than a timeout each).
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 /// Where this worker's attempt records go, and whether it already said it cannot write them.
 #[derive(Debug)]
 pub(crate) struct Logbook {
     host: String,
     warned: AtomicBool,
+    paused_until: Mutex<Option<Instant>>,
 }
 
 /// One finished attempt, as [`Logbook::record`] takes it.
@@ -45,12 +50,17 @@ impl Logbook {
         Self {
             host,
             warned: AtomicBool::new(false),
+            paused_until: Mutex::new(None),
         }
     }
 
     /// Appends the record of `attempt` to the logs stream and waits for the broker's confirm, at
     /// most [`RECORD_TIMEOUT`]. A failure is logged (as a warning the first time) and ignored.
     pub(crate) async fn record(&self, publisher: &Publisher, worker: &str, attempt: Finished<'_>) {
+        if self.paused() {
+            debug!(task_id = %attempt.task.id, "attempt record not kept: the logs stream failed a moment ago");
+            return;
+        }
         let finished_at = SystemTime::now();
         let record = AttemptRecord {
             v: PROTOCOL_VERSION,
@@ -88,6 +98,9 @@ impl Logbook {
             )))
         });
         if let Err(e) = published {
+            if let Ok(mut until) = self.paused_until.lock() {
+                *until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
+            }
             let why = match e {
                 BrokerError::Unroutable { .. } => format!(
                     "the logs stream '{stream}' does not exist (a worker with configure permission on it, or \
@@ -98,8 +111,25 @@ impl Logbook {
             if self.warned.swap(true, Ordering::Relaxed) {
                 debug!(task_id = %record.task_id, "attempt record not kept: {why}");
             } else {
-                warn!(task_id = %record.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}");
+                warn!(task_id = %record.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}; \
+                    trying again every {}s", PAUSE_AFTER_FAILURE.as_secs());
             }
+        }
+    }
+}
+
+impl Logbook {
+    fn paused(&self) -> bool {
+        let Ok(mut until) = self.paused_until.lock() else {
+            return false;
+        };
+        match *until {
+            Some(at) if Instant::now() < at => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
         }
     }
 }
