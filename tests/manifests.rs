@@ -591,3 +591,30 @@ fn the_operator_overlay_replaces_exactly_the_base_broker_and_keeps_its_service_n
     let name = cluster["metadata"]["name"].as_str().unwrap();
     assert!(url.contains(&format!("@{name}:5672")), "{url}");
 }
+
+/// A Secret's files belong to root; a container running as another user reads them only through
+/// the "other" bits or, with the pod's `fsGroup`, the group bits (a worker once could not read
+/// its own password: 0400 and no fsGroup).
+#[test]
+fn every_pod_can_read_the_secrets_it_mounts() {
+    let m = load();
+    for (name, d) in &m.deployments {
+        let spec = pod_spec(d);
+        let context = spec.security_context.as_ref();
+        let user = context.and_then(|c| c.run_as_user).unwrap_or(0);
+        let fs_group = context.and_then(|c| c.fs_group);
+        for volume in spec.volumes.iter().flatten() {
+            let Some(secret) = &volume.secret else {
+                continue;
+            };
+            let mode = secret.default_mode.unwrap_or(0o644);
+            let readable =
+                user == 0 || mode & 0o004 != 0 || (fs_group.is_some() && mode & 0o040 != 0);
+            assert!(
+                readable,
+                "{name}: volume {} (mode {mode:o}) is unreadable for uid {user} (fsGroup {fs_group:?})",
+                volume.name
+            );
+        }
+    }
+}
