@@ -271,7 +271,9 @@ fn usage(message: &str) -> u8 {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+        // kube's client logs each failed call itself; the autoscaler reports it once, with what
+        // to do.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off,kube_client=off"));
     // lapin dumps whole frames (message headers, so batch tokens) at trace level: never that,
     // whatever WARREN_LOG asks for. (A cap only where trace was asked: a directive of its own
     // would switch those targets on.)
