@@ -270,6 +270,12 @@ fn the_autoscaler_targets_the_worker_deployment_in_its_namespace() {
         None,
         "the namespace is the pod's own"
     );
+    let text = std::fs::read_to_string(Path::new(DIR).join("autoscaler.yaml")).unwrap();
+    assert!(
+        !text.contains(&format!("={}", m.namespace)),
+        "the base's namespace '{}' is written nowhere in autoscaler.yaml",
+        m.namespace
+    );
     // The Role may touch that Deployment only, by name, and kustomize keeps the names in step.
     for rule in m.roles[0].rules.iter().flatten() {
         if rule.api_groups.iter().flatten().any(|g| g == "apps") {
