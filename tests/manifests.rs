@@ -272,7 +272,9 @@ fn the_autoscaler_targets_the_worker_deployment_in_its_namespace() {
     );
     let text = std::fs::read_to_string(Path::new(DIR).join("autoscaler.yaml")).unwrap();
     assert!(
-        !text.contains(&format!("={}", m.namespace)),
+        !text.contains(&format!("namespace={}", m.namespace))
+            && !text.contains(&format!("namespace: {}", m.namespace))
+            && !text.contains(&format!(":{}:", m.namespace)),
         "the base's namespace '{}' is written nowhere in autoscaler.yaml",
         m.namespace
     );
