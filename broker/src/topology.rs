@@ -155,28 +155,9 @@ impl QueueKind<'_> {
                 args.insert("x-expires".into(), expires(expiry));
                 args
             }
-            QueueKind::Cancellations => {
-                let mut args = FieldTable::default();
-                args.insert(
-                    "x-queue-type".into(),
-                    AMQPValue::LongString(LongString::from("stream")),
-                );
-                args.insert(
-                    "x-max-age".into(),
-                    AMQPValue::LongString(LongString::from("7D")),
-                );
-                args
-            }
+            QueueKind::Cancellations => stream_keeping("7D"),
             QueueKind::Logs => {
-                let mut args = FieldTable::default();
-                args.insert(
-                    "x-queue-type".into(),
-                    AMQPValue::LongString(LongString::from("stream")),
-                );
-                args.insert(
-                    "x-max-age".into(),
-                    AMQPValue::LongString(LongString::from(LOGS_MAX_AGE)),
-                );
+                let mut args = stream_keeping(LOGS_MAX_AGE);
                 args.insert(
                     "x-max-length-bytes".into(),
                     AMQPValue::LongLongInt(LOGS_MAX_BYTES),
@@ -275,6 +256,20 @@ fn replicated() -> FieldTable {
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args
+}
+
+/// Arguments of a stream whose records are dropped once older than `max_age` (e.g. `7D`).
+fn stream_keeping(max_age: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    args.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(LongString::from(max_age)),
     );
     args
 }
