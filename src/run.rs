@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::{
-    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, stop_on_ctrl_c,
+    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, connection_name,
+    stop_on_ctrl_c,
 };
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -353,6 +354,7 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
             return EXIT_USAGE_OR_CONNECTION;
         }
     };
+    let failed = failed_items(&amqp, &state).await;
     if json {
         // One object per stage, in pipeline order.
         let stages: Vec<serde_json::Value> = state
@@ -364,11 +366,21 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
                 stage
             })
             .collect();
+        let failed: Vec<serde_json::Value> = failed
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "stage": f.stage, "item": f.item, "error": f.error,
+                    "message": f.message, "stderr_tail": f.stderr_tail,
+                })
+            })
+            .collect();
         match serde_json::to_string(&serde_json::json!({
             "run": state.run,
             "complete": state.complete,
             "workdir": state.workdir,
             "stages": stages,
+            "failed": failed,
         })) {
             Ok(line) => println!("{line}"),
             Err(e) => return usage(&e.to_string()),
@@ -386,14 +398,108 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
         state.workdir
     );
     println!(
-        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
-        "STAGE", "DONE", "UP-TO-DATE", "FAILED", "SKIPPED", "RUNNING", "WAITING"
+        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8}",
+        "STAGE", "DONE", "UP-TO-DATE", "FAILED", "SKIPPED", "SUBMITTED", "WAITING"
     );
     for (stage, c) in &state.counts {
         println!(
-            "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            "{:<16} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8}",
             stage, c.done, c.up_to_date, c.failed, c.skipped, c.running, c.waiting
         );
     }
+    if !failed.is_empty() {
+        println!(
+            "\nfailed (last {} of {}):",
+            failed.len().min(STATUS_FAILURES),
+            failed.len()
+        );
+        for f in failed.iter().rev().take(STATUS_FAILURES).rev() {
+            println!("  {}: {}: {}", f.stage, f.item, f.error);
+            let why = if f.stderr_tail.is_empty() {
+                &f.message
+            } else {
+                &f.stderr_tail
+            };
+            for line in why.lines() {
+                println!("      | {line}");
+            }
+        }
+        println!("every attempt: warren logs {} --failed", state.run);
+    }
     EXIT_OK
+}
+
+/// Failed items listed by `warren status --run` (the whole list is in `--json`).
+const STATUS_FAILURES: usize = 10;
+/// Lines of stderr kept per failed item.
+const FAILURE_LINES: usize = 3;
+
+/// A failed item of a run, with why from its last attempt's record.
+struct FailedItem {
+    stage: String,
+    item: String,
+    error: String,
+    message: String,
+    stderr_tail: String,
+}
+
+/// The run's failed items in pipeline order, each with the error and the end of the stderr of
+/// its last recorded attempt (from the logs stream; empty when none is kept).
+async fn failed_items(
+    amqp: &AmqpSettings,
+    state: &warren_submitter::pipeline::run::RunState,
+) -> Vec<FailedItem> {
+    let mut failed: Vec<FailedItem> = Vec::new();
+    for (stage, _) in &state.counts {
+        for (item, item_state) in state.stages.get(stage).into_iter().flatten() {
+            if let ItemState::Failed(kind) = item_state {
+                failed.push(FailedItem {
+                    stage: stage.clone(),
+                    item: item.clone(),
+                    error: kind.clone(),
+                    message: String::new(),
+                    stderr_tail: String::new(),
+                });
+            }
+        }
+    }
+    if failed.is_empty() {
+        return failed;
+    }
+    let mut last = std::collections::HashMap::new();
+    if let Ok(connection) =
+        warren_broker::connection::connect(amqp, &connection_name("status")).await
+    {
+        let filter = warren_submitter::logs::LogFilter {
+            batch: state.run.clone(),
+            failed: true,
+            ..Default::default()
+        };
+        let _ = warren_submitter::logs::read_logs(
+            &connection,
+            &filter,
+            warren_submitter::logs::Since::BatchStart,
+            false,
+            &mut |entry| {
+                let r = entry.record;
+                if let (Some(stage), Some(item)) = (r.labels.get("stage"), r.labels.get("item")) {
+                    let stderr = r.output["stderr"].as_str().unwrap_or_default();
+                    let lines: Vec<&str> =
+                        stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+                    let tail = lines[lines.len().saturating_sub(FAILURE_LINES)..].join("\n");
+                    let message = r.error.map(|e| e.message).unwrap_or_default();
+                    last.insert((stage.clone(), item.clone()), (message, tail));
+                }
+            },
+        )
+        .await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+    for f in &mut failed {
+        if let Some((message, tail)) = last.remove(&(f.stage.clone(), f.item.clone())) {
+            f.message = message;
+            f.stderr_tail = tail;
+        }
+    }
+    failed
 }

@@ -209,6 +209,24 @@ async fn a_failing_item_skips_only_its_own_downstream() {
     );
     let all = run_warren(&["logs", &run, "--json"], None, MINUTE).await;
     assert_eq!(all.stdout.lines().count(), 7, "4 up + 3 gz: {}", all.stdout);
+    // `warren status --run` lists the failure with its stderr, later and from anywhere.
+    let status = run_warren(&["status", "--run", &run], None, MINUTE).await;
+    for shown in [
+        "up: raw/FAIL.txt: exit_status",
+        "| ERROR 4: raw/FAIL.txt: not recognized as a supported file format",
+        "warren logs",
+    ] {
+        assert!(status.stdout.contains(shown), "{shown}: {}", status.stdout);
+    }
+    let json = run_warren(&["status", "--run", &run, "--json"], None, MINUTE).await;
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    assert_eq!(json["failed"][0]["item"], "raw/FAIL.txt", "{json}");
+    assert!(
+        json["failed"][0]["stderr_tail"]
+            .as_str()
+            .is_some_and(|t| t.contains("not recognized")),
+        "{json}"
+    );
     delete_queues(&queue).await;
 }
 
