@@ -82,9 +82,12 @@ pub struct AttemptRecord {
 }
 
 impl AttemptRecord {
-    /// Caps the record's large parts: each of `output.stdout` and `output.stderr` to
+    /// Readies the record for the logs stream, which every submitter of the namespace may read:
+    /// the values of `args.env` and `args.stdin` are left out (they may hold a task's secrets;
+    /// the variable names stay), each of `output.stdout` and `output.stderr` is capped to
     /// [`MAX_RECORD_STREAM_BYTES`], and `args` to [`MAX_RECORD_ARGS_BYTES`].
     pub fn capped(mut self) -> Self {
+        redact_args(&mut self.args);
         for stream in ["stdout", "stderr"] {
             if let Some(Value::String(text)) = self.output.get_mut(stream) {
                 cap_text(text, MAX_RECORD_STREAM_BYTES);
@@ -97,6 +100,21 @@ impl AttemptRecord {
             ));
         }
         self
+    }
+}
+
+/// What stands for a value a record leaves out.
+pub const REDACTED: &str = "[not recorded]";
+
+/// Replaces the values of an exec task's `env` and its `stdin` by [`REDACTED`].
+fn redact_args(args: &mut Value) {
+    if let Some(Value::Object(env)) = args.get_mut("env") {
+        for value in env.values_mut() {
+            *value = Value::String(REDACTED.into());
+        }
+    }
+    if let Some(stdin) = args.get_mut("stdin").filter(|s| !s.is_null()) {
+        *stdin = Value::String(REDACTED.into());
     }
 }
 
@@ -187,6 +205,22 @@ mod tests {
         assert!(kept.ends_with("last line é\n"));
         assert!(kept.contains("bytes left out of this record"));
         assert_eq!(r.output["stdout"], "short");
+    }
+
+    #[test]
+    fn a_tasks_env_values_and_stdin_stay_out_of_its_record() {
+        let r = record(
+            json!({}),
+            json!({"argv": ["sh"], "env": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}, "stdin": "password\n"}),
+        )
+        .capped();
+        let text = r.args.to_string();
+        assert!(
+            !text.contains("s3cr3t") && !text.contains("password"),
+            "{text}"
+        );
+        assert_eq!(r.args["env"]["AWS_SECRET_ACCESS_KEY"], REDACTED);
+        assert_eq!(r.args["argv"][0], "sh");
     }
 
     #[test]
