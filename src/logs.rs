@@ -72,7 +72,7 @@ pub async fn logs(amqp: AmqpSettings, args: LogsArgs) -> u8 {
         let text = if args.json {
             json_line(&entry)
         } else {
-            human(&entry.record, args.full)
+            human(&entry.record, entry.sent_by.as_deref(), args.full)
         };
         // A closed pipe (`| head`) ends the output; the rest is not wanted.
         let _ = writeln!(out, "{text}");
@@ -129,8 +129,9 @@ fn json_line(entry: &LogEntry) -> String {
     value.to_string()
 }
 
-/// A record for people: what ran, how it ended, where, and the end of its stderr.
-pub fn human(record: &AttemptRecord, full: bool) -> String {
+/// A record for people: what ran, how it ended, where, and the end of its stderr. `sent_by` is
+/// the user RabbitMQ saw append it (anyone who may publish can append a record).
+pub fn human(record: &AttemptRecord, sent_by: Option<&str>, full: bool) -> String {
     let mut text = String::new();
     let what = match (record.labels.get("stage"), record.labels.get("item")) {
         (Some(stage), Some(item)) => format!("{stage} {item} · task {}", record.task_id),
@@ -145,8 +146,12 @@ pub fn human(record: &AttemptRecord, full: bool) -> String {
         AttemptNext::Retry => "; tried again",
         AttemptNext::Result => "",
     };
+    let recorder = sent_by.map_or_else(
+        || "recorded by an unverified publisher".to_string(),
+        |user| format!("recorded by user '{user}'"),
+    );
     text.push_str(&format!(
-        "{outcome}{next}\n{:.1}s on {}{} · {} → {}\n",
+        "{outcome}{next}\n{:.1}s on {}{} · {} → {} · {recorder}\n",
         record.duration_s,
         record.worker,
         if record.host.is_empty() {
@@ -256,7 +261,7 @@ mod tests {
             duration_s: 2.0,
             previous_errors: vec![TaskError::new("timeout", "too slow")],
         };
-        let text = human(&record, false);
+        let text = human(&record, Some("warren-worker"), false);
         assert!(
             text.contains("warp raw/bad tile.tif · task warp-0a · attempt 2"),
             "{text}"
@@ -281,7 +286,7 @@ mod tests {
             !text.contains("line 20\n") && !text.contains("progress"),
             "{text}"
         );
-        let full = human(&record, true);
+        let full = human(&record, None, true);
         assert!(
             full.contains("line 1\n") && full.contains("--- stdout ---\nprogress"),
             "{full}"

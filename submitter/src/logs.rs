@@ -1,7 +1,7 @@
 //! Reading the logs stream (`warren logs`): the attempt records of one batch or run, filtered,
 //! from where the batch began to the stream's end (or on, following new records).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use futures_lite::StreamExt;
@@ -16,6 +16,10 @@ use warren_broker::protocol::{
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
 use warren_broker::topology::{self, logs_stream, short};
 
+/// Keys of the records shown last that a repeat is looked for among: a record is appended twice
+/// only when its worker published again after a lost confirm, moments later. Bounds the memory
+/// of a read whatever the batch's size (or a flood of records naming it).
+const REPEAT_WINDOW: usize = 10_000;
 /// Records read (and acknowledged) per window.
 const WINDOW: u16 = 500;
 /// How far before a batch's id-given creation time reading starts: clocks of the machines that
@@ -79,7 +83,8 @@ pub enum Since {
 /// the order they were appended. Without `follow` it stops at the stream's end as it was when
 /// called (it appends a marker of its own and reads up to it); with `follow` it goes on until
 /// the caller drops the future. Returns how many records matched. A record appended twice (its
-/// worker published again after a lost confirm) is shown once.
+/// worker published again after a lost confirm) is shown once. Anyone who may publish can append
+/// a record naming any batch: `sent_by` says whom RabbitMQ saw append it.
 pub async fn read_logs(
     connection: &Connection,
     filter: &LogFilter,
@@ -120,6 +125,7 @@ pub async fn read_logs(
         publisher.publish(&stream, b"", properties).await?;
     }
     let mut seen = HashSet::new();
+    let mut recent = VecDeque::new();
     let mut matched = 0u64;
     let mut unacked = 0u16;
     let mut unreadable = 0u64;
@@ -140,7 +146,13 @@ pub async fn read_logs(
                         record.attempt,
                         record.started_at.clone(),
                     );
-                    if seen.insert(key) {
+                    if seen.insert(key.clone()) {
+                        recent.push_back(key);
+                        if recent.len() > REPEAT_WINDOW
+                            && let Some(old) = recent.pop_front()
+                        {
+                            seen.remove(&old);
+                        }
                         matched += 1;
                         show(LogEntry {
                             sent_by: verified_user(&delivery.properties).map(String::from),
