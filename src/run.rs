@@ -14,7 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use warren_broker::AmqpSettings;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
 use warren_submitter::pipeline::Pipeline;
-use warren_submitter::pipeline::plan::{ItemState, Plan};
+use warren_submitter::pipeline::plan::{ItemState, Plan, StageCounts};
 use warren_submitter::pipeline::run::{
     RunEnd, RunOptions, RunProgress, dry_run, read_state, run as run_pipeline,
 };
@@ -305,16 +305,16 @@ impl StageBars {
 }
 
 impl RunProgress for StageBars {
-    fn update(&mut self, plan: &Plan) {
+    fn update(&mut self, plan: &Plan, counts: &[StageCounts]) {
         match &self.bars {
             Some((_, bars)) => {
-                for (index, bar) in bars.iter().enumerate() {
-                    let c = plan.counts(index);
+                for (bar, c) in bars.iter().zip(counts) {
                     bar.set_length(c.known);
                     bar.set_position(c.done + c.up_to_date + c.failed + c.skipped);
                     bar.set_message(format!(
-                        "{} running, {} failed{}",
-                        c.running,
+                        "{} running, {} queued, {} failed{}",
+                        c.running.saturating_sub(c.queued),
+                        c.queued,
                         c.failed,
                         if c.all_known { "" } else { ", more to come" }
                     ));
@@ -322,15 +322,15 @@ impl RunProgress for StageBars {
             }
             None if self.last_line.elapsed() >= Duration::from_secs(5) => {
                 self.last_line = Instant::now();
-                for (index, stage) in plan.pipeline().stages.iter().enumerate() {
-                    let c = plan.counts(index);
+                for (stage, c) in plan.pipeline().stages.iter().zip(counts) {
                     eprintln!(
-                        "{}: {}/{}{} finished, {} running, {} failed",
+                        "{}: {}/{}{} finished, {} running, {} queued, {} failed",
                         stage.name,
                         c.done + c.up_to_date + c.failed + c.skipped,
                         c.known,
                         if c.all_known { "" } else { "+" },
-                        c.running,
+                        c.running.saturating_sub(c.queued),
+                        c.queued,
                         c.failed
                     );
                 }
@@ -398,13 +398,20 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
         state.workdir
     );
     println!(
-        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8}",
-        "STAGE", "DONE", "UP-TO-DATE", "FAILED", "SKIPPED", "SUBMITTED", "WAITING"
+        "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "STAGE", "DONE", "UP-TO-DATE", "FAILED", "SKIPPED", "RUNNING", "QUEUED", "WAITING"
     );
     for (stage, c) in &state.counts {
         println!(
-            "{:<16} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8}",
-            stage, c.done, c.up_to_date, c.failed, c.skipped, c.running, c.waiting
+            "{:<16} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            stage,
+            c.done,
+            c.up_to_date,
+            c.failed,
+            c.skipped,
+            c.running.saturating_sub(c.queued),
+            c.queued,
+            c.waiting
         );
     }
     if !failed.is_empty() {

@@ -81,7 +81,7 @@ pub fn runs(rows: &[RunRow], problem: Option<&str>) -> Markup {
             p.note { "No run is recorded (runs are kept for --result-expiry-hours after they were last used)." }
         } @else {
             table {
-                tr { th { "run" } th { "state" } th { "done" } th { "failed" } th { "skipped" } th { "submitted" } th { "waiting" } th { "started" } }
+                tr { th { "run" } th { "state" } th { "done" } th { "failed" } th { "skipped" } th { "running" } th { "queued" } th { "waiting" } th { "started" } }
                 @for row in rows {
                     @let totals = row.state.as_ref().map(totals);
                     tr {
@@ -94,9 +94,9 @@ pub fn runs(rows: &[RunRow], problem: Option<&str>) -> Markup {
                             }
                         }
                         @if let Some(t) = totals {
-                            td.n { (t.done + t.up_to_date) } td.n.failed { (t.failed) } td.n { (t.skipped) } td.n { (t.running) } td.n { (t.waiting) }
+                            td.n { (t.done + t.up_to_date) } td.n.failed { (t.failed) } td.n { (t.skipped) } td.n { (t.running.saturating_sub(t.queued)) } td.n { (t.queued) } td.n { (t.waiting) }
                         } @else {
-                            td {} td {} td {} td {} td {}
+                            td {} td {} td {} td {} td {} td {}
                         }
                         td { (ago(row.age_s)) }
                     }
@@ -114,6 +114,7 @@ fn totals(state: &RunState) -> StageCounts {
         all.failed += c.failed;
         all.skipped += c.skipped;
         all.running += c.running;
+        all.queued += c.queued;
         all.waiting += c.waiting;
     }
     all
@@ -181,12 +182,12 @@ pub fn run(state: &RunState, records: &[AttemptRecord], filter: &ItemFilter) -> 
         }
         h2 { "Stages" }
         table id="stages" {
-            tr { th { "stage" } th { "done" } th { "up to date" } th { "failed" } th { "skipped" } th { "submitted" } th { "waiting" } }
+            tr { th { "stage" } th { "done" } th { "up to date" } th { "failed" } th { "skipped" } th { "running" } th { "queued" } th { "waiting" } }
             @for (name, c) in &state.counts {
                 tr data-stage=(name) {
                     td { a href={ "/runs/" (run_id) "?stage=" (urlencode(name)) } { (name) } }
                     td.n.done { (c.done) } td.n { (c.up_to_date) } td.n.failed { (c.failed) } td.n { (c.skipped) }
-                    td.n.running { (c.running) } td.n { (c.waiting) }
+                    td.n.running { (c.running.saturating_sub(c.queued)) } td.n { (c.queued) } td.n { (c.waiting) }
                 }
             }
         }
@@ -325,7 +326,7 @@ fn graph(state: &RunState) -> Markup {
             @for (i, (name, c)) in state.counts.iter().enumerate() {
                 rect x=(x(i)) y="28" width=(width) height=(height) rx="6" fill="#fff" stroke=(if c.failed > 0 { "#b00020" } else { "#243447" }) {}
                 text x=(x(i) + 8.0) y="46" { (name) }
-                text x=(x(i) + 8.0) y="63" fill="#555" { (c.done + c.up_to_date) " done · " (c.failed) " failed · " (c.running) " running" }
+                text x=(x(i) + 8.0) y="63" fill="#555" { (c.done + c.up_to_date) " done · " (c.failed) " failed · " (c.running.saturating_sub(c.queued)) " running · " (c.queued) " queued" }
             }
             text x="10" y="110" fill="#777" { "solid: item by item (each) · dashed: after all of it (needs)" }
         }
@@ -583,6 +584,7 @@ mod tests {
             counts: vec![("up".to_string(), Default::default())],
             complete: true,
             edges: vec![],
+            delta: false,
         };
         let page = run(&state, &[r], &ItemFilter::default()).into_string();
         assert!(

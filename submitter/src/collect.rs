@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicRejectOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
@@ -29,6 +27,7 @@ use warren_broker::protocol::{
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
 use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
 
+use crate::checkpoint::{ack_checkpointed, consume_alone, take_states};
 use crate::seqset::SeqSet;
 use crate::submit::Submitter;
 
@@ -729,28 +728,21 @@ async fn checkpoint(
     let channel = manifests.channel();
     let first_sight = state.manifest.is_none();
     let mut recorded = SeqSet::default();
-    let mut taken = Vec::new();
-    while let Some(message) = channel
-        .basic_get(short(&queue)?, BasicGetOptions::default())
-        .await
-        .map_err(|e| BrokerError::from_queue_error(&queue, e))?
-    {
-        let delivery = message.delivery;
+    let batch = state.batch.clone();
+    let own = manifests.user().to_string();
+    let taken = take_states(channel, &queue, &own, |message| {
         // Only this collector's own user may say what the batch is and what was collected (as
         // RabbitMQ verified): a forged manifest could mark results collected, or drop the token.
-        let sender = verified_user(&delivery.properties);
-        if sender != Some(manifests.user()) {
+        if let Some(sender) = message.stranger {
             warn!(
-                batch = %state.batch,
-                "setting aside a manifest written by {}, not by this collector's user '{}': collect a batch as the user that submitted it",
+                batch = %batch,
+                "setting aside a manifest written by {}, not by this collector's user '{own}': collect a batch as the user that submitted it",
                 sender.map_or("an unverified publisher".to_string(), |s| format!("user '{s}'")),
-                manifests.user()
             );
-            taken.push(delivery.delivery_tag);
-            continue;
+            return;
         }
-        match protocol::decode_manifest(&delivery.data, MAX_RESULT_BYTES) {
-            Ok(m) if m.batch == state.batch => {
+        match protocol::decode_manifest(message.data, MAX_RESULT_BYTES) {
+            Ok(m) if m.batch == batch => {
                 recorded.extend(&SeqSet::from_ranges(&m.collected));
                 state
                     .replays
@@ -768,11 +760,11 @@ async fn checkpoint(
                 }
             }
             Ok(_) | Err(_) => {
-                warn!(batch = %state.batch, "ignoring an unreadable message in the manifest queue")
+                warn!(batch = %batch, "ignoring an unreadable message in the manifest queue")
             }
         }
-        taken.push(delivery.delivery_tag);
-    }
+    })
+    .await?;
     state.written.extend(&recorded);
     if first_sight {
         state.counts.earlier = state.written.len();
@@ -806,46 +798,6 @@ async fn checkpoint(
         .await?;
     state.manifest = Some(next);
     ack_checkpointed(channel, &taken, ack).await?;
-    Ok(())
-}
-
-/// Consumes a results queue as its only reader (exclusive; the queue also keeps a single active
-/// consumer). The caller checks the queue's consumer count first, to say who holds it.
-/// Batch and run ids are at most 200 bytes, so their queue names fit an AMQP short string.
-pub(crate) async fn consume_alone(
-    channel: &Channel,
-    queue: &str,
-) -> Result<lapin::Consumer, lapin::Error> {
-    channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions {
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-}
-
-/// The last step of a checkpoint, once the new state is confirmed: acknowledges the state
-/// messages `taken` from `channel` and, when given, the results up to a delivery tag.
-pub(crate) async fn ack_checkpointed(
-    channel: &Channel,
-    taken: &[u64],
-    results: Option<(&Channel, u64)>,
-) -> Result<(), lapin::Error> {
-    if let Some(last) = taken.iter().max() {
-        channel
-            .basic_ack(*last, BasicAckOptions { multiple: true })
-            .await?;
-    }
-    if let Some((results, tag)) = results {
-        results
-            .basic_ack(tag, BasicAckOptions { multiple: true })
-            .await?;
-    }
     Ok(())
 }
 

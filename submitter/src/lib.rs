@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod batches;
+mod checkpoint;
 pub mod collect;
 pub mod dlq;
 pub mod fanout;

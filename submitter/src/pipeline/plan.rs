@@ -1,7 +1,7 @@
 //! The pure core of a run: which items each stage has, which are ready, and what an outcome
 //! changes downstream. No I/O: the runner feeds it items and outcomes and asks what to submit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -38,6 +38,12 @@ impl ItemState {
     pub fn succeeded(&self) -> bool {
         matches!(self, ItemState::Done | ItemState::UpToDate)
     }
+
+    /// Whether a run's state records this state: waiting and skipped items are derived again
+    /// from the pipeline and the recorded outcomes.
+    pub fn is_recorded(&self) -> bool {
+        !matches!(self, ItemState::Waiting | ItemState::Skipped)
+    }
 }
 
 /// The item of a stage that runs once.
@@ -52,8 +58,12 @@ pub struct StageCounts {
     pub all_known: bool,
     /// Waiting to be submitted.
     pub waiting: u64,
-    /// Submitted, result awaited.
+    /// Submitted, result awaited (queued ones included).
     pub running: u64,
+    /// Of `running`, how many wait in their task queue for a worker, as the runner last read
+    /// the queue from the broker (0 where unknown).
+    #[serde(default)]
+    pub queued: u64,
     /// Succeeded.
     pub done: u64,
     /// Up to date, not run.
@@ -64,11 +74,33 @@ pub struct StageCounts {
     pub skipped: u64,
 }
 
+impl StageCounts {
+    /// The count of items in `state`.
+    fn of(&mut self, state: &ItemState) -> &mut u64 {
+        match state {
+            ItemState::Waiting => &mut self.waiting,
+            ItemState::Submitted => &mut self.running,
+            ItemState::Done => &mut self.done,
+            ItemState::UpToDate => &mut self.up_to_date,
+            ItemState::Failed(_) => &mut self.failed,
+            ItemState::Skipped => &mut self.skipped,
+        }
+    }
+}
+
 /// Every stage's items and their states.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pipeline: Pipeline,
     items: Vec<BTreeMap<String, ItemState>>,
+    /// Per stage, its items in [`ItemState::Waiting`]: what may be submitted, found without a
+    /// scan of every item (a run may have 100,000s).
+    waiting: Vec<BTreeSet<String>>,
+    /// Per stage, how many items are in each state, kept up to date by [`Plan::set`].
+    counts: Vec<StageCounts>,
+    /// Changes to recorded states (see [`ItemState::is_recorded`]) since the last
+    /// [`Plan::take_changes`], when tracked: what a run's next checkpoint must add.
+    changes: Option<Vec<(usize, String, ItemState)>>,
     /// Stages whose items are all known.
     all_known: Vec<bool>,
     /// Every chained stage waits for the whole of its upstream (for comparisons).
@@ -87,14 +119,17 @@ impl Plan {
         let n = pipeline.stages.len();
         let mut plan = Self {
             items: vec![BTreeMap::new(); n],
+            waiting: vec![BTreeSet::new(); n],
+            counts: vec![StageCounts::default(); n],
+            changes: None,
             all_known: vec![false; n],
             barriers: false,
             failures: BTreeMap::new(),
             pipeline,
         };
-        for (index, stage) in plan.pipeline.stages.iter().enumerate() {
-            if stage.each == Each::Once {
-                plan.items[index].insert(ONCE.to_string(), ItemState::Waiting);
+        for index in 0..n {
+            if plan.pipeline.stages[index].each == Each::Once {
+                plan.set(index, ONCE, ItemState::Waiting);
                 plan.all_known[index] = true;
             }
         }
@@ -115,7 +150,9 @@ impl Plan {
     /// Gives a stage whose items come from a glob or a list all of them.
     pub fn add_items(&mut self, stage: usize, items: impl IntoIterator<Item = String>) {
         for item in items {
-            self.items[stage].entry(item).or_insert(ItemState::Waiting);
+            if !self.items[stage].contains_key(&item) {
+                self.set(stage, &item, ItemState::Waiting);
+            }
         }
         self.all_known[stage] = true;
         self.settle();
@@ -147,7 +184,8 @@ impl Plan {
 
     /// Whether every item of `stage` is known and final.
     pub fn finished(&self, stage: usize) -> bool {
-        self.all_known[stage] && self.items[stage].values().all(ItemState::is_final)
+        let c = &self.counts[stage];
+        self.all_known[stage] && c.waiting == 0 && c.running == 0
     }
 
     /// Whether every stage is finished.
@@ -158,33 +196,73 @@ impl Plan {
     /// Items that may be submitted now, later stages first (so files travel through the whole
     /// pipeline early instead of waiting behind every file's first step).
     pub fn ready(&self) -> Vec<(usize, String)> {
-        let mut ready = Vec::new();
-        for (index, stage) in self.pipeline.stages.iter().enumerate().rev() {
-            if !stage.needs.iter().all(|n| self.finished(self.index(n))) {
-                continue;
-            }
-            if let Each::OutputsOf(up) = &stage.each
-                && self.barriers
-                && !self.finished(self.index(up))
-            {
-                continue;
-            }
-            ready.extend(
-                self.items[index]
-                    .iter()
-                    .filter(|(_, state)| **state == ItemState::Waiting)
-                    .map(|(item, _)| (index, item.clone())),
-            );
+        self.ready_stages()
+            .into_iter()
+            .flat_map(|stage| self.waiting[stage].iter().map(move |i| (stage, i.clone())))
+            .collect()
+    }
+
+    /// The stages whose waiting items may be submitted now, later stages first.
+    pub fn ready_stages(&self) -> Vec<usize> {
+        (0..self.pipeline.stages.len())
+            .rev()
+            .filter(|&index| {
+                let stage = &self.pipeline.stages[index];
+                if !stage.needs.iter().all(|n| self.finished(self.index(n))) {
+                    return false;
+                }
+                !matches!(&stage.each, Each::OutputsOf(up)
+                    if self.barriers && !self.finished(self.index(up)))
+            })
+            .collect()
+    }
+
+    /// At most `limit` waiting items of `stage`, in order.
+    pub fn waiting_items(&self, stage: usize, limit: usize) -> Vec<String> {
+        self.waiting[stage].iter().take(limit).cloned().collect()
+    }
+
+    /// Starts keeping the changes a run's checkpoint records (see [`Plan::take_changes`]).
+    pub fn track_changes(&mut self) {
+        self.changes = Some(Vec::new());
+    }
+
+    /// The changes to recorded states since the last call (empty unless tracked).
+    pub fn take_changes(&mut self) -> Vec<(usize, String, ItemState)> {
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Sets an item's state, keeping the counts, the waiting sets and the change log in step:
+    /// every state change goes through here.
+    fn set(&mut self, stage: usize, item: &str, state: ItemState) {
+        if let Some(changes) = &mut self.changes
+            && state.is_recorded()
+        {
+            changes.push((stage, item.to_string(), state.clone()));
         }
-        ready
+        let counts = &mut self.counts[stage];
+        *counts.of(&state) += 1;
+        if state == ItemState::Waiting {
+            self.waiting[stage].insert(item.to_string());
+        }
+        match self.items[stage].insert(item.to_string(), state) {
+            Some(previous) => {
+                *counts.of(&previous) -= 1;
+                if previous == ItemState::Waiting {
+                    self.waiting[stage].remove(item);
+                }
+            }
+            None => counts.known += 1,
+        }
     }
 
     /// Records that an item was submitted.
     pub fn submitted(&mut self, stage: usize, item: &str) {
-        if let Some(state) = self.items[stage].get_mut(item)
-            && *state == ItemState::Waiting
-        {
-            *state = ItemState::Submitted;
+        if self.items[stage].get(item) == Some(&ItemState::Waiting) {
+            self.set(stage, item, ItemState::Submitted);
         }
     }
 
@@ -196,7 +274,7 @@ impl Plan {
             return;
         }
         let succeeded = outcome.succeeded();
-        self.items[stage].insert(item.to_string(), outcome);
+        self.set(stage, item, outcome);
         let outputs = self.outputs_of(stage, item);
         let name = self.pipeline.stages[stage].name.clone();
         let takers: Vec<usize> = (0..self.pipeline.stages.len())
@@ -215,7 +293,7 @@ impl Plan {
                         if !succeeded {
                             self.record(index, output, state);
                         } else if before.is_none() {
-                            self.items[index].insert(output.clone(), state);
+                            self.set(index, output, state);
                         }
                     }
                 }
@@ -240,14 +318,12 @@ impl Plan {
                 }
                 let needs_failed = stage.needs.iter().any(|n| {
                     let i = self.index(n);
-                    self.finished(i) && self.items[i].values().any(|s| !s.succeeded())
+                    self.finished(i) && self.counts[i].failed + self.counts[i].skipped > 0
                 });
                 if needs_failed {
-                    for state in self.items[index].values_mut() {
-                        if *state == ItemState::Waiting {
-                            *state = ItemState::Skipped;
-                            changed = true;
-                        }
+                    for item in std::mem::take(&mut self.waiting[index]) {
+                        self.set(index, &item, ItemState::Skipped);
+                        changed = true;
                     }
                 }
             }
@@ -353,22 +429,10 @@ impl Plan {
 
     /// Counts per stage.
     pub fn counts(&self, stage: usize) -> StageCounts {
-        let mut c = StageCounts {
-            known: self.items[stage].len() as u64,
+        StageCounts {
             all_known: self.all_known[stage],
-            ..StageCounts::default()
-        };
-        for state in self.items[stage].values() {
-            match state {
-                ItemState::Waiting => c.waiting += 1,
-                ItemState::Submitted => c.running += 1,
-                ItemState::Done => c.done += 1,
-                ItemState::UpToDate => c.up_to_date += 1,
-                ItemState::Failed(_) => c.failed += 1,
-                ItemState::Skipped => c.skipped += 1,
-            }
+            ..self.counts[stage].clone()
         }
-        c
     }
 }
 
@@ -472,5 +536,63 @@ outputs = ["m.vrt"]
         let task = p.task("r", 1, "w/a.tif").unwrap();
         assert_eq!(task.labels["stage"], "cog");
         assert_eq!(task.args["outputs"], json!(["c/a.tif"]));
+    }
+
+    /// Counts every stage's items from scratch, as the kept counts must say.
+    fn recount(p: &Plan, stage: usize) -> StageCounts {
+        let mut c = StageCounts {
+            known: p.items(stage).len() as u64,
+            all_known: p.counts(stage).all_known,
+            ..StageCounts::default()
+        };
+        for state in p.items(stage).values() {
+            *c.of(state) += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn kept_counts_waiting_sets_and_changes_follow_every_transition() {
+        let mut p = plan();
+        p.track_changes();
+        let check = |p: &Plan| {
+            for stage in 0..3 {
+                assert_eq!(p.counts(stage), recount(p, stage), "stage {stage}");
+                let waiting: Vec<String> = p
+                    .items(stage)
+                    .iter()
+                    .filter(|(_, s)| **s == ItemState::Waiting)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                assert_eq!(p.waiting_items(stage, usize::MAX), waiting);
+            }
+        };
+        check(&p);
+        p.submitted(0, "raw/a.tif");
+        p.submitted(0, "raw/b.tif");
+        check(&p);
+        p.record(0, "raw/a.tif", ItemState::Done);
+        check(&p);
+        p.record(0, "raw/b.tif", ItemState::Failed("exit_status".into()));
+        check(&p);
+        p.submitted(1, "w/a.tif");
+        p.record(1, "w/a.tif", ItemState::Done);
+        check(&p);
+        // The mosaic needs every cog, and one input failed: it is skipped, not run.
+        assert_eq!(p.state(2, ONCE), Some(&ItemState::Skipped));
+        assert!(p.complete());
+        assert_eq!(
+            p.take_changes(),
+            vec![
+                (0, "raw/a.tif".to_string(), ItemState::Submitted),
+                (0, "raw/b.tif".to_string(), ItemState::Submitted),
+                (0, "raw/a.tif".to_string(), ItemState::Done),
+                (0, "raw/b.tif".to_string(), ItemState::Failed("exit_status".into())),
+                (1, "w/a.tif".to_string(), ItemState::Submitted),
+                (1, "w/a.tif".to_string(), ItemState::Done),
+            ],
+            "waiting and skipped items are derived, not recorded"
+        );
+        assert!(p.take_changes().is_empty());
     }
 }

@@ -3,8 +3,11 @@
 //! RabbitMQ (queue `warren.runs.<run>`), so a run stopped or killed anywhere is resumed from any
 //! machine with the same files, and no task whose result was recorded runs again.
 //!
-//! The state is checkpointed like a batch's manifest: results are acknowledged only once a state
-//! that records them is confirmed, so a killed runner loses nothing.
+//! The state is checkpointed like a batch's manifest (see `checkpoint`): results are acknowledged
+//! only once a state that records them is confirmed, so a killed runner loses nothing. A
+//! checkpoint costs what changed: most are deltas (the items whose state changed since the one
+//! before), and a full state replaces the deltas once they add up to as many items as it holds,
+//! so the queue holds at most about twice the run and a checkpoint's bytes do not grow with it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -13,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicGetOptions, BasicRejectOptions};
+use lapin::options::BasicRejectOptions;
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -26,7 +29,7 @@ use warren_broker::{AmqpSettings, BrokerError};
 
 use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
 use super::{Each, Pipeline};
-use crate::collect::{ack_checkpointed, consume_alone};
+use crate::checkpoint::{ack_checkpointed, consume_alone, take_states};
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
 
@@ -34,6 +37,9 @@ use crate::submit::{SubmitOptions, Submitter, encode_task};
 pub const MESSAGE_TYPE_RUN: &str = "warren.run";
 /// Results taken before a checkpoint records them.
 const CHECKPOINT_AFTER: usize = 100;
+/// Item changes recorded in deltas before a full state replaces them, at the least (else as
+/// many as the last full state held).
+const COMPACT_AFTER: usize = 10_000;
 /// Time between checkpoints while results trickle in.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait, when a session starts, for the results that arrived while no runner was there.
@@ -124,6 +130,38 @@ pub struct RunState {
     /// "from.outputs"`, kind `each`) or waits for all of `from` (`needs`, kind `needs`).
     #[serde(default)]
     pub edges: Vec<StageEdge>,
+    /// A delta: `stages` holds only the items whose state changed since generation
+    /// `generation - 1`; read it on top of the full state and deltas before it (see
+    /// [`fold_states`]).
+    #[serde(default)]
+    pub delta: bool,
+}
+
+/// Folds a run's state messages into one state: the newest full state, with each delta written
+/// after it applied in order. A delta whose predecessor is missing (held by another reader at
+/// that moment) ends the fold: what is returned is then an older state, never a wrong one.
+pub fn fold_states(mut states: Vec<RunState>) -> Option<RunState> {
+    let base = states
+        .iter()
+        .filter(|s| !s.delta)
+        .map(|s| s.generation)
+        .max()?;
+    states.retain(|s| s.generation >= base);
+    states.sort_by_key(|s| (s.generation, s.delta));
+    let mut parts = states.into_iter();
+    let mut folded = parts.find(|s| !s.delta)?;
+    for delta in parts {
+        if !delta.delta || delta.generation != folded.generation + 1 {
+            break;
+        }
+        for (stage, items) in delta.stages {
+            folded.stages.entry(stage).or_default().extend(items);
+        }
+        folded.generation = delta.generation;
+        folded.counts = delta.counts;
+        folded.complete = delta.complete;
+    }
+    Some(folded)
 }
 
 /// One edge of a pipeline's stage graph.
@@ -165,8 +203,8 @@ impl From<lapin::Error> for RunError {
 
 /// Told about progress.
 pub trait RunProgress {
-    /// The plan changed.
-    fn update(&mut self, plan: &Plan);
+    /// The plan changed; `counts` are its counts per stage, with what is queued.
+    fn update(&mut self, plan: &Plan, counts: &[StageCounts]);
 }
 
 /// The items of the stages that take them from a glob or a list, relative to the workdir.
@@ -321,26 +359,19 @@ pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunStat
     {
         return Ok(None);
     }
-    let mut newest: Option<RunState> = None;
     let own = connection.status().username();
-    while let Some(message) = channel
-        .basic_get(short(&run_queue(run))?, BasicGetOptions::default())
-        .await
-        .map_err(|e| BrokerError::from_queue_error(&run_queue(run), e))?
-    {
-        let sender = warren_broker::publisher::verified_user(&message.delivery.properties);
-        if sender == Some(own.as_str())
-            && let Ok(state) = decode_state(&message.delivery.data)
-            && newest
-                .as_ref()
-                .is_none_or(|n| state.generation >= n.generation)
+    let mut states = Vec::new();
+    take_states(&channel, &run_queue(run), &own, |message| {
+        if message.stranger.is_none()
+            && let Ok(state) = decode_state(message.data)
         {
-            newest = Some(state);
+            states.push(state);
         }
-    }
+    })
+    .await?;
     // Closing the channel gives the messages back, unacknowledged.
     let _ = channel.close(200, "read".into()).await;
-    Ok(newest)
+    Ok(fold_states(states))
 }
 
 fn decode_state(bytes: &[u8]) -> Result<RunState, String> {
@@ -364,6 +395,12 @@ struct Runner<'a> {
     progressed: bool,
     /// Per task queue, what the runner knows of its waiting tasks (see [`Ahead`]).
     ahead: HashMap<String, Ahead>,
+    /// Item changes written as deltas since the last full state.
+    since_full: usize,
+    /// Items the last full state held.
+    full_size: usize,
+    /// Bytes of state written, for the run's figures.
+    checkpoint_bytes: u64,
 }
 
 /// Tasks waiting in a task queue beyond what its consumers hold, as last read from the broker
@@ -410,8 +447,12 @@ pub async fn run(
         submitted_at: protocol::timestamp(SystemTime::now()),
         progressed: false,
         ahead: HashMap::new(),
+        since_full: 0,
+        full_size: 0,
+        checkpoint_bytes: 0,
     };
     runner.plan.set_barriers(options.barriers);
+    runner.plan.track_changes();
     for (stage, items) in roots {
         runner.plan.add_items(stage, items);
     }
@@ -432,7 +473,15 @@ pub async fn run(
             retry.progressed();
         }
         match outcome {
-            Ok(end) => return Ok((end, runner.plan)),
+            Ok(end) => {
+                tracing::debug!(
+                    run = %options.run,
+                    generations = runner.generation,
+                    bytes = runner.checkpoint_bytes,
+                    "run state written"
+                );
+                return Ok((end, runner.plan));
+            }
             Err(RunError::Broker(e)) if !e.is_fatal() => match retry.failed() {
                 Some(delay) => {
                     warn!(run = %options.run, "run interrupted ({e}); reconnecting in {delay:.1?}");
@@ -512,7 +561,7 @@ impl Runner<'_> {
             .into());
         }
         // Read what earlier sessions recorded (and, on a resume, take it over).
-        self.checkpoint(publisher, None, first).await?;
+        self.checkpoint(publisher, None, true, first).await?;
         let mut consumer = match consume_alone(&results, &results_queue).await {
             Ok(consumer) => consumer,
             // Only a refusal means another runner; anything else (a lost connection) is retried.
@@ -524,6 +573,12 @@ impl Runner<'_> {
             Err(e) => return Err(BrokerError::from(e).into()),
         };
         self.progressed = true;
+        tracing::debug!(
+            run = %run,
+            items = self.full_size,
+            generation = self.generation,
+            "state read and written again; taking results"
+        );
         // Results that arrived while no runner was there are taken before anything is submitted,
         // so an item that finished after the last recorded state is not run again.
         let mut backlog = topology::inspect(&results, &results_queue)
@@ -538,14 +593,15 @@ impl Runner<'_> {
                 backlog = 0;
                 self.submit_ready(publisher).await?;
             }
-            progress.update(&self.plan);
+            progress.update(&self.plan, &self.counts());
             if self.plan.complete() {
-                if let Some(tag) = unacked.take() {
-                    self.checkpoint(publisher, Some((&results, tag)), false)
-                        .await?;
-                } else {
-                    self.checkpoint(publisher, None, false).await?;
-                }
+                self.checkpoint(
+                    publisher,
+                    unacked.take().map(|t| (&results, t)),
+                    false,
+                    false,
+                )
+                .await?;
                 let _ = results
                     .queue_delete(short(&results_queue)?, Default::default())
                     .await;
@@ -558,8 +614,13 @@ impl Runner<'_> {
                 .is_some_and(|s| s.load(Ordering::Relaxed))
                 || deadline.is_some_and(|d| Instant::now() >= d);
             if stop_requested {
-                self.checkpoint(publisher, unacked.take().map(|t| (&results, t)), false)
-                    .await?;
+                self.checkpoint(
+                    publisher,
+                    unacked.take().map(|t| (&results, t)),
+                    false,
+                    false,
+                )
+                .await?;
                 return Ok(RunEnd::Stopped);
             }
             let next = tokio::time::timeout(Duration::from_millis(250), consumer.next()).await;
@@ -582,8 +643,13 @@ impl Runner<'_> {
             if pending > 0
                 && (pending >= CHECKPOINT_AFTER || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
             {
-                self.checkpoint(publisher, unacked.take().map(|t| (&results, t)), false)
-                    .await?;
+                self.checkpoint(
+                    publisher,
+                    unacked.take().map(|t| (&results, t)),
+                    false,
+                    false,
+                )
+                .await?;
                 pending = 0;
                 last_checkpoint = Instant::now();
             }
@@ -591,64 +657,80 @@ impl Runner<'_> {
     }
 
     /// Submits ready items up to the window; items whose outputs are up to date are recorded as
-    /// such instead.
+    /// such instead. Costs what it submits, not the size of the run: each ready stage hands over
+    /// only as many waiting items as its queue may take.
     async fn submit_ready(&mut self, publisher: &Publisher) -> Result<(), RunError> {
         loop {
-            let room = self.options.max_queued.saturating_sub(self.in_flight.len());
-            if room == 0 {
-                return Ok(());
-            }
-            let ready = self.plan.ready();
-            if ready.is_empty() {
-                return Ok(());
-            }
-            let mut submitted_any = false;
-            let mut taken = 0;
-            for (stage, item) in ready {
-                if taken >= room {
-                    break;
-                }
-                if !self.options.force && up_to_date(&self.plan, stage, &item) {
-                    self.plan.record(stage, &item, ItemState::UpToDate);
-                    submitted_any = true;
-                    continue;
+            let mut changed = false;
+            for stage in self.plan.ready_stages() {
+                let room = self.options.max_queued.saturating_sub(self.in_flight.len());
+                if room == 0 {
+                    return Ok(());
                 }
                 let queue = self.plan.pipeline().stages[stage].queue.clone();
                 let ahead = self.waiting_in(publisher, &queue).await?;
-                if ahead.waiting >= ahead_allowed(ahead.consumers) {
-                    continue;
-                }
-                taken += 1;
-                let spec = self
-                    .plan
-                    .task(&self.options.run, stage, &item)
-                    .map_err(|e| RunError::Invalid(format!("stage {stage}, item '{item}': {e}")))?;
-                let options = SubmitOptions::new(queue.clone());
-                let (body, properties) = encode_task(
-                    &spec,
-                    &self.options.run,
-                    &self.token,
-                    self.next_seq,
-                    &self.submitted_at,
-                    &options,
-                )
-                .map_err(|e| RunError::Invalid(e.to_string()))?;
-                publisher.publish(&queue, &body, properties).await?;
-                if let Some(ahead) = self.ahead.get_mut(&queue) {
-                    ahead.waiting += 1;
-                }
-                self.next_seq = self.next_seq.wrapping_add(1);
-                self.plan.submitted(stage, &item);
-                self.in_flight.insert(
-                    task_id(&self.plan.pipeline().stages[stage].name, &item),
-                    (stage, item),
+                let take = room.min(
+                    usize::try_from(ahead_allowed(ahead.consumers).saturating_sub(ahead.waiting))
+                        .unwrap_or(usize::MAX),
                 );
-                submitted_any = true;
+                let mut submitted = 0;
+                // Up-to-date items are recorded without taking room: look further for them.
+                for item in self
+                    .plan
+                    .waiting_items(stage, take.max(1).saturating_mul(4))
+                {
+                    if !self.options.force && up_to_date(&self.plan, stage, &item) {
+                        self.plan.record(stage, &item, ItemState::UpToDate);
+                        changed = true;
+                        continue;
+                    }
+                    if submitted >= take {
+                        break;
+                    }
+                    self.submit(publisher, stage, &item, &queue).await?;
+                    submitted += 1;
+                    changed = true;
+                }
             }
-            if !submitted_any {
+            if !changed {
                 return Ok(());
             }
         }
+    }
+
+    /// Publishes the task of `item` of `stage` to `queue`.
+    async fn submit(
+        &mut self,
+        publisher: &Publisher,
+        stage: usize,
+        item: &str,
+        queue: &str,
+    ) -> Result<(), RunError> {
+        let spec = self
+            .plan
+            .task(&self.options.run, stage, item)
+            .map_err(|e| RunError::Invalid(format!("stage {stage}, item '{item}': {e}")))?;
+        let options = SubmitOptions::new(queue.to_string());
+        let (body, properties) = encode_task(
+            &spec,
+            &self.options.run,
+            &self.token,
+            self.next_seq,
+            &self.submitted_at,
+            &options,
+        )
+        .map_err(|e| RunError::Invalid(e.to_string()))?;
+        publisher.publish(queue, &body, properties).await?;
+        if let Some(ahead) = self.ahead.get_mut(queue) {
+            ahead.waiting += 1;
+        }
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.plan.submitted(stage, item);
+        self.in_flight.insert(
+            task_id(&self.plan.pipeline().stages[stage].name, item),
+            (stage, item.to_string()),
+        );
+        Ok(())
     }
 
     /// What the runner knows of `queue`'s waiting tasks, read again from the broker when older
@@ -733,61 +815,78 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// Takes every recorded state, merges it into the plan when `adopt` (the first session),
-    /// publishes the next generation, then acknowledges the old states and the results up to
-    /// `ack`.
+    /// Records progress and acknowledges the results up to `ack`. A session's first checkpoint
+    /// (`full`) takes every recorded state, merges it into the plan when `adopt` (the first
+    /// session), and publishes a full state before acknowledging the old ones; later ones publish
+    /// a delta of what changed, or a full state once the deltas add up to the last full one.
     async fn checkpoint(
         &mut self,
         publisher: &Publisher,
         ack: Option<(&Channel, u64)>,
+        full: bool,
         adopt: bool,
     ) -> Result<(), RunError> {
+        let compact =
+            full || self.since_full >= COMPACT_AFTER.max(self.full_size) || self.plan.complete();
+        if !compact {
+            let changes = self.plan.take_changes();
+            if changes.is_empty() && ack.is_none() {
+                return Ok(());
+            }
+            self.since_full += changes.len();
+            let state = self.state(Some(changes));
+            self.publish_state(publisher, &state).await?;
+            ack_checkpointed(publisher.channel(), &[], ack).await?;
+            return Ok(());
+        }
         let run = self.options.run.clone();
         let queue = run_queue(&run);
-        let channel = publisher.channel();
-        let mut taken = Vec::new();
-        let mut newest: Option<RunState> = None;
-        while let Some(message) = channel
-            .basic_get(short(&queue)?, BasicGetOptions::default())
-            .await
-            .map_err(|e| BrokerError::from_queue_error(&queue, e))?
-        {
-            taken.push(message.delivery.delivery_tag);
+        let mut states = Vec::new();
+        let taken = take_states(publisher.channel(), &queue, publisher.user(), |message| {
             // Only a state this runner's own user wrote (as RabbitMQ verified) is adopted: a
             // state pre-seeded by anyone else would make the run skip its work.
-            let sender = warren_broker::publisher::verified_user(&message.delivery.properties);
-            if sender != Some(publisher.user()) {
+            if let Some(sender) = message.stranger {
                 warn!(run = %run, sender = sender.unwrap_or("(unverified)"), "ignoring a state of this run written by another user");
-                continue;
+                return;
             }
-            match decode_state(&message.delivery.data) {
+            match decode_state(message.data) {
                 Ok(state) if state.run == run => {
-                    if newest
-                        .as_ref()
-                        .is_none_or(|n| state.generation >= n.generation)
-                    {
-                        newest = Some(state);
-                    }
+                    self.generation = self.generation.max(state.generation);
+                    states.push(state);
                 }
                 _ => warn!(run = %run, "ignoring an unreadable message in the run's state queue"),
             }
+        })
+        .await?;
+        if adopt && let Some(state) = fold_states(states) {
+            self.adopt(&state)?;
         }
-        if let Some(state) = &newest {
-            self.generation = self.generation.max(state.generation);
-            if adopt {
-                self.adopt(state)?;
-            }
-        }
-        let state = self.state();
+        // The full state below records everything, the adopted items included.
+        self.plan.take_changes();
+        let state = self.state(None);
+        self.full_size = state.stages.values().map(BTreeMap::len).sum();
+        self.since_full = 0;
+        self.publish_state(publisher, &state).await?;
+        ack_checkpointed(publisher.channel(), &taken, ack).await?;
+        Ok(())
+    }
+
+    /// Publishes the run's next state generation and waits for its confirm.
+    async fn publish_state(
+        &mut self,
+        publisher: &Publisher,
+        state: &RunState,
+    ) -> Result<(), RunError> {
+        let body = protocol::encode(state);
         publisher
             .publish(
-                &queue,
-                &protocol::encode(&state),
+                &run_queue(&self.options.run),
+                &body,
                 message_properties(MESSAGE_TYPE_RUN),
             )
             .await?;
         self.generation = state.generation;
-        ack_checkpointed(channel, &taken, ack).await?;
+        self.checkpoint_bytes += body.len() as u64;
         Ok(())
     }
 
@@ -829,21 +928,60 @@ impl Runner<'_> {
         Ok(())
     }
 
-    fn state(&self) -> RunState {
+    /// Each stage's counts, with how many of its submitted tasks wait in their queue: a queue's
+    /// waiting tasks (as last read) are given to its stages in pipeline order, each at most as
+    /// many as it has submitted.
+    fn counts(&self) -> Vec<StageCounts> {
+        let mut left: HashMap<&str, u64> = self
+            .ahead
+            .iter()
+            .map(|(queue, ahead)| (queue.as_str(), ahead.waiting))
+            .collect();
+        let stages = &self.plan.pipeline().stages;
+        (0..stages.len())
+            .map(|index| {
+                let mut counts = self.plan.counts(index);
+                let waiting = left.entry(stages[index].queue.as_str()).or_default();
+                counts.queued = counts.running.min(*waiting);
+                *waiting -= counts.queued;
+                counts
+            })
+            .collect()
+    }
+
+    /// The run's next state: full, or a delta holding `changes`.
+    fn state(&self, changes: Option<Vec<(usize, String, ItemState)>>) -> RunState {
         let pipeline = self.plan.pipeline();
-        let mut stages = BTreeMap::new();
-        let mut counts = Vec::new();
-        for (index, stage) in pipeline.stages.iter().enumerate() {
-            let items: BTreeMap<String, ItemState> = self
-                .plan
-                .items(index)
-                .iter()
-                .filter(|(_, s)| !matches!(s, ItemState::Waiting | ItemState::Skipped))
-                .map(|(i, s)| (i.clone(), s.clone()))
-                .collect();
-            stages.insert(stage.name.clone(), items);
-            counts.push((stage.name.clone(), self.plan.counts(index)));
+        let delta = changes.is_some();
+        let mut stages: BTreeMap<String, BTreeMap<String, ItemState>> = BTreeMap::new();
+        match changes {
+            Some(changes) => {
+                for (stage, item, state) in changes {
+                    stages
+                        .entry(pipeline.stages[stage].name.clone())
+                        .or_default()
+                        .insert(item, state);
+                }
+            }
+            None => {
+                for (index, stage) in pipeline.stages.iter().enumerate() {
+                    let items = self
+                        .plan
+                        .items(index)
+                        .iter()
+                        .filter(|(_, s)| s.is_recorded())
+                        .map(|(i, s)| (i.clone(), s.clone()))
+                        .collect();
+                    stages.insert(stage.name.clone(), items);
+                }
+            }
         }
+        let counts = pipeline
+            .stages
+            .iter()
+            .map(|s| s.name.clone())
+            .zip(self.counts())
+            .collect();
         RunState {
             v: PROTOCOL_VERSION,
             run: self.options.run.clone(),
@@ -854,6 +992,7 @@ impl Runner<'_> {
             stages,
             counts,
             complete: self.plan.complete(),
+            delta,
             edges: pipeline
                 .stages
                 .iter()
@@ -872,5 +1011,95 @@ impl Runner<'_> {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(generation: u64, delta: bool, items: &[(&str, ItemState)]) -> RunState {
+        RunState {
+            v: PROTOCOL_VERSION,
+            run: "r".into(),
+            generation,
+            fingerprint: "f".into(),
+            token: "t".into(),
+            workdir: "/w".into(),
+            stages: BTreeMap::from([(
+                "one".to_string(),
+                items
+                    .iter()
+                    .map(|(i, s)| (i.to_string(), s.clone()))
+                    .collect(),
+            )]),
+            counts: vec![(
+                "one".into(),
+                StageCounts {
+                    done: generation,
+                    ..StageCounts::default()
+                },
+            )],
+            complete: false,
+            edges: Vec::new(),
+            delta,
+        }
+    }
+
+    fn items(folded: &RunState) -> Vec<(String, ItemState)> {
+        folded.stages["one"]
+            .iter()
+            .map(|(i, s)| (i.clone(), s.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn deltas_after_the_newest_full_state_are_applied_in_order() {
+        let failed = ItemState::Failed("exit_status".into());
+        let folded = fold_states(vec![
+            state(5, true, &[("b", failed.clone())]),
+            state(3, false, &[("a", ItemState::Done), ("b", ItemState::Submitted)]),
+            state(4, true, &[("c", ItemState::Submitted), ("b", ItemState::Done)]),
+            state(2, true, &[("z", ItemState::Done)]),
+            state(1, false, &[("y", ItemState::Done)]),
+        ])
+        .expect("a full state is there");
+        assert_eq!(folded.generation, 5);
+        assert!(!folded.delta);
+        assert_eq!(folded.counts[0].1.done, 5, "counts come from the newest delta");
+        assert_eq!(
+            items(&folded),
+            vec![
+                ("a".into(), ItemState::Done),
+                ("b".into(), failed),
+                ("c".into(), ItemState::Submitted)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_delta_ends_the_fold_at_an_older_state() {
+        let folded = fold_states(vec![
+            state(3, false, &[("a", ItemState::Submitted)]),
+            state(4, true, &[("a", ItemState::Done)]),
+            state(6, true, &[("b", ItemState::Done)]),
+        ])
+        .expect("a full state is there");
+        assert_eq!(folded.generation, 4);
+        assert_eq!(items(&folded), vec![("a".into(), ItemState::Done)]);
+    }
+
+    #[test]
+    fn a_newer_full_state_supersedes_older_deltas_and_deltas_alone_are_no_state() {
+        let folded = fold_states(vec![
+            state(3, false, &[("a", ItemState::Submitted)]),
+            state(4, true, &[("a", ItemState::Done)]),
+            state(5, false, &[("a", ItemState::Done), ("b", ItemState::Done)]),
+        ])
+        .expect("a full state is there");
+        assert_eq!(folded.generation, 5);
+        assert_eq!(folded.stages["one"].len(), 2);
+        assert!(fold_states(vec![state(4, true, &[("a", ItemState::Done)])]).is_none());
+        assert!(fold_states(Vec::new()).is_none());
     }
 }
