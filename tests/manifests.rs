@@ -626,3 +626,62 @@ fn every_pod_can_read_the_secrets_it_mounts() {
         }
     }
 }
+
+/// Every pod runs under the runtime's default seccomp profile (Kubernetes before 1.27 applies
+/// none unless asked), the run Job's included.
+#[test]
+fn every_pod_asks_for_the_runtime_default_seccomp_profile() {
+    let m = load();
+    let job: k8s_openapi::api::batch::v1::Job = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(Path::new(DIR).join("examples/run-job.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut pods: Vec<(String, PodSpec)> = m
+        .deployments
+        .iter()
+        .map(|(name, d)| (name.clone(), pod_spec(d).clone()))
+        .collect();
+    pods.push(("run-job".into(), job.spec.unwrap().template.spec.unwrap()));
+    let text = std::fs::read_to_string(Path::new(DIR).join("rabbitmq.yaml")).unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = Value::deserialize(doc).unwrap();
+        if value["kind"] == "StatefulSet" {
+            let set: k8s_openapi::api::apps::v1::StatefulSet = parse("rabbitmq.yaml", value);
+            pods.push(("rabbitmq".into(), set.spec.unwrap().template.spec.unwrap()));
+        }
+    }
+    assert!(pods.len() >= 4, "{:?}", pods.iter().map(|p| &p.0).collect::<Vec<_>>());
+    for (name, spec) in pods {
+        let profile = spec
+            .security_context
+            .and_then(|c| c.seccomp_profile)
+            .map(|p| p.type_);
+        assert_eq!(profile.as_deref(), Some("RuntimeDefault"), "{name}");
+    }
+}
+
+/// The shipped workers may run every program of the example pipeline: run as the README says,
+/// its mosaic step was once refused on a real cluster (`gdalbuildvrt` not allowed).
+#[test]
+fn the_shipped_workers_allow_every_program_of_the_example_pipeline() {
+    let m = load();
+    let worker = container(&m.deployments["warren-worker"]);
+    let allowed: Vec<&str> = worker
+        .args
+        .iter()
+        .flatten()
+        .filter_map(|a| a.strip_prefix("--allow-exec="))
+        .collect();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/pipeline/pipeline.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pipeline =
+        warren_submitter::pipeline::Pipeline::parse(&text, &path, "warren.tasks").unwrap();
+    for stage in &pipeline.stages {
+        assert!(
+            allowed.contains(&stage.command[0].as_str()),
+            "stage {} runs {}, which deploy/k8s/worker.yaml does not allow ({allowed:?})",
+            stage.name,
+            stage.command[0]
+        );
+    }
+}
