@@ -650,7 +650,11 @@ fn every_pod_asks_for_the_runtime_default_seccomp_profile() {
             pods.push(("rabbitmq".into(), set.spec.unwrap().template.spec.unwrap()));
         }
     }
-    assert!(pods.len() >= 4, "{:?}", pods.iter().map(|p| &p.0).collect::<Vec<_>>());
+    assert!(
+        pods.len() >= 4,
+        "{:?}",
+        pods.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
     for (name, spec) in pods {
         let profile = spec
             .security_context

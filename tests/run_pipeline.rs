@@ -688,3 +688,76 @@ async fn a_resume_with_a_changed_pipeline_is_refused_before_anything_is_declared
         "the refused resume declared the results queue again"
     );
 }
+
+/// A message in a run's results queue that is not one of its workers' answers (another batch's,
+/// one without the run's token, or not a result at all) is not taken: it ends in the first
+/// stage queue's dead-letter queue saying why, by the time the run is done (the runner
+/// republishes it with confirms rather than leave the broker to dead-letter a rejection while
+/// the results queue is deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_that_are_not_the_runs_are_dead_lettered_with_why() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+    let queue = unique_queue("run-forged");
+    let dir = project("run-forged", 2, THREE_STAGES);
+    let run = format!("forged-{}", uuid::Uuid::now_v7().simple());
+    let (conn, channel) = raw_channel().await;
+    warren_broker::topology::declare_result_queue(
+        &channel,
+        &run,
+        &queue,
+        warren_broker::topology::DEFAULT_RESULT_EXPIRY,
+    )
+    .await
+    .unwrap();
+    let forge = |batch: &str| {
+        rmp_serde::to_vec_named(&serde_json::json!({
+            "v": 1, "task_id": "up-0000000000000000", "batch": batch, "seq": 0, "kind": "exec",
+            "status": "succeeded", "output": {}, "worker": "mallory", "attempt": 1,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z",
+            "labels": {"stage": "up", "item": "raw/f1.txt"}
+        }))
+        .unwrap()
+    };
+    for body in [forge(&run), forge("another-batch"), b"not a result".to_vec()] {
+        channel
+            .basic_publish(
+                "".into(),
+                format!("warren.results.{run}").as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
+    let finished = warren_run(&dir, &queue, &["--run", &run]).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_eq!(
+        runs(&dir).get("up raw/f1.txt"),
+        Some(&1),
+        "the forged result did not stand in for the real step"
+    );
+    let dead = drain(&channel, &format!("{queue}.dead")).await;
+    let _ = conn.close(200, "bye".into()).await;
+    let mut why: Vec<(String, String)> = dead
+        .iter()
+        .map(|d| {
+            (
+                header(d, "x-warren-dead-reason").unwrap_or_default(),
+                header(d, "x-warren-dead-detail").unwrap_or_default(),
+            )
+        })
+        .collect();
+    why.sort();
+    assert_eq!(why.len(), 3, "{why:?}");
+    assert_eq!(why[0].0, "foreign_result", "{why:?}");
+    assert!(why[0].1.contains("token"), "{why:?}");
+    assert_eq!(why[1].0, "foreign_result", "{why:?}");
+    assert!(why[1].1.contains("another-batch"), "{why:?}");
+    assert_eq!(why[2].0, "unreadable_result", "{why:?}");
+    delete_queues(&queue).await;
+}

@@ -392,16 +392,19 @@ fn encode_path(segment: &str) -> String {
     out
 }
 
-/// Combines a passive declare (exact and immediate `ready`) with the management API's figures
-/// (unacked, consumers and rates, refreshed every few seconds). Either alone will do; the
+/// Combines a passive declare (exact and immediate `ready` and `consumers`) with the management
+/// API's figures (unacked and rates, refreshed every few seconds). Either alone will do; the
 /// passive declare's error wins when both fail, as it says more about the queue itself.
 pub fn combine(
     passive: Result<QueueDepth, BrokerError>,
     api: Result<QueueDepth, BrokerError>,
 ) -> Result<QueueDepth, BrokerError> {
     match (passive, api) {
+        // What a passive declare reads is exact and current; the API's statistics lag by up to
+        // their collection interval (5 s by default).
         (Ok(p), Ok(a)) => Ok(QueueDepth {
             ready: p.ready,
+            consumers: p.consumers,
             ..a
         }),
         (Ok(p), Err(_)) => Ok(p),
@@ -427,15 +430,14 @@ mod tests {
     }
 
     #[test]
-    fn ready_comes_from_the_declare_and_the_rest_from_the_api() {
-        let both = combine(
-            Ok(depth(7, None, DepthSource::PassiveDeclare)),
-            Ok(depth(2, Some(3), DepthSource::Management)),
-        )
-        .unwrap();
+    fn ready_and_consumers_come_from_the_declare_and_the_rest_from_the_api() {
+        let mut passive = depth(7, None, DepthSource::PassiveDeclare);
+        // A worker that just started: the declare sees it, the API's statistics not yet.
+        passive.consumers = 2;
+        let both = combine(Ok(passive), Ok(depth(2, Some(3), DepthSource::Management))).unwrap();
         assert_eq!(
-            (both.ready, both.unacked, both.source),
-            (7, Some(3), DepthSource::Management)
+            (both.ready, both.consumers, both.unacked, both.source),
+            (7, 2, Some(3), DepthSource::Management)
         );
         let passive = combine(
             Ok(depth(7, None, DepthSource::PassiveDeclare)),

@@ -9,10 +9,13 @@
 //! acknowledge what was taken and the results up to a delivery tag ([`ack_checkpointed`]).
 
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
+use tracing::warn;
 use warren_broker::BrokerError;
-use warren_broker::publisher::verified_user;
+use warren_broker::properties::dead_letter_properties;
+use warren_broker::publisher::{Publisher, verified_user};
 use warren_broker::topology::short;
 
 /// One message of a state queue, as [`take_states`] hands it over.
@@ -89,4 +92,43 @@ pub(crate) async fn ack_checkpointed(
             .await?;
     }
     Ok(())
+}
+
+/// Moves a message of the results queue `from` that is not taken (not this batch's or run's, or
+/// unreadable) to the dead-letter queue `dead`, with why. The copy is republished (confirmed,
+/// with `reason` and `detail` headers) and the delivery is left to be acknowledged with the next
+/// checkpoint: a rejection is dead-lettered by the broker asynchronously, and deleting the results
+/// queue at the end could drop it on the way. With no `dead` queue known yet, or when the
+/// republish fails, the delivery is rejected and the queue's own dead-letter route takes it.
+pub(crate) async fn set_aside(
+    channel: &Channel,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    from: &str,
+    dead: Option<&str>,
+    role: &str,
+    (reason, detail): (&str, &str),
+) -> Result<(), lapin::Error> {
+    if let Some(dead) = dead {
+        // The copy carries this process's user_id (RabbitMQ allows no other): the detail keeps
+        // who the broker said had sent the original.
+        let detail = match verified_user(&delivery.properties) {
+            Some(sender) => format!("{detail} (sent by user '{sender}')"),
+            None => format!("{detail} (sent without a verified user)"),
+        };
+        let properties = dead_letter_properties(
+            delivery.properties.clone(),
+            reason,
+            &detail,
+            from,
+            &format!("{role} ({})", publisher.user()),
+        );
+        match publisher.publish(dead, &delivery.data, properties).await {
+            Ok(()) => return Ok(()),
+            Err(e) => warn!("cannot republish to '{dead}' ({e}); rejecting the message instead"),
+        }
+    }
+    channel
+        .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+        .await
 }

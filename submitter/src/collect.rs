@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
@@ -19,7 +19,6 @@ use warren_broker::BrokerError;
 use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::error::is_access_refused;
-use warren_broker::properties::dead_letter_properties;
 use warren_broker::protocol::{
     self, BatchManifest, DEAD_REASON_FOREIGN_RESULT, DEAD_REASON_UNREADABLE_RESULT,
     MESSAGE_TYPE_MANIFEST, PROTOCOL_VERSION, ResultEnvelope, TaskStatus,
@@ -27,7 +26,7 @@ use warren_broker::protocol::{
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
 use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
 
-use crate::checkpoint::{ack_checkpointed, consume_alone, take_states};
+use crate::checkpoint::{self, ack_checkpointed, consume_alone, take_states};
 use crate::seqset::SeqSet;
 use crate::submit::Submitter;
 
@@ -624,12 +623,9 @@ async fn take_result(
     Ok(true)
 }
 
-/// Moves a message the collector will not take to the task queue's dead-letter queue, with why.
-/// Once the manifest names the task queue, the collector republishes it there itself (confirmed,
-/// with `reason` and `detail` headers) and leaves the delivery to be acked with the next
-/// checkpoint: a rejection is dead-lettered by the broker asynchronously, and deleting the result
-/// queue at the end of the batch could drop it on the way. Before that, it is rejected, and the
-/// result queue's own dead-letter route takes it.
+/// Moves a message the collector will not take to the task queue's dead-letter queue, with why
+/// (see [`crate::checkpoint::set_aside`]; before the manifest names the task queue, it is
+/// rejected to the results queue's own dead-letter route).
 async fn set_aside(
     channel: &Channel,
     manifests: &Publisher,
@@ -638,31 +634,17 @@ async fn set_aside(
     reason: &str,
     detail: &str,
 ) -> Result<(), CollectError> {
-    if let Some(manifest) = &state.manifest {
-        // The republished copy carries the collector's user_id (RabbitMQ allows no other): the
-        // detail keeps who the broker said had sent it.
-        let detail = match verified_user(&delivery.properties) {
-            Some(sender) => format!("{detail} (sent by user '{sender}')"),
-            None => format!("{detail} (sent without a verified user)"),
-        };
-        let properties = dead_letter_properties(
-            delivery.properties.clone(),
-            reason,
-            &detail,
-            &result_queue(&state.batch),
-            &format!("collector ({})", manifests.user()),
-        );
-        let dead = dead_letter_queue(&manifest.queue);
-        match manifests.publish(&dead, &delivery.data, properties).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                warn!(batch = %state.batch, "cannot republish to '{dead}' ({e}); rejecting the message instead");
-            }
-        }
-    }
-    channel
-        .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-        .await?;
+    let dead = state.manifest.as_ref().map(|m| dead_letter_queue(&m.queue));
+    checkpoint::set_aside(
+        channel,
+        manifests,
+        delivery,
+        &result_queue(&state.batch),
+        dead.as_deref(),
+        "collector",
+        (reason, detail),
+    )
+    .await?;
     Ok(())
 }
 

@@ -150,6 +150,10 @@ pub fn render(status: &QueueStatus) -> String {
             "ALARM: {alarm}: RabbitMQ is blocking publishes until it clears (free memory or disk on the broker)\n"
         );
     }
+    if status.management_unavailable.is_none() {
+        out += "(READY and CONSUMERS are read now; UNACKED, rates and WORKERS are the management API's \
+                statistics, which RabbitMQ refreshes every 5 s by default: they may lag a change)\n";
+    }
     if let Some(why) = &status.management_unavailable {
         out += &format!("(management API not used: {why}; unacked counts and rates need it)\n");
     }

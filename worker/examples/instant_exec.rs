@@ -19,7 +19,9 @@ async fn instant_exec(_task: Task) -> HandlerResult {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("warn").init();
     let mut args = std::env::args().skip(1);
-    let queue = args.next().ok_or("usage: instant_exec QUEUE [CONCURRENCY]")?;
+    let queue = args
+        .next()
+        .ok_or("usage: instant_exec QUEUE [CONCURRENCY]")?;
     let mut config = WorkerConfig::new(queue);
     if let Some(concurrency) = args.next() {
         config.concurrency = concurrency.parse()?;

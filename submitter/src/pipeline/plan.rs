@@ -587,7 +587,11 @@ outputs = ["m.vrt"]
                 (0, "raw/a.tif".to_string(), ItemState::Submitted),
                 (0, "raw/b.tif".to_string(), ItemState::Submitted),
                 (0, "raw/a.tif".to_string(), ItemState::Done),
-                (0, "raw/b.tif".to_string(), ItemState::Failed("exit_status".into())),
+                (
+                    0,
+                    "raw/b.tif".to_string(),
+                    ItemState::Failed("exit_status".into())
+                ),
                 (1, "w/a.tif".to_string(), ItemState::Submitted),
                 (1, "w/a.tif".to_string(), ItemState::Done),
             ],

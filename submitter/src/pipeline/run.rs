@@ -16,20 +16,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::options::BasicRejectOptions;
 use lapin::{Channel, Connection};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::error::is_access_refused;
-use warren_broker::protocol::{self, PROTOCOL_VERSION, TaskStatus};
+use warren_broker::protocol::{
+    self, DEAD_REASON_FOREIGN_RESULT, DEAD_REASON_UNREADABLE_RESULT, PROTOCOL_VERSION, TaskStatus,
+};
 use warren_broker::publisher::{Publisher, message_properties};
-use warren_broker::topology::{self, result_queue, run_queue, short};
+use warren_broker::topology::{self, dead_letter_queue, result_queue, run_queue, short};
 use warren_broker::{AmqpSettings, BrokerError};
 
 use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
 use super::{Each, Pipeline};
-use crate::checkpoint::{ack_checkpointed, consume_alone, take_states};
+use crate::checkpoint::{ack_checkpointed, consume_alone, set_aside, take_states};
 use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
 
@@ -627,7 +628,7 @@ impl Runner<'_> {
             match next {
                 Ok(Some(Ok(delivery))) => {
                     backlog = backlog.saturating_sub(1);
-                    self.take_result(&results, &delivery).await?;
+                    self.take_result(&results, publisher, &delivery).await?;
                     unacked = Some(delivery.delivery_tag);
                     pending += 1;
                 }
@@ -751,31 +752,41 @@ impl Runner<'_> {
         Ok(ahead)
     }
 
-    /// Records one result (ignoring repeats and strangers).
+    /// Records one result (ignoring repeats); a stranger (another batch's, without the run's
+    /// token, or unreadable) goes to the first stage queue's dead-letter queue, with why.
     async fn take_result(
         &mut self,
         channel: &Channel,
+        publisher: &Publisher,
         delivery: &lapin::message::Delivery,
     ) -> Result<(), RunError> {
-        let result = match protocol::decode_result(&delivery.data, MAX_MESSAGE_BYTES) {
-            Ok(r)
-                if r.batch == self.options.run
-                    && r.token.as_deref() == Some(self.token.as_str()) =>
-            {
-                r
-            }
-            Ok(r) => {
-                warn!(run = %self.options.run, task_id = %r.task_id, "dead-lettering a result that is not this run's");
-                channel
-                    .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-                    .await?;
-                return Ok(());
-            }
-            Err(e) => {
-                warn!(run = %self.options.run, "dead-lettering an unreadable message in the results queue: {e}");
-                channel
-                    .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-                    .await?;
+        let refused = match protocol::decode_result(&delivery.data, MAX_MESSAGE_BYTES) {
+            Ok(r) if r.batch != self.options.run => Err((
+                DEAD_REASON_FOREIGN_RESULT,
+                format!("it names batch '{}', not run '{}'", r.batch, self.options.run),
+            )),
+            Ok(r) if r.token.as_deref() != Some(self.token.as_str()) => Err((
+                DEAD_REASON_FOREIGN_RESULT,
+                "it does not carry the run's token (published by someone other than a worker running one of its tasks)".to_string(),
+            )),
+            Ok(r) => Ok(r),
+            Err(e) => Err((DEAD_REASON_UNREADABLE_RESULT, e.to_string())),
+        };
+        let result = match refused {
+            Ok(result) => result,
+            Err((reason, detail)) => {
+                warn!(run = %self.options.run, "dead-lettering a message of the results queue: {detail}");
+                let first_queue = &self.plan.pipeline().stages[0].queue;
+                set_aside(
+                    channel,
+                    publisher,
+                    delivery,
+                    &result_queue(&self.options.run),
+                    Some(&dead_letter_queue(first_queue)),
+                    "runner",
+                    (reason, &detail),
+                )
+                .await?;
                 return Ok(());
             }
         };
@@ -1058,15 +1069,26 @@ mod tests {
         let failed = ItemState::Failed("exit_status".into());
         let folded = fold_states(vec![
             state(5, true, &[("b", failed.clone())]),
-            state(3, false, &[("a", ItemState::Done), ("b", ItemState::Submitted)]),
-            state(4, true, &[("c", ItemState::Submitted), ("b", ItemState::Done)]),
+            state(
+                3,
+                false,
+                &[("a", ItemState::Done), ("b", ItemState::Submitted)],
+            ),
+            state(
+                4,
+                true,
+                &[("c", ItemState::Submitted), ("b", ItemState::Done)],
+            ),
             state(2, true, &[("z", ItemState::Done)]),
             state(1, false, &[("y", ItemState::Done)]),
         ])
         .expect("a full state is there");
         assert_eq!(folded.generation, 5);
         assert!(!folded.delta);
-        assert_eq!(folded.counts[0].1.done, 5, "counts come from the newest delta");
+        assert_eq!(
+            folded.counts[0].1.done, 5,
+            "counts come from the newest delta"
+        );
         assert_eq!(
             items(&folded),
             vec![
