@@ -138,7 +138,7 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
             };
             let items = match items {
                 Ok(items) => items,
-                Err(message) => return usage(&message),
+                Err(message) => return usage(&format!("{message}; nothing was submitted")),
             };
             // A misspelt placeholder is the error to show, not "no placeholder".
             if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {

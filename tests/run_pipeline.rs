@@ -265,6 +265,12 @@ async fn bad_pipeline_files_are_named_and_nothing_is_submitted() {
     let empty = warren_run(&dir, &queue, &[]).await;
     assert_eq!(empty.code, Some(2), "{}", empty.stderr);
     assert!(empty.stderr.contains("matches no file"), "{}", empty.stderr);
+    assert_eq!(
+        empty.stderr.matches("nothing was submitted").count(),
+        1,
+        "said once: {}",
+        empty.stderr
+    );
     assert!(
         empty.stdout.is_empty(),
         "no run id for a run that cannot start: {}",
@@ -719,7 +725,11 @@ async fn results_that_are_not_the_runs_are_dead_lettered_with_why() {
         }))
         .unwrap()
     };
-    for body in [forge(&run), forge("another-batch"), b"not a result".to_vec()] {
+    for body in [
+        forge(&run),
+        forge("another-batch"),
+        b"not a result".to_vec(),
+    ] {
         channel
             .basic_publish(
                 "".into(),

@@ -101,7 +101,7 @@ pub fn glob_items(pattern: &str) -> Result<Vec<String>, String> {
     }
     if items.is_empty() {
         return Err(format!(
-            "'{pattern}' matches no file (relative to {}); nothing was submitted",
+            "'{pattern}' matches no file (relative to {})",
             std::env::current_dir()
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|_| "the current folder".into())
@@ -123,9 +123,7 @@ pub fn line_items(input: impl BufRead, name: &str) -> Result<Vec<String>, String
         }
     }
     if items.is_empty() {
-        return Err(format!(
-            "{name} holds no item (one per line); nothing was submitted"
-        ));
+        return Err(format!("{name} holds no item (one per line)"));
     }
     Ok(items)
 }

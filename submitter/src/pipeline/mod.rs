@@ -3,8 +3,10 @@
 //! made. `docs/pipelines.md` describes the format; [`Pipeline::parse`] reads and checks it, naming
 //! the line and field of any mistake.
 
+pub mod items;
 pub mod plan;
 pub mod run;
+pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -10,14 +10,12 @@
 //! so the queue holds at most about twice the run and a checkpoint's bytes do not grow with it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
 use lapin::{Channel, Connection};
-use serde::{Deserialize, Serialize};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::error::is_access_refused;
@@ -28,14 +26,14 @@ use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::{self, dead_letter_queue, result_queue, run_queue, short};
 use warren_broker::{AmqpSettings, BrokerError};
 
-use super::plan::{ItemState, ONCE, Plan, StageCounts, task_id};
+pub use super::items::{dry_run, root_items, up_to_date};
+use super::plan::{ItemState, Plan, StageCounts, task_id};
+use super::state::decode_state;
+pub use super::state::{MESSAGE_TYPE_RUN, RunState, StageEdge, fold_states, read_state};
 use super::{Each, Pipeline};
 use crate::checkpoint::{ack_checkpointed, consume_alone, set_aside, take_states};
-use crate::fanout::{glob_items, line_items};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
 
-/// AMQP `type` of a run's state message.
-pub const MESSAGE_TYPE_RUN: &str = "warren.run";
 /// Results taken before a checkpoint records them.
 const CHECKPOINT_AFTER: usize = 100;
 /// Item changes recorded in deltas before a full state replaces them, at the least (else as
@@ -45,7 +43,7 @@ const COMPACT_AFTER: usize = 10_000;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait, when a session starts, for the results that arrived while no runner was there.
 const BACKLOG_WAIT: Duration = Duration::from_secs(10);
-/// Largest result or state message read.
+/// Largest result message read.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Default of [`RunOptions::max_queued`].
@@ -104,78 +102,6 @@ impl Default for RunOptions {
     }
 }
 
-/// A run's recorded state (the message kept in `warren.runs.<run>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunState {
-    /// Envelope version.
-    pub v: u32,
-    /// Run id.
-    pub run: String,
-    /// Newest wins.
-    pub generation: u64,
-    /// Fingerprint of the pipeline file: a resume must use the same pipeline.
-    pub fingerprint: String,
-    /// The run's secret: results without it are not its workers'.
-    pub token: String,
-    /// Folder the commands run in.
-    pub workdir: String,
-    /// Per stage (by name), the items that are not waiting, with their state.
-    pub stages: BTreeMap<String, BTreeMap<String, ItemState>>,
-    /// Per stage in pipeline order, its counts (for `warren status --run`).
-    #[serde(default)]
-    pub counts: Vec<(String, StageCounts)>,
-    /// Whether the run finished.
-    #[serde(default)]
-    pub complete: bool,
-    /// The pipeline's edges `(from, to)`: `to` takes `from`'s outputs per item (`each =
-    /// "from.outputs"`, kind `each`) or waits for all of `from` (`needs`, kind `needs`).
-    #[serde(default)]
-    pub edges: Vec<StageEdge>,
-    /// A delta: `stages` holds only the items whose state changed since generation
-    /// `generation - 1`; read it on top of the full state and deltas before it (see
-    /// [`fold_states`]).
-    #[serde(default)]
-    pub delta: bool,
-}
-
-/// Folds a run's state messages into one state: the newest full state, with each delta written
-/// after it applied in order. A delta whose predecessor is missing (held by another reader at
-/// that moment) ends the fold: what is returned is then an older state, never a wrong one.
-pub fn fold_states(mut states: Vec<RunState>) -> Option<RunState> {
-    let base = states
-        .iter()
-        .filter(|s| !s.delta)
-        .map(|s| s.generation)
-        .max()?;
-    states.retain(|s| s.generation >= base);
-    states.sort_by_key(|s| (s.generation, s.delta));
-    let mut parts = states.into_iter();
-    let mut folded = parts.find(|s| !s.delta)?;
-    for delta in parts {
-        if !delta.delta || delta.generation != folded.generation + 1 {
-            break;
-        }
-        for (stage, items) in delta.stages {
-            folded.stages.entry(stage).or_default().extend(items);
-        }
-        folded.generation = delta.generation;
-        folded.counts = delta.counts;
-        folded.complete = delta.complete;
-    }
-    Some(folded)
-}
-
-/// One edge of a pipeline's stage graph.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StageEdge {
-    /// The stage whose work the other takes.
-    pub from: String,
-    /// The stage that depends on it.
-    pub to: String,
-    /// `each` (item by item) or `needs` (all of it first).
-    pub kind: String,
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
@@ -208,129 +134,6 @@ pub trait RunProgress {
     fn update(&mut self, plan: &Plan, counts: &[StageCounts]);
 }
 
-/// The items of the stages that take them from a glob or a list, relative to the workdir.
-pub fn root_items(pipeline: &Pipeline) -> Result<Vec<(usize, Vec<String>)>, String> {
-    let mut roots = Vec::new();
-    for (index, stage) in pipeline.stages.iter().enumerate() {
-        let items = match &stage.each {
-            Each::Glob(pattern) => {
-                let absolute = if Path::new(pattern).is_absolute() {
-                    pattern.clone()
-                } else {
-                    format!(
-                        "{}/{pattern}",
-                        glob::Pattern::escape(&pipeline.workdir.to_string_lossy())
-                    )
-                };
-                let prefix = format!("{}/", pipeline.workdir.display());
-                glob_items(&absolute)
-                    .map_err(|e| format!("stage '{}', each: {e}", stage.name))?
-                    .into_iter()
-                    .map(|p| p.strip_prefix(&prefix).map(str::to_string).unwrap_or(p))
-                    .collect()
-            }
-            Each::Lines(list) => {
-                let path = pipeline.workdir.join(list);
-                let file = std::fs::File::open(&path).map_err(|e| {
-                    format!(
-                        "stage '{}', each: cannot open {}: {e}",
-                        stage.name,
-                        path.display()
-                    )
-                })?;
-                line_items(std::io::BufReader::new(file), &path.display().to_string())
-                    .map_err(|e| format!("stage '{}', each: {e}", stage.name))?
-            }
-            Each::Once | Each::OutputsOf(_) => continue,
-        };
-        roots.push((index, items));
-    }
-    Ok(roots)
-}
-
-/// Whether every declared output of an item exists and is at least as new as each of its inputs
-/// that exists.
-pub fn up_to_date(plan: &Plan, stage: usize, item: &str) -> bool {
-    let workdir = &plan.pipeline().workdir;
-    let outputs = plan.outputs_of(stage, item);
-    if outputs.is_empty() {
-        return false;
-    }
-    let modified = |p: &str| {
-        std::fs::metadata(workdir.join(p))
-            .and_then(|m| m.modified())
-            .ok()
-    };
-    let Some(oldest_output) = outputs
-        .iter()
-        .map(|o| modified(o))
-        .collect::<Option<Vec<SystemTime>>>()
-        .and_then(|times| times.into_iter().min())
-    else {
-        return false;
-    };
-    let inputs = if plan.pipeline().stages[stage].each == Each::Once && item == ONCE {
-        plan.inputs_of(stage, item)
-    } else {
-        vec![item.to_string()]
-    };
-    inputs
-        .iter()
-        .filter_map(|i| modified(i))
-        .all(|input| input <= oldest_output)
-}
-
-/// What `--dry-run` would run: per stage, the items that are not up to date (items of chained
-/// stages are known only where their upstream is up to date or would run).
-pub fn dry_run(pipeline: &Pipeline, force: bool) -> Result<Vec<(String, Vec<String>)>, String> {
-    let mut plan = Plan::new(pipeline.clone());
-    for (stage, items) in root_items(pipeline)? {
-        plan.add_items(stage, items);
-    }
-    let mut would_run: Vec<Vec<String>> = vec![Vec::new(); pipeline.stages.len()];
-    // Items whose inputs would be made again: they run whatever their outputs' age.
-    let mut stale: std::collections::HashSet<(usize, String)> = Default::default();
-    loop {
-        let ready = plan.ready();
-        if ready.is_empty() {
-            break;
-        }
-        for (stage, item) in ready {
-            let needs_rerun = pipeline.stages[stage].needs.iter().any(|n| {
-                pipeline
-                    .stages
-                    .iter()
-                    .position(|s| &s.name == n)
-                    .is_some_and(|i| !would_run[i].is_empty())
-            });
-            if !force
-                && !needs_rerun
-                && !stale.contains(&(stage, item.clone()))
-                && up_to_date(&plan, stage, &item)
-            {
-                plan.record(stage, &item, ItemState::UpToDate);
-                continue;
-            }
-            let name = &pipeline.stages[stage].name;
-            for (taker, s) in pipeline.stages.iter().enumerate() {
-                if s.each == Each::OutputsOf(name.clone()) {
-                    for output in plan.outputs_of(stage, &item) {
-                        stale.insert((taker, output));
-                    }
-                }
-            }
-            would_run[stage].push(item.clone());
-            plan.record(stage, &item, ItemState::Done);
-        }
-    }
-    Ok(pipeline
-        .stages
-        .iter()
-        .zip(would_run)
-        .map(|(s, items)| (s.name.clone(), items))
-        .collect())
-}
-
 /// The last 3 lines of a failed task's stderr (its command says why there), else its error
 /// message; each line at most 300 characters.
 fn failure_tail(result: &warren_broker::protocol::ResultEnvelope) -> String {
@@ -348,38 +151,6 @@ fn failure_tail(result: &warren_broker::protocol::ResultEnvelope) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Reads the newest recorded state of `run`, leaving it in place; None when the run has none.
-pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunState>, RunError> {
-    let mut submitter = Submitter::new(amqp.clone(), "warren-status");
-    let (connection, _) = submitter.connection().await?;
-    let channel = connection.create_channel().await?;
-    if let Err(BrokerError::QueueNotFound { .. }) =
-        topology::inspect(&channel, &run_queue(run)).await
-    {
-        return Ok(None);
-    }
-    let own = connection.status().username();
-    let mut states = Vec::new();
-    take_states(&channel, &run_queue(run), &own, |message| {
-        if message.stranger.is_none()
-            && let Ok(state) = decode_state(message.data)
-        {
-            states.push(state);
-        }
-    })
-    .await?;
-    // Closing the channel gives the messages back, unacknowledged.
-    let _ = channel.close(200, "read".into()).await;
-    Ok(fold_states(states))
-}
-
-fn decode_state(bytes: &[u8]) -> Result<RunState, String> {
-    if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err("state message too large".into());
-    }
-    rmp_serde::from_slice::<RunState>(bytes).map_err(|e| e.to_string())
 }
 
 /// A run in progress.
@@ -1022,106 +793,5 @@ impl Runner<'_> {
                 })
                 .collect(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state(generation: u64, delta: bool, items: &[(&str, ItemState)]) -> RunState {
-        RunState {
-            v: PROTOCOL_VERSION,
-            run: "r".into(),
-            generation,
-            fingerprint: "f".into(),
-            token: "t".into(),
-            workdir: "/w".into(),
-            stages: BTreeMap::from([(
-                "one".to_string(),
-                items
-                    .iter()
-                    .map(|(i, s)| (i.to_string(), s.clone()))
-                    .collect(),
-            )]),
-            counts: vec![(
-                "one".into(),
-                StageCounts {
-                    done: generation,
-                    ..StageCounts::default()
-                },
-            )],
-            complete: false,
-            edges: Vec::new(),
-            delta,
-        }
-    }
-
-    fn items(folded: &RunState) -> Vec<(String, ItemState)> {
-        folded.stages["one"]
-            .iter()
-            .map(|(i, s)| (i.clone(), s.clone()))
-            .collect()
-    }
-
-    #[test]
-    fn deltas_after_the_newest_full_state_are_applied_in_order() {
-        let failed = ItemState::Failed("exit_status".into());
-        let folded = fold_states(vec![
-            state(5, true, &[("b", failed.clone())]),
-            state(
-                3,
-                false,
-                &[("a", ItemState::Done), ("b", ItemState::Submitted)],
-            ),
-            state(
-                4,
-                true,
-                &[("c", ItemState::Submitted), ("b", ItemState::Done)],
-            ),
-            state(2, true, &[("z", ItemState::Done)]),
-            state(1, false, &[("y", ItemState::Done)]),
-        ])
-        .expect("a full state is there");
-        assert_eq!(folded.generation, 5);
-        assert!(!folded.delta);
-        assert_eq!(
-            folded.counts[0].1.done, 5,
-            "counts come from the newest delta"
-        );
-        assert_eq!(
-            items(&folded),
-            vec![
-                ("a".into(), ItemState::Done),
-                ("b".into(), failed),
-                ("c".into(), ItemState::Submitted)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_missing_delta_ends_the_fold_at_an_older_state() {
-        let folded = fold_states(vec![
-            state(3, false, &[("a", ItemState::Submitted)]),
-            state(4, true, &[("a", ItemState::Done)]),
-            state(6, true, &[("b", ItemState::Done)]),
-        ])
-        .expect("a full state is there");
-        assert_eq!(folded.generation, 4);
-        assert_eq!(items(&folded), vec![("a".into(), ItemState::Done)]);
-    }
-
-    #[test]
-    fn a_newer_full_state_supersedes_older_deltas_and_deltas_alone_are_no_state() {
-        let folded = fold_states(vec![
-            state(3, false, &[("a", ItemState::Submitted)]),
-            state(4, true, &[("a", ItemState::Done)]),
-            state(5, false, &[("a", ItemState::Done), ("b", ItemState::Done)]),
-        ])
-        .expect("a full state is there");
-        assert_eq!(folded.generation, 5);
-        assert_eq!(folded.stages["one"].len(), 2);
-        assert!(fold_states(vec![state(4, true, &[("a", ItemState::Done)])]).is_none());
-        assert!(fold_states(Vec::new()).is_none());
     }
 }
