@@ -10,7 +10,7 @@ use warren_broker::topology::DEFAULT_TASK_QUEUE;
 use warren_deploy::config;
 use warren_deploy::run::{AutoscaleOptions, autoscale};
 
-use crate::{seconds, usage};
+use crate::cli::{fail, seconds};
 
 #[derive(Args)]
 pub struct AutoscaleArgs {
@@ -92,9 +92,9 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => match config::parse(&text) {
                 Ok(file) => file.pools,
-                Err(e) => return usage(&format!("{}: {e}", path.display())),
+                Err(e) => return fail(&format!("{}: {e}", path.display())),
             },
-            Err(e) => return usage(&format!("cannot read {}: {e}", path.display())),
+            Err(e) => return fail(&format!("cannot read {}: {e}", path.display())),
         },
         None => vec![config::PoolEntry {
             queue: args.queue,
@@ -114,10 +114,10 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
         }],
     };
     let Some(stop_grace) = seconds(args.stop_grace) else {
-        return usage("--stop-grace must be a positive number of seconds");
+        return fail("--stop-grace must be a positive number of seconds");
     };
     let Some(start_timeout) = seconds(args.start_timeout) else {
-        return usage("--start-timeout must be a positive number of seconds");
+        return fail("--start-timeout must be a positive number of seconds");
     };
     let options = AutoscaleOptions {
         amqp,
@@ -130,6 +130,6 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
     };
     match autoscale(pools, options, warren_broker::endpoints::shutdown_signal()).await {
         Ok(()) => 0,
-        Err(e) => usage(&e),
+        Err(e) => fail(&e),
     }
 }

@@ -26,11 +26,18 @@ pub fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     stop
 }
 
+/// The AMQP connection name of a process in `role`: host and pid, as `rabbitmqctl` shows it.
 pub fn connection_name(role: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     format!("warren-{role}@{host}-{}", std::process::id())
 }
 
+/// A number of seconds from the command line, when it is finite and not negative.
+pub fn seconds(value: f64) -> Option<std::time::Duration> {
+    warren_broker::settings::seconds("", value, false).ok()
+}
+
+/// Prints `error: MESSAGE` and gives the exit status of bad usage or input.
 pub fn fail(message: &str) -> u8 {
     eprintln!("error: {message}");
     EXIT_USAGE_OR_CONNECTION

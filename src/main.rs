@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cli::EXIT_USAGE_OR_CONNECTION;
-use wait::WaitCommand;
+use cli::{EXIT_USAGE_OR_CONNECTION, fail, seconds};
+use wait::{WaitArgs, wait_command};
 use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
 use warren_broker::topology::DEFAULT_TASK_QUEUE;
@@ -99,33 +98,6 @@ enum Command {
 }
 
 #[derive(Args)]
-struct CollectArgs {
-    /// File to append result lines to (default: stdout).
-    #[arg(long, short = 'o')]
-    output: Option<PathBuf>,
-    /// Stop waiting after this many seconds (exit status 3; resume with `warren wait`).
-    #[arg(long)]
-    timeout: Option<f64>,
-    /// Seconds to keep retrying while the broker or a batch's queue is unavailable (connection
-    /// lost, a queue without quorum while nodes restart) before giving up (exit status 2).
-    /// Default: 300 for collecting results, 15 for publishing tasks.
-    #[arg(long)]
-    retry_for: Option<f64>,
-    /// Seconds the task queue may have no consumer, while results are outstanding, before a
-    /// warning says so (a mistyped --queue, or a pool that does not start).
-    #[arg(long, default_value_t = warren_submitter::NO_CONSUMER_WARN_AFTER.as_secs_f64())]
-    warn_no_worker_after: f64,
-}
-
-#[derive(Args)]
-struct WaitArgs {
-    /// Batch id printed by `warren submit`.
-    batch: String,
-    #[command(flatten)]
-    collect: CollectArgs,
-}
-
-#[derive(Args)]
 struct BatchesArgs {
     /// One JSON object per batch instead of a table.
     #[arg(long)]
@@ -167,10 +139,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
     if let Err(e) = warren_broker::topology::set_namespace(&cli.global.queue_namespace) {
-        return ExitCode::from(usage(&format!("--queue-namespace: {e}")));
+        return ExitCode::from(fail(&format!("--queue-namespace: {e}")));
     }
     let Some(connect_timeout) = seconds(cli.global.connect_timeout) else {
-        return ExitCode::from(usage(
+        return ExitCode::from(fail(
             "--connect-timeout must be a positive number of seconds",
         ));
     };
@@ -204,7 +176,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         Command::Run(args) => run::run(args, amqp).await,
         Command::Wait(args) => match wait_command(args.collect) {
             Ok(wait) => wait::wait(amqp, &args.batch, &wait).await,
-            Err(()) => usage(
+            Err(()) => fail(
                 "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
             ),
         },
@@ -215,7 +187,7 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
         }) => run::status(amqp, &run_id, json).await,
         Command::Status(args) => {
             let watch = match args.watch.map(seconds) {
-                Some(None) => return usage("--watch must be a positive number of seconds"),
+                Some(None) => return fail("--watch must be a positive number of seconds"),
                 Some(every) => every,
                 None => None,
             };
@@ -240,33 +212,6 @@ async fn run(command: Command, amqp: AmqpSettings, insecure_management_http: boo
             autoscale::run(args, amqp, target).await
         }
     }
-}
-
-fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
-    let timeout = match args.timeout {
-        Some(t) => Some(seconds(t).ok_or(())?),
-        None => None,
-    };
-    let retry_for = match args.retry_for {
-        Some(s) => seconds(s).ok_or(())?,
-        None => warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
-    };
-    let warn_no_worker_after = seconds(args.warn_no_worker_after).ok_or(())?;
-    Ok(WaitCommand {
-        output: args.output,
-        timeout,
-        retry_for,
-        warn_no_worker_after,
-    })
-}
-
-fn seconds(value: f64) -> Option<Duration> {
-    warren_broker::settings::seconds("", value, false).ok()
-}
-
-fn usage(message: &str) -> u8 {
-    eprintln!("error: {message}");
-    EXIT_USAGE_OR_CONNECTION
 }
 
 fn init_logging(format: LogFormat) {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::{
-    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, connection_name,
-    stop_on_ctrl_c,
+    EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, connection_name, fail,
+    seconds, stop_on_ctrl_c,
 };
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -18,8 +18,6 @@ use warren_submitter::pipeline::plan::{ItemState, Plan, StageCounts};
 use warren_submitter::pipeline::run::{
     RunEnd, RunOptions, RunProgress, dry_run, read_state, run as run_pipeline,
 };
-
-use crate::{seconds, usage};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -75,11 +73,11 @@ const DRY_RUN_ITEMS: usize = 10;
 pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     let text = match std::fs::read_to_string(&args.pipeline) {
         Ok(text) => text,
-        Err(e) => return usage(&format!("cannot read {}: {e}", args.pipeline.display())),
+        Err(e) => return fail(&format!("cannot read {}: {e}", args.pipeline.display())),
     };
     let pipeline = match Pipeline::parse(&text, &args.pipeline, &args.queue) {
         Ok(p) => p,
-        Err(message) => return usage(&format!("{message}; nothing was submitted")),
+        Err(message) => return fail(&format!("{message}; nothing was submitted")),
     };
     if args.dry_run {
         return match dry_run(&pipeline, args.force) {
@@ -103,22 +101,22 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
                 }
                 EXIT_OK
             }
-            Err(message) => usage(&message),
+            Err(message) => fail(&message),
         };
     }
     let (Some(retry_for), Some(expiry)) = (
         seconds(args.retry_for),
         seconds(args.result_expiry_hours * 3600.0),
     ) else {
-        return usage("--retry-for and --result-expiry-hours must be positive numbers");
+        return fail("--retry-for and --result-expiry-hours must be positive numbers");
     };
     let timeout = match args.timeout.map(seconds) {
-        Some(None) => return usage("--timeout must be a positive number of seconds"),
+        Some(None) => return fail("--timeout must be a positive number of seconds"),
         Some(t) => t,
         None => None,
     };
     if args.max_queued == 0 {
-        return usage("--max-queued must be at least 1");
+        return fail("--max-queued must be at least 1");
     }
     let stop = stop_on_ctrl_c();
     let mut options = RunOptions {
@@ -135,7 +133,7 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     };
     if let Some(run) = args.resume.as_ref().or(args.run.as_ref()) {
         if let Err(e) = warren_broker::protocol::validate_id("--run", run) {
-            return usage(&e.to_string());
+            return fail(&e.to_string());
         }
         options.run = run.clone();
     }
@@ -144,13 +142,13 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     if !options.resume
         && let Err(message) = dry_run(&pipeline, options.force)
     {
-        return usage(&format!("{message}; nothing was submitted"));
+        return fail(&format!("{message}; nothing was submitted"));
     }
     // A resume with another pipeline file is refused before anything is declared for it.
     if options.resume {
         match read_state(&amqp, &options.run).await {
             Ok(Some(state)) if state.fingerprint != pipeline.fingerprint => {
-                return usage(&format!(
+                return fail(&format!(
                     "run {} was started with another version of {}; resume it with the original \
                      file, or start a new run (items whose outputs are up to date are skipped)",
                     options.run,
@@ -170,7 +168,7 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
             if let Err(e @ warren_broker::BrokerError::TaskQueueMissing { .. }) =
                 submitter.require_queue(queue).await
             {
-                return usage(&format!("{e}; nothing was submitted"));
+                return fail(&format!("{e}; nothing was submitted"));
             }
         }
     }
@@ -345,7 +343,7 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
     let state = match read_state(&amqp, run).await {
         Ok(Some(state)) => state,
         Ok(None) => {
-            return usage(&format!(
+            return fail(&format!(
                 "run {run} not found: it has no recorded state (never started, or expired)"
             ));
         }
@@ -383,7 +381,7 @@ pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
             "failed": failed,
         })) {
             Ok(line) => println!("{line}"),
-            Err(e) => return usage(&e.to_string()),
+            Err(e) => return fail(&e.to_string()),
         }
         return EXIT_OK;
     }

@@ -19,8 +19,8 @@ use warren_submitter::spec::{SpecSource, TaskFile};
 use warren_submitter::submit::{SubmitError, Submitter, prepare};
 
 use crate::cli::*;
+use crate::wait::{CollectArgs, wait_command};
 use crate::wait::{WaitCommand, collect};
-use crate::{CollectArgs, seconds, usage, wait_command};
 
 #[derive(Args)]
 pub struct SubmitArgs {
@@ -108,7 +108,7 @@ pub enum SingleTask {
 /// Runs `warren submit`; returns the exit status.
 pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
     if let Some(seconds) = &args.misplaced_timeout_s {
-        return usage(&format!(
+        return fail(&format!(
             "--timeout-s is the task's own limit: put it after `exec`, e.g. `warren submit exec \
              --timeout-s {seconds} -- PROGRAM ...` (--timeout, before `exec`, bounds the wait)"
         ));
@@ -134,15 +134,15 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
                     format!("--each-line {}", path.display()),
                 )
             } else {
-                return usage("--each or --each-line is needed to fan out");
+                return fail("--each or --each-line is needed to fan out");
             };
             let items = match items {
                 Ok(items) => items,
-                Err(message) => return usage(&format!("{message}; nothing was submitted")),
+                Err(message) => return fail(&format!("{message}; nothing was submitted")),
             };
             // A misspelt placeholder is the error to show, not "no placeholder".
             if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {
-                return usage(&format!("the task's arguments: {e}"));
+                return fail(&format!("the task's arguments: {e}"));
             }
             // Items expand here but run on the workers: relative ones only name the same files
             // where the command runs in the same folder.
@@ -167,38 +167,38 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
             TaskSource::FanOut(FanOut::new(items, task, origin))
         }
         (None, None) if fan_out => {
-            return usage(
+            return fail(
                 "--each and --each-line need the task to fan out: `warren submit --each 'raw/*.tif' exec -- PROGRAM {} ...`",
             );
         }
         (Some(task), None) => TaskSource::Single(task),
         (None, Some(file)) => TaskSource::File(file),
         (Some(_), Some(_)) => {
-            return usage("give either --file or a single task, not both");
+            return fail("give either --file or a single task, not both");
         }
         (None, None) => {
-            return usage(
+            return fail(
                 "nothing to submit: give --file FILE (or - for stdin), `exec -- PROGRAM ARGS...`, or --each GLOB exec -- ...",
             );
         }
     };
     if args.resume.is_some() && matches!(source, TaskSource::Single(_)) {
-        return usage(
+        return fail(
             "--resume needs the tasks again: the same --file, or the same --each/--each-line and task",
         );
     }
     let Some(expiry) = seconds(args.result_expiry_hours * 3600.0) else {
-        return usage("--result-expiry-hours must be a positive number");
+        return fail("--result-expiry-hours must be a positive number");
     };
     // One --retry-for, when given, bounds publishing and collecting alike; otherwise each keeps
     // its own default (publishing gives up sooner: the tasks not confirmed are safe with the user).
     let publish_retry_for = match args.collect.retry_for.map(seconds) {
         None => warren_broker::connection::DEFAULT_RETRY_FOR,
         Some(Some(d)) => d,
-        Some(None) => return usage("--retry-for must be a positive number of seconds"),
+        Some(None) => return fail("--retry-for must be a positive number of seconds"),
     };
     let Ok(wait) = wait_command(args.collect) else {
-        return usage(
+        return fail(
             "--timeout, --retry-for and --warn-no-worker-after must be positive numbers of seconds",
         );
     };
@@ -265,27 +265,18 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 /// Everything after `exec --` goes to the program, so a warren flag there is almost always a
 /// mistake (`... exec -- sha256sum f --wait` waits for nothing and passes `--wait` on).
 fn warn_about_flags_after_exec(argv: &[String]) {
-    const SUBMIT_FLAGS: [&str; 16] = [
-        "--wait",
-        "--output",
-        "--timeout",
-        "--queue",
-        "--file",
-        "--retry-for",
-        "--amqp-url",
-        "--timeout-s",
-        "--print-batch-id",
-        "--cwd",
-        "--label",
-        "--outputs",
-        "--max-retries",
-        "--id",
-        "--each",
-        "--each-line",
-    ];
+    // Every long flag of `submit` and of its `exec` task, as clap knows them.
+    let submit = SubmitArgs::augment_args(clap::Command::new("submit"));
+    let flags: Vec<String> = submit
+        .get_arguments()
+        .chain(submit.get_subcommands().flat_map(|c| c.get_arguments()))
+        .filter_map(|a| a.get_long())
+        .filter(|long| !matches!(*long, "help" | "version"))
+        .map(|long| format!("--{long}"))
+        .collect();
     for arg in argv.iter().skip(1) {
         let flag = arg.split('=').next().unwrap_or(arg);
-        if SUBMIT_FLAGS.contains(&flag) {
+        if flags.iter().any(|f| f == flag) {
             eprintln!(
                 "warning: '{arg}' comes after `exec --`, so it is passed to '{}' as an argument, not to warren; \
                  put warren's flags before `exec`, e.g. `warren submit --wait exec -- {} ...`",

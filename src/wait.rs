@@ -10,8 +10,58 @@ use warren_submitter::output::{JsonLines, open_output};
 use warren_submitter::seqset::SeqSet;
 use warren_submitter::submit::Submitter;
 
+use clap::Args;
+
 use crate::cli::*;
 use crate::progress::StderrProgress;
+
+/// How results are collected: `warren wait`'s flags, also taken by `submit --wait`.
+#[derive(Args)]
+pub struct CollectArgs {
+    /// File to append result lines to (default: stdout).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Stop waiting after this many seconds (exit status 3; resume with `warren wait`).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Seconds to keep retrying while the broker or a batch's queue is unavailable (connection
+    /// lost, a queue without quorum while nodes restart) before giving up (exit status 2).
+    /// Default: 300 for collecting results, 15 for publishing tasks.
+    #[arg(long)]
+    pub retry_for: Option<f64>,
+    /// Seconds the task queue may have no consumer, while results are outstanding, before a
+    /// warning says so (a mistyped --queue, or a pool that does not start).
+    #[arg(long, default_value_t = warren_submitter::NO_CONSUMER_WARN_AFTER.as_secs_f64())]
+    pub warn_no_worker_after: f64,
+}
+
+/// `warren wait BATCH`.
+#[derive(Args)]
+pub struct WaitArgs {
+    /// Batch id printed by `warren submit`.
+    pub batch: String,
+    #[command(flatten)]
+    pub collect: CollectArgs,
+}
+
+/// The wait that `args` ask for; Err when a number of seconds is not valid.
+pub fn wait_command(args: CollectArgs) -> Result<WaitCommand, ()> {
+    let timeout = match args.timeout {
+        Some(t) => Some(seconds(t).ok_or(())?),
+        None => None,
+    };
+    let retry_for = match args.retry_for {
+        Some(s) => seconds(s).ok_or(())?,
+        None => warren_broker::connection::DEFAULT_COLLECT_RETRY_FOR,
+    };
+    let warn_no_worker_after = seconds(args.warn_no_worker_after).ok_or(())?;
+    Ok(WaitCommand {
+        output: args.output,
+        timeout,
+        retry_for,
+        warn_no_worker_after,
+    })
+}
 
 /// Options of `warren wait` (and of `submit --wait`).
 #[derive(Debug, Clone)]

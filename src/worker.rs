@@ -8,8 +8,7 @@ use warren_broker::topology::DEFAULT_TASK_QUEUE;
 use warren_worker::handlers::exec::{Limits, Sandbox, SandboxConfig};
 use warren_worker::{ExecPolicy, Worker, WorkerConfig};
 
-use crate::cli::EXIT_USAGE_OR_CONNECTION;
-use crate::{seconds, usage};
+use crate::cli::{EXIT_USAGE_OR_CONNECTION, fail, seconds};
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -110,7 +109,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         seconds(args.default_timeout),
         seconds(args.publish_retry_for),
     ) else {
-        return usage(
+        return fail(
             "--grace, --default-timeout and --publish-retry-for must be positive numbers of seconds",
         );
     };
@@ -144,7 +143,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
             .and_then(|p| p.with_task_env_allowed(args.allow_task_env));
         let policy = match policy {
             Ok(policy) => policy,
-            Err(e) => return usage(&e),
+            Err(e) => return fail(&e),
         };
         let policy = if args.no_sandbox {
             tracing::warn!(
@@ -174,7 +173,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
                     tracing::info!("{}", sandbox.describe());
                     policy.with_sandbox(sandbox)
                 }
-                Err(e) => return usage(&e),
+                Err(e) => return fail(&e),
             }
         };
         worker = worker.with_exec(policy);
