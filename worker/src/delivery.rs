@@ -224,57 +224,48 @@ async fn refuse(
     refusal: Refusal,
     abandon: &CancellationToken,
 ) {
-    let (status, error) = match refusal {
+    let (kind, message) = match refusal {
         // RabbitMQ dead-letters the task silently after this delivery; answering now means a
         // task that keeps killing its workers still gets a result and `wait` does not hang.
         Refusal::TooManyAttempts => (
-            TaskStatus::Failed,
-            TaskError::new(
-                ErrorKind::TooManyAttempts,
-                format!(
-                    "task was delivered {} times without finishing (does it crash or exhaust its worker?); \
+            ErrorKind::TooManyAttempts,
+            format!(
+                "task was delivered {} times without finishing (does it crash or exhaust its worker?); \
                      not run again, dead-lettered",
-                    arrival.delivery
-                ),
+                arrival.delivery
             ),
         ),
         Refusal::UnknownKind => (
-            TaskStatus::Rejected,
-            TaskError::new(
-                ErrorKind::UnknownKind,
-                format!(
-                    "no handler for kind '{}' on this worker (it has: {}){}",
-                    task.kind,
-                    ctx.registry.kinds().join(", "),
-                    if task.kind == "exec" {
-                        "; it runs no commands: start it with --allow-exec PROGRAM"
-                    } else {
-                        ""
-                    }
-                ),
+            ErrorKind::UnknownKind,
+            format!(
+                "no handler for kind '{}' on this worker (it has: {}){}",
+                task.kind,
+                ctx.registry.kinds().join(", "),
+                if task.kind == "exec" {
+                    "; it runs no commands: start it with --allow-exec PROGRAM"
+                } else {
+                    ""
+                }
             ),
         ),
         Refusal::Expired => (
-            TaskStatus::Expired,
-            TaskError::new(
-                ErrorKind::Expired,
-                format!(
-                    "the task expired at {}, before a worker could run it; not run",
-                    task.expires_at.as_deref().unwrap_or_default()
-                ),
+            ErrorKind::Expired,
+            format!(
+                "the task expired at {}, before a worker could run it; not run",
+                task.expires_at.as_deref().unwrap_or_default()
             ),
         ),
         Refusal::Cancelled => (
-            TaskStatus::Cancelled,
-            TaskError::new(
-                ErrorKind::Cancelled,
-                format!(
-                    "batch {} or this task was cancelled (warren cancel) before it ran; not run",
-                    task.batch
-                ),
+            ErrorKind::Cancelled,
+            format!(
+                "batch {} or this task was cancelled (warren cancel) before it ran; not run",
+                task.batch
             ),
         ),
     };
+    // The status comes with the kind (docs/protocol.md's table of kinds).
+    let status = kind.status();
+    let error = TaskError::new(kind, message);
     let result = result_of(
         ctx,
         task,
@@ -319,8 +310,8 @@ struct Attempt {
 
 /// The attempt a handler outcome makes, for a task of `kind` in `batch` with `limit`.
 fn attempt_of(outcome: HandlerOutcome, kind: &str, batch: &str, limit: Duration) -> Attempt {
-    let failed = |status, kind: ErrorKind, message: String, permanent| Attempt {
-        status,
+    let failed = |kind: ErrorKind, message: String, permanent| Attempt {
+        status: kind.status(),
         output: Value::Null,
         error: Some(TaskError::new(kind, message)),
         permanent,
@@ -344,19 +335,16 @@ fn attempt_of(outcome: HandlerOutcome, kind: &str, batch: &str, limit: Duration)
             permanent,
         },
         HandlerOutcome::Panicked(why) => failed(
-            TaskStatus::Failed,
             ErrorKind::HandlerPanicked,
             format!("the '{kind}' handler panicked: {why}"),
             false,
         ),
         HandlerOutcome::TimedOut => failed(
-            TaskStatus::TimedOut,
             ErrorKind::Timeout,
             format!("task ran longer than its limit of {limit:?} and was killed"),
             false,
         ),
         HandlerOutcome::Cancelled => failed(
-            TaskStatus::Cancelled,
             ErrorKind::Cancelled,
             format!(
                 "batch {batch} or this task was cancelled (warren cancel) while it ran; stopped"

@@ -98,6 +98,18 @@ impl TaskFailure {
         }
     }
 
+    /// A failure of one of Warren's own kinds, with the status that kind comes with
+    /// ([`ErrorKind::status`]); a rejection is never retried.
+    pub fn of(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let status = kind.status();
+        Self {
+            status,
+            error: TaskError::new(kind, message),
+            output: Value::Null,
+            permanent: status == TaskStatus::Rejected,
+        }
+    }
+
     /// Attaches output to the failure.
     pub fn with_output(mut self, output: Value) -> Self {
         self.output = output;

@@ -38,14 +38,14 @@ pub fn handler(policy: ExecPolicy) -> impl Fn(Task) -> HandlerFuture + Send + Sy
 async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     let args: ExecArgs = task.args_as()?;
     let Some(program) = args.argv.first() else {
-        return Err(TaskFailure::rejected(
+        return Err(TaskFailure::of(
             ErrorKind::InvalidArgs,
             "argv is empty: give at least the program to run",
         ));
     };
     // A NUL byte cannot reach a program (C strings end there): refused as the env rule does.
     if let Some(at) = args.argv.iter().position(|a| a.contains('\0')) {
-        return Err(TaskFailure::rejected(
+        return Err(TaskFailure::of(
             ErrorKind::InvalidArgs,
             format!("argv[{at}] holds a NUL byte, which no program can receive"),
         ));
@@ -59,7 +59,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     if let Some(cwd) = &args.cwd
         && !cwd.is_dir()
     {
-        return Err(TaskFailure::failed(
+        return Err(TaskFailure::of(
             ErrorKind::CwdMissing,
             format!(
                 "cannot start '{program}': its cwd {} is not a folder on this worker",
@@ -72,11 +72,11 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             {
                 let limits = sandbox
                     .limits_for(args.limits.as_ref())
-                    .map_err(|e| TaskFailure::rejected(ErrorKind::InvalidArgs, e))?;
+                    .map_err(|e| TaskFailure::of(ErrorKind::InvalidArgs, e))?;
                 sandbox.prepare(&resolved.path, limits)
             }
             .map_err(|e| {
-                TaskFailure::failed(
+                TaskFailure::of(
                     ErrorKind::SpawnFailed,
                     format!("cannot start '{program}': {e}"),
                 )
@@ -125,7 +125,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     }
     let started = Instant::now();
     let mut child = command.spawn().map_err(|e| {
-        TaskFailure::failed(
+        TaskFailure::of(
             ErrorKind::SpawnFailed,
             format!("cannot start '{program}': {e}"),
         )
@@ -149,7 +149,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     drop(group);
     let status = match waited {
         Ok(status) => Some(status.map_err(|e| {
-            TaskFailure::failed(
+            TaskFailure::of(
                 ErrorKind::WaitFailed,
                 format!("waiting for '{program}': {e}"),
             )
@@ -218,14 +218,14 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             (Some(_), None) => false,
         };
         let failure = if retryable {
-            TaskFailure::failed(ErrorKind::ExitStatus, message)
+            TaskFailure::of(ErrorKind::ExitStatus, message)
         } else {
             TaskFailure::permanent(ErrorKind::ExitStatus, message)
         };
         return Err(failure.with_output(output));
     }
     if !missing.is_empty() {
-        return Err(TaskFailure::failed(
+        return Err(TaskFailure::of(
             ErrorKind::MissingOutputs,
             format!(
                 "'{program}' succeeded but did not create: {}",
@@ -245,7 +245,7 @@ fn check_paths(sandbox: &Sandbox, args: &ExecArgs) -> Result<(), TaskFailure> {
         None => std::env::current_dir().unwrap_or_default(),
     };
     let outside = |what: &str, path: &std::path::Path| {
-        TaskFailure::rejected(
+        TaskFailure::of(
             ErrorKind::PathNotAllowed,
             format!(
                 "{what} {} is outside the worker's data roots (--data-root): commands may only \

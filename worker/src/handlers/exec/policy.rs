@@ -227,7 +227,7 @@ impl ExecPolicy {
             Allowed::Programs(programs) => match programs.get(program) {
                 Some(path) => path.clone(),
                 None => {
-                    return Err(TaskFailure::rejected(
+                    return Err(TaskFailure::of(
                         ErrorKind::NotAllowed,
                         format!(
                             "program '{program}' is not allowed on this worker; start the worker with \
@@ -238,7 +238,7 @@ impl ExecPolicy {
             },
         };
         let path = path.ok_or_else(|| {
-            TaskFailure::failed(
+            TaskFailure::of(
                 ErrorKind::SpawnFailed,
                 format!(
                     "cannot start '{program}': not found on the worker's PATH ({}); install it \
@@ -261,7 +261,7 @@ impl ExecPolicy {
         let mut env = self.base_env.clone();
         for (name, value) in task_env {
             if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
-                return Err(TaskFailure::rejected(
+                return Err(TaskFailure::of(
                     ErrorKind::InvalidArgs,
                     format!(
                         "env variable {name:?} is not valid: names may not be empty or hold '=' or NUL, values may not hold NUL"
@@ -269,7 +269,7 @@ impl ExecPolicy {
                 ));
             }
             if !self.task_may_set(name, value) {
-                return Err(TaskFailure::rejected(
+                return Err(TaskFailure::of(
                     ErrorKind::EnvNotAllowed,
                     format!(
                         "a task may not set {name}{}: tasks may set only the variables the worker \
