@@ -3,7 +3,7 @@
 //! Environment: SIM_STARTUP (pod start-up seconds, default 30), SIM_MAX (pods, 50).
 
 use warren_deploy::policy::PolicyConfig;
-use warren_deploy::simulate::{Cluster, Keda, SimPolicy, Warren, bursty_trace, simulate};
+use warren_deploy::simulate::{Cluster, Keda, SimPolicy, WarrenPolicy, bursty_trace, simulate};
 
 fn env_or(name: &str, default: f64) -> f64 {
     std::env::var(name)
@@ -28,7 +28,7 @@ fn main() {
         cluster.concurrency,
         cluster.max_pods
     );
-    let mut warren = Warren::new(
+    let mut warren = WarrenPolicy::new(
         PolicyConfig {
             max,
             tasks_per_worker: 4,

@@ -5,6 +5,7 @@
 //! tasks once it is ready, `startup_delay` after it was created; a pod chosen for removal drains
 //! (finishes its tasks, takes no new ones) and then exits. Worker-seconds count every pod alive:
 //! starting, working, idle or draining.
+//! It lives in the library, not in the bench, so that its own tests run with the suite.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -171,15 +172,15 @@ pub fn simulate(
 }
 
 /// Warren's policy (`policy::decide`), polling every `poll` seconds.
-pub struct Warren {
+pub struct WarrenPolicy {
     config: PolicyConfig,
     state: PolicyState,
     poll: f64,
     next_poll: f64,
 }
 
-impl Warren {
-    /// Warren with `config`, polling every `poll` seconds.
+impl WarrenPolicy {
+    /// Warren's policy with `config`, polling every `poll` seconds.
     pub fn new(config: PolicyConfig, poll: f64) -> Self {
         Self {
             config,
@@ -190,7 +191,7 @@ impl Warren {
     }
 }
 
-impl SimPolicy for Warren {
+impl SimPolicy for WarrenPolicy {
     fn name(&self) -> &str {
         "warren"
     }
@@ -350,7 +351,7 @@ mod tests {
     fn every_task_runs_and_the_pool_returns_to_zero() {
         let trace = bursty_trace();
         for policy in [
-            &mut Warren::new(
+            &mut WarrenPolicy::new(
                 PolicyConfig {
                     max: 50,
                     ..PolicyConfig::default()
@@ -371,7 +372,7 @@ mod tests {
         let ours = simulate(
             &trace,
             cluster(),
-            &mut Warren::new(
+            &mut WarrenPolicy::new(
                 PolicyConfig {
                     max: 50,
                     ..PolicyConfig::default()
@@ -397,7 +398,7 @@ mod tests {
         let report = simulate(
             &trace,
             cluster(),
-            &mut Warren::new(PolicyConfig::default(), 2.0),
+            &mut WarrenPolicy::new(PolicyConfig::default(), 2.0),
             3600.0,
         );
         assert_eq!(report.unfinished, 0);
