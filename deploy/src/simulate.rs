@@ -5,6 +5,7 @@
 //! tasks once it is ready, `startup_delay` after it was created; a pod chosen for removal drains
 //! (finishes its tasks, takes no new ones) and then exits. Worker-seconds count every pod alive:
 //! starting, working, idle or draining.
+//!
 //! It lives in the library, not in the bench, so that its own tests run with the suite.
 
 use std::collections::VecDeque;
