@@ -16,7 +16,7 @@ const PIPELINE: &str = r#"
 [[stage]]
 name = "check"
 each = "raw/*.txt"
-command = ["sh", "-c", "case \"$1\" in *bad*) echo 'gdalwarp: <script>alert(1)</script> not a GeoTIFF' >&2; exit 4;; *slow*) sleep 4;; esac; mkdir -p work && cp \"$1\" \"$2\"", "sh", "{}", "work/{stem}.ok"]
+command = ["sh", "-c", "case \"$1\" in *bad*) echo 'gdalwarp: <script>alert(1)</script> not a GeoTIFF' >&2; exit 4;; *slow*) i=0; while [ ! -e release ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;; esac; mkdir -p work && cp \"$1\" \"$2\"", "sh", "{}", "work/{stem}.ok"]
 outputs = ["work/{stem}.ok"]
 
 [[stage]]
@@ -114,8 +114,10 @@ async fn a_run_and_its_failing_item_are_shown_in_a_real_browser() {
             .then_some(())
     })
     .await;
-    // While it runs (the slow item takes 4 s) the page says so and reloads itself.
+    // While it runs (the slow item waits for the file `release`) the page says so and reloads
+    // itself.
     let live = chromium_dom(&format!("{base}/runs/{run}"), &profile);
+    std::fs::write(dir.join("release"), "").unwrap();
     assert!(
         live.contains("in progress") && live.contains("http-equiv=\"refresh\""),
         "{live}"

@@ -25,7 +25,7 @@ use warren_broker::topology::{DEFAULT_TASK_QUEUE, namespace};
 use warren_submitter::batches::list_batches;
 use warren_submitter::dlq::{DeadLetters, Filter};
 use warren_submitter::logs::{LogFilter, Since, created_at, read_logs};
-use warren_submitter::pipeline::run::read_state;
+use warren_submitter::pipeline::state::{read_state, read_states};
 use warren_submitter::status::queue_status;
 
 use crate::cli::*;
@@ -132,16 +132,20 @@ async fn runs_page(State(ui): State<Arc<Ui>>) -> Response {
     ids.sort_by(|a, b| b.cmp(a));
     ids.truncate(MAX_RUNS);
     let now = SystemTime::now();
-    let mut rows = Vec::with_capacity(ids.len());
-    for run in ids {
-        rows.push(RunRow {
-            state: read_state(&ui.amqp, &run).await.ok().flatten(),
+    let states = read_states(&ui.amqp, &ids)
+        .await
+        .unwrap_or_else(|_| vec![None; ids.len()]);
+    let rows: Vec<RunRow> = ids
+        .into_iter()
+        .zip(states)
+        .map(|(run, state)| RunRow {
+            state,
             age_s: created_at(&run)
                 .and_then(|at| now.duration_since(at).ok())
                 .map(|d| d.as_secs()),
             run,
-        });
-    }
+        })
+        .collect();
     let live = rows
         .iter()
         .any(|r| r.state.as_ref().is_some_and(|s| !s.complete));

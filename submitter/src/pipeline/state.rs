@@ -92,17 +92,44 @@ pub struct StageEdge {
 
 /// Reads the newest recorded state of `run`, leaving it in place; None when the run has none.
 pub async fn read_state(amqp: &AmqpSettings, run: &str) -> Result<Option<RunState>, RunError> {
+    let mut states = read_states(amqp, &[run.to_string()]).await?;
+    Ok(states.pop().flatten())
+}
+
+/// Reads the recorded state of each of `runs` over one connection (a page listing many runs
+/// opens one, not one per run); None for a run with no state or one that cannot be read.
+pub async fn read_states(
+    amqp: &AmqpSettings,
+    runs: &[String],
+) -> Result<Vec<Option<RunState>>, RunError> {
     let mut submitter = Submitter::new(amqp.clone(), "warren-status");
     let (connection, _) = submitter.connection().await?;
+    let own = connection.status().username();
+    let mut found = Vec::with_capacity(runs.len());
+    for run in runs {
+        found.push(match read_one(connection, &own, run).await {
+            Ok(state) => state,
+            Err(e) if runs.len() == 1 => return Err(e),
+            Err(_) => None,
+        });
+    }
+    Ok(found)
+}
+
+async fn read_one(
+    connection: &lapin::Connection,
+    own: &str,
+    run: &str,
+) -> Result<Option<RunState>, RunError> {
+    // A channel per run: a passive declare of a missing queue closes its channel.
     let channel = connection.create_channel().await?;
     if let Err(BrokerError::QueueNotFound { .. }) =
         topology::inspect(&channel, &run_queue(run)).await
     {
         return Ok(None);
     }
-    let own = connection.status().username();
     let mut states = Vec::new();
-    take_states(&channel, &run_queue(run), &own, |message| {
+    take_states(&channel, &run_queue(run), own, |message| {
         if message.stranger.is_none()
             && let Ok(state) = decode_state(message.data)
         {
