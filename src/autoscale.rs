@@ -8,6 +8,7 @@ use warren_broker::AmqpSettings;
 use warren_broker::depth::ManagementTarget;
 use warren_broker::topology::DEFAULT_TASK_QUEUE;
 use warren_deploy::config;
+use warren_deploy::policy::PolicyConfig;
 use warren_deploy::run::{AutoscaleOptions, autoscale};
 
 use crate::cli::{fail, seconds};
@@ -35,25 +36,25 @@ pub struct AutoscaleArgs {
     #[arg(long)]
     context: Option<String>,
     /// Fewest workers.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = PolicyConfig::default().min)]
     min: u32,
     /// Most workers.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = PolicyConfig::default().max)]
     max: u32,
     /// Backlog (ready + running tasks) each worker should carry; usually the worker's --concurrency.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = PolicyConfig::default().tasks_per_worker)]
     tasks_per_worker: u32,
     /// Backlog needed to start workers when there are none.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = PolicyConfig::default().activation)]
     activation: u64,
     /// Seconds between polls of the queue.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = config::DEFAULT_POLL.as_secs_f64())]
     poll: f64,
     /// Seconds the wanted size must stay lower before workers are stopped.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = PolicyConfig::default().scale_down_window.as_secs_f64())]
     scale_down_window: f64,
     /// Seconds the queue must stay empty before the last worker is stopped.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = PolicyConfig::default().idle_to_zero.as_secs_f64())]
     idle_to_zero: f64,
     /// Size to fall back to when the queue cannot be probed three times in a row.
     #[arg(long)]

@@ -94,25 +94,34 @@ pub struct PoolEntry {
     pub fallback_replicas: Option<u32>,
 }
 
+// A pool's defaults are the policy's own (`PolicyConfig::default`): one place for each.
 fn default_tasks_per_worker() -> u32 {
-    4
+    PolicyConfig::default().tasks_per_worker
 }
 fn default_activation() -> u64 {
-    1
+    PolicyConfig::default().activation
 }
 fn default_poll() -> f64 {
-    2.0
+    DEFAULT_POLL.as_secs_f64()
 }
 fn default_window() -> f64 {
-    60.0
+    PolicyConfig::default().scale_down_window.as_secs_f64()
 }
 fn default_idle() -> f64 {
-    120.0
+    PolicyConfig::default().idle_to_zero.as_secs_f64()
 }
 
-fn seconds(field: &str, value: f64) -> Result<Duration, String> {
-    // Windows may be zero (act at once); the poll interval may not.
-    warren_broker::settings::seconds(field, value, field != "poll_s")
+/// Default time between polls of a pool's queue.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
+
+/// A window (may be zero: act at once), checked.
+fn window(field: &str, value: f64) -> Result<Duration, String> {
+    warren_broker::settings::seconds(field, value, true)
+}
+
+/// An interval between actions (never zero), checked.
+fn interval(field: &str, value: f64) -> Result<Duration, String> {
+    warren_broker::settings::seconds(field, value, false)
 }
 
 impl PoolEntry {
@@ -123,10 +132,10 @@ impl PoolEntry {
             max: self.max,
             tasks_per_worker: self.tasks_per_worker,
             activation: self.activation,
-            scale_down_window: seconds("scale_down_window_s", self.scale_down_window_s)?,
-            idle_to_zero: seconds("idle_to_zero_s", self.idle_to_zero_s)?,
+            scale_down_window: window("scale_down_window_s", self.scale_down_window_s)?,
+            idle_to_zero: window("idle_to_zero_s", self.idle_to_zero_s)?,
             fallback_replicas: self.fallback_replicas,
-            probe_failures_before_fallback: 3,
+            ..PolicyConfig::default()
         };
         config.validate()?;
         Ok(config)
@@ -134,7 +143,7 @@ impl PoolEntry {
 
     /// Poll interval, checked.
     pub fn poll(&self) -> Result<Duration, String> {
-        seconds("poll_s", self.poll_s)
+        interval("poll_s", self.poll_s)
     }
 
     /// Checks that the backend has what it needs.
