@@ -441,13 +441,13 @@ mod tests {
         );
         let passive = combine(
             Ok(depth(7, None, DepthSource::PassiveDeclare)),
-            Err(BrokerError::Invalid("down".into())),
+            Err(BrokerError::Unavailable("down".into())),
         )
         .unwrap();
         assert_eq!((passive.ready, passive.unacked), (7, None));
         let missing = combine(
             Err(BrokerError::QueueNotFound { queue: "q".into() }),
-            Err(BrokerError::Invalid("down".into())),
+            Err(BrokerError::Unavailable("down".into())),
         );
         assert!(matches!(missing, Err(BrokerError::QueueNotFound { .. })));
     }

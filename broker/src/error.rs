@@ -160,9 +160,20 @@ pub enum BrokerError {
     /// Configuration that cannot work (bad URL, unreadable password file).
     #[error("{0}")]
     Config(String),
-    /// A value that AMQP cannot carry.
+    /// Input Warren cannot go on with: a name AMQP cannot carry, a task file that changed while
+    /// it was submitted, a batch's queue deleted under it. Fixing the input is the only way on.
     #[error("{0}")]
-    Invalid(String),
+    InvalidInput(String),
+    /// Something that cannot happen did: a Warren bug, reported rather than panicking.
+    #[error("{0} (a Warren bug: please report it)")]
+    Bug(String),
+    /// A source of figures is not there (no management API configured, a failed connection kept
+    /// for the message); callers fall back to another source.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A publish was not confirmed within the time given; the broker may still take it.
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(std::time::Duration),
     /// The management HTTP API failed.
     #[error("RabbitMQ management API at {url}: {detail}")]
     Management {
@@ -195,7 +206,8 @@ impl BrokerError {
                 | BrokerError::UntrustedCertificate { .. }
                 | BrokerError::QueueMismatch { .. }
                 | BrokerError::Config(_)
-                | BrokerError::Invalid(_)
+                | BrokerError::InvalidInput(_)
+                | BrokerError::Bug(_)
                 | BrokerError::PermissionDenied(_)
         )
     }

@@ -125,8 +125,8 @@ impl PendingConfirm {
             Confirmation::Nack(_) => Err(BrokerError::Nacked {
                 routing_key: self.routing_key,
             }),
-            Confirmation::NotRequested => Err(BrokerError::Invalid(
-                "publisher confirms are not enabled on this channel (a Warren bug)".into(),
+            Confirmation::NotRequested => Err(BrokerError::Bug(
+                "publisher confirms are not enabled on this channel".into(),
             )),
         }
     }

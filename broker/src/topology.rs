@@ -85,7 +85,7 @@ pub fn manifest_queue(batch: &str) -> String {
 /// Converts a queue or routing-key name, refusing ones AMQP cannot carry (over 255 bytes).
 pub fn short(name: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(name).map_err(|_| {
-        BrokerError::Invalid(format!(
+        BrokerError::InvalidInput(format!(
             "name too long for AMQP (over 255 bytes): {name:.60}..."
         ))
     })

@@ -55,7 +55,9 @@ impl DepthProbe {
         let passive = self.passive(queue).await;
         let api = match &self.management {
             Some(api) => api.queue(queue).await,
-            None => Err(BrokerError::Invalid("no management API configured".into())),
+            None => Err(BrokerError::Unavailable(
+                "no management API configured".into(),
+            )),
         };
         if let (Ok(_), Err(e)) = (&passive, &api)
             && self.last_source != Some(DepthSource::PassiveDeclare)
@@ -109,7 +111,7 @@ impl DepthProbe {
         let connection = self
             .connection
             .as_ref()
-            .ok_or_else(|| BrokerError::Invalid("no connection".into()))?;
+            .ok_or_else(|| BrokerError::Bug("no connection after connecting".into()))?;
         if !self
             .channel
             .as_ref()
@@ -120,7 +122,7 @@ impl DepthProbe {
         let channel = self
             .channel
             .as_ref()
-            .ok_or_else(|| BrokerError::Invalid("no channel".into()))?;
+            .ok_or_else(|| BrokerError::Bug("no channel after opening one".into()))?;
         // A failed declare (e.g. no such queue) closes only the channel; it is reopened next time.
         match passive_depth(channel, queue).await {
             Err(BrokerError::QueueNotFound { .. }) if self.declare_missing => {

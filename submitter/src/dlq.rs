@@ -294,7 +294,7 @@ impl DeadLetters {
                 &submitted_at,
                 &options,
             )
-            .map_err(|e| BrokerError::Invalid(e.to_string()))?;
+            .map_err(|e| BrokerError::InvalidInput(e.to_string()))?;
             let mut headers = properties.headers().clone().unwrap_or_default();
             headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
             if replayed.tasks == 0 {

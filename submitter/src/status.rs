@@ -63,8 +63,8 @@ pub async fn queue_status(
         Err(e) if e.is_fatal() => return Err(e),
         Err(e) => {
             // Kept so that, if the management API fails too, the error says why.
-            passive_tasks = Err(BrokerError::Invalid(e.to_string()));
-            passive_dead = Err(BrokerError::Invalid(e.to_string()));
+            passive_tasks = Err(BrokerError::Unavailable(e.to_string()));
+            passive_dead = Err(BrokerError::Unavailable(e.to_string()));
         }
     }
     let api = Management::new(management, settings);
@@ -103,7 +103,7 @@ pub async fn queue_status(
 }
 
 fn unavailable() -> BrokerError {
-    BrokerError::Invalid("not available".into())
+    BrokerError::Unavailable("not available".into())
 }
 
 /// Renders a status as a small table.

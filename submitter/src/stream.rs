@@ -109,7 +109,7 @@ impl OpenBatch {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
                 None => {
-                    return Err(BrokerError::Invalid(format!(
+                    return Err(BrokerError::InvalidInput(format!(
                         "the result queue of batch {} was deleted",
                         self.batch
                     )));

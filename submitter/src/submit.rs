@@ -173,7 +173,7 @@ impl Submitter {
         }
         self.connection
             .as_ref()
-            .ok_or_else(|| BrokerError::Invalid("connection vanished".into()))
+            .ok_or_else(|| BrokerError::Bug("the connection vanished after it was made".into()))
     }
 
     /// The connection settings.
@@ -382,7 +382,7 @@ impl Submitter {
         // The source was checked before; reading it again must give the same tasks (a file
         // changed meanwhile ends the submission, which can be resumed with the original).
         let changed = |e: String| {
-            BrokerError::Invalid(format!(
+            BrokerError::InvalidInput(format!(
                 "the task file changed while it was being submitted: {e}"
             ))
         };
@@ -431,7 +431,7 @@ impl Submitter {
             if in_flight.len() >= CONFIRM_WINDOW {
                 let (done, pending): (usize, warren_broker::publisher::PendingConfirm) = in_flight
                     .pop_front()
-                    .ok_or_else(|| BrokerError::Invalid("empty window".into()))?;
+                    .ok_or_else(|| BrokerError::Bug("an empty publish window".into()))?;
                 pending.confirmed().await?;
                 confirmed[done] = true;
             }

@@ -92,11 +92,7 @@ impl Logbook {
             publisher.publish(&stream, &body, message_properties(MESSAGE_TYPE_ATTEMPT)),
         )
         .await
-        .unwrap_or_else(|_| {
-            Err(BrokerError::Invalid(format!(
-                "no confirm within {RECORD_TIMEOUT:?}"
-            )))
-        });
+        .unwrap_or_else(|_| Err(BrokerError::ConfirmTimeout(RECORD_TIMEOUT)));
         if let Err(e) = published {
             if let Ok(mut until) = self.paused_until.lock() {
                 *until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
