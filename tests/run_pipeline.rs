@@ -708,8 +708,6 @@ async fn a_resume_with_a_changed_pipeline_is_refused_before_anything_is_declared
 /// the results queue is deleted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_that_are_not_the_runs_are_dead_lettered_with_why() {
-    use lapin::BasicProperties;
-    use lapin::options::BasicPublishOptions;
     let queue = unique_queue("run-forged");
     let dir = project("run-forged", 2, THREE_STAGES);
     let run = format!("forged-{}", uuid::Uuid::now_v7().simple());
@@ -736,18 +734,7 @@ async fn results_that_are_not_the_runs_are_dead_lettered_with_why() {
         forge("another-batch"),
         b"not a result".to_vec(),
     ] {
-        channel
-            .basic_publish(
-                "".into(),
-                format!("warren.results.{run}").as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_raw(&channel, &format!("warren.results.{run}"), &body).await;
     }
     let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh"]);
     let finished = warren_run(&dir, &queue, &["--run", &run]).await;

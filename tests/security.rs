@@ -225,8 +225,6 @@ async fn commands_die_with_a_killed_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_result_is_not_taken_and_the_real_one_is() {
-    use lapin::BasicProperties;
-    use lapin::options::BasicPublishOptions;
     let queue = unique_queue("forged");
     let dir = scratch("forged");
     let file = dir.join("tasks.jsonl");
@@ -255,18 +253,7 @@ async fn a_forged_result_is_not_taken_and_the_real_one_is() {
         forge("another-batch", 1),
         forge(&batch, 7),
     ] {
-        channel
-            .basic_publish(
-                "".into(),
-                format!("warren.results.{batch}").as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_raw(&channel, &format!("warren.results.{batch}"), &body).await;
     }
     let _ = conn.close(200, "bye".into()).await;
     let _worker = WorkerProcess::start(&queue, &dir, &[]);

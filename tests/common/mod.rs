@@ -252,6 +252,23 @@ pub async fn raw_channel() -> (Connection, Channel) {
 }
 
 /// Takes every message from `queue` (acking them).
+/// Publishes `body` to `queue` as a persistent message with no properties (as anyone allowed to
+/// publish there could), and waits for the broker to take it.
+pub async fn publish_raw(channel: &Channel, queue: &str, body: &[u8]) {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
     let mut out = Vec::new();
     while let Some(m) = channel

@@ -367,13 +367,7 @@ impl Runner<'_> {
             }
             progress.update(&self.plan, &self.counts());
             if self.plan.complete() {
-                self.checkpoint(
-                    publisher,
-                    unacked.take().map(|t| (&results, t)),
-                    false,
-                    false,
-                )
-                .await?;
+                self.record(publisher, &results, &mut unacked).await?;
                 let _ = results
                     .queue_delete(short(&results_queue)?, Default::default())
                     .await;
@@ -386,13 +380,7 @@ impl Runner<'_> {
                 .is_some_and(|s| s.load(Ordering::Relaxed))
                 || deadline.is_some_and(|d| Instant::now() >= d);
             if stop_requested {
-                self.checkpoint(
-                    publisher,
-                    unacked.take().map(|t| (&results, t)),
-                    false,
-                    false,
-                )
-                .await?;
+                self.record(publisher, &results, &mut unacked).await?;
                 return Ok(RunEnd::Stopped);
             }
             let next = tokio::time::timeout(Duration::from_millis(250), consumer.next()).await;
@@ -415,13 +403,7 @@ impl Runner<'_> {
             if pending > 0
                 && (pending >= CHECKPOINT_AFTER || last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
             {
-                self.checkpoint(
-                    publisher,
-                    unacked.take().map(|t| (&results, t)),
-                    false,
-                    false,
-                )
-                .await?;
+                self.record(publisher, &results, &mut unacked).await?;
                 pending = 0;
                 last_checkpoint = Instant::now();
             }
@@ -595,6 +577,17 @@ impl Runner<'_> {
         };
         self.plan.record(stage, &item, outcome);
         Ok(())
+    }
+
+    /// A checkpoint of this session's progress that acknowledges the results taken so far.
+    async fn record(
+        &mut self,
+        publisher: &Publisher,
+        results: &Channel,
+        unacked: &mut Option<u64>,
+    ) -> Result<(), RunError> {
+        let ack = unacked.take().map(|tag| (results, tag));
+        self.checkpoint(publisher, ack, false, false).await
     }
 
     /// Records progress and acknowledges the results up to `ack`. A session's first checkpoint
