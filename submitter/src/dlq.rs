@@ -8,15 +8,15 @@ use std::collections::BTreeMap;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use serde::Serialize;
 use serde_json::Value;
 use warren_broker::BrokerError;
 use warren_broker::connection::{confirm_channel, connect};
+use warren_broker::properties::{replay_properties, replays_of};
 use warren_broker::protocol::{
-    self, BatchManifest, HEADER_DEAD_DETAIL, HEADER_DEAD_QUEUE, HEADER_DEAD_REASON,
-    HEADER_DEAD_WORKER, HEADER_DELIVERY_COUNT, HEADER_REPLAYED, MESSAGE_TYPE_MANIFEST,
-    MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
+    self, BatchManifest, HEADER_DEAD_DETAIL, HEADER_DEAD_REASON, HEADER_DEAD_WORKER,
+    MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties};
 use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
@@ -258,10 +258,7 @@ impl DeadLetters {
                     continue;
                 }
             };
-            let replay = header_value(&delivery.properties, HEADER_REPLAYED)
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or(0)
-                + 1;
+            let replay = replays_of(&delivery.properties) + 1;
             if let Some(seq) = task.seq
                 && self.record_replay(&task.batch, seq, replay).await?
             {
@@ -269,7 +266,7 @@ impl DeadLetters {
                     .publish(
                         &self.task_queue,
                         &delivery.data,
-                        home_properties(&delivery.properties, replay),
+                        replay_properties(&delivery.properties, replay),
                     )
                     .await?;
                 walk.take(&delivery).await?;
@@ -295,13 +292,15 @@ impl DeadLetters {
                 &options,
             )
             .map_err(|e| BrokerError::InvalidInput(e.to_string()))?;
-            let mut headers = properties.headers().clone().unwrap_or_default();
-            headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
             if replayed.tasks == 0 {
                 announce(&batch);
             }
             self.publisher
-                .publish(&self.task_queue, &body, properties.with_headers(headers))
+                .publish(
+                    &self.task_queue,
+                    &body,
+                    replay_properties(&properties, replay),
+                )
                 .await?;
             walk.take(&delivery).await?;
             replayed.tasks += 1;
@@ -428,31 +427,6 @@ impl DeadLetters {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
-}
-
-/// A dead task's properties for going back to its task queue: Warren's and RabbitMQ's
-/// dead-letter headers and the delivery count removed, the replay counted.
-fn home_properties(properties: &BasicProperties, replay: u32) -> BasicProperties {
-    const DROPPED: [&str; 6] = [
-        HEADER_DEAD_REASON,
-        HEADER_DEAD_DETAIL,
-        HEADER_DEAD_QUEUE,
-        HEADER_DEAD_WORKER,
-        HEADER_DELIVERY_COUNT,
-        "x-death",
-    ];
-    let mut headers = FieldTable::default();
-    for (name, value) in properties.headers().clone().unwrap_or_default().inner() {
-        let name_str = name.as_str();
-        if !DROPPED.contains(&name_str)
-            && !name_str.starts_with("x-first-death")
-            && !name_str.starts_with("x-last-death")
-        {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-    headers.insert(HEADER_REPLAYED.into(), AMQPValue::LongUInt(replay));
-    properties.clone().with_headers(headers)
 }
 
 /// The dead letters present when a walk started, one at a time.

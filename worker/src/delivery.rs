@@ -8,20 +8,20 @@ use std::time::{Duration, SystemTime};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::AMQPValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
-use warren_broker::properties::{dead_letter_properties, result_properties};
+use warren_broker::properties::{
+    Arrival, TaskIdentity, dead_letter_properties, result_properties, retry_properties,
+};
 use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{
-    self, AttemptNext, DecodeError, ErrorKind, HEADER_DELIVERY_COUNT, HEADER_KIND,
-    HEADER_PREVIOUS_ERRORS, HEADER_REPLAYED, HEADER_RETRIES, HEADER_SEQ, HEADER_TOKEN,
-    PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope, TaskError, TaskStatus,
+    self, AttemptNext, DecodeError, ErrorKind, PROTOCOL_VERSION, ResultEnvelope, TaskEnvelope,
+    TaskError, TaskStatus,
 };
-use warren_broker::publisher::{Publisher, header_value};
+use warren_broker::publisher::Publisher;
 use warren_broker::topology::{DELIVERY_LIMIT, dead_letter_queue, declare_retry_queue};
 
 use crate::cancel::Cancellations;
@@ -391,21 +391,7 @@ async fn schedule_retry(
         errors.drain(..errors.len() - MAX_KEPT_ERRORS);
     }
     let history = serde_json::to_string(&errors).unwrap_or_default();
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    // A republished message starts its delivery count afresh; the broker's own count is not ours.
-    let mut kept = lapin::types::FieldTable::default();
-    for (name, value) in headers.inner() {
-        if name.as_str() != HEADER_DELIVERY_COUNT {
-            kept.insert(name.clone(), value.clone());
-        }
-    }
-    headers = kept;
-    headers.insert(HEADER_RETRIES.into(), AMQPValue::LongUInt(retry));
-    headers.insert(
-        HEADER_PREVIOUS_ERRORS.into(),
-        AMQPValue::LongString(history.as_str().into()),
-    );
-    let properties = delivery.properties.clone().with_headers(headers);
+    let properties = retry_properties(&delivery.properties, retry, &history);
     let published = async {
         let queue = declare_retry_queue(ctx.publisher.channel(), &ctx.queue, delay).await?;
         ctx.publish_patiently(&queue, &delivery.data, properties)
@@ -502,27 +488,16 @@ async fn reject_malformed(
     error: &DecodeError,
     arrival: Arrival,
 ) {
-    let props = &delivery.properties;
-    let identity = props
-        .message_id()
-        .as_ref()
-        .zip(props.reply_to().as_ref())
-        .map(|(id, reply)| (id.to_string(), reply.to_string()));
     let task_error = TaskError::new(error.kind(), error.to_string());
-    let (result, reply_to) = match identity {
-        Some((task_id, reply_to)) => {
-            let batch = props
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.to_string())
-                .unwrap_or_default();
+    let (result, reply_to) = match TaskIdentity::of(&delivery.properties) {
+        Some(identity) => {
             let now = protocol::timestamp(SystemTime::now());
             let result = ResultEnvelope {
                 v: PROTOCOL_VERSION,
-                task_id,
-                batch,
-                seq: header_value(props, HEADER_SEQ).and_then(|s| s.parse().ok()),
-                kind: header_value(props, HEADER_KIND).unwrap_or_default(),
+                task_id: identity.task_id,
+                batch: identity.batch,
+                seq: identity.seq,
+                kind: identity.kind,
                 status: TaskStatus::Rejected,
                 output: Value::Null,
                 error: Some(task_error.clone()),
@@ -533,9 +508,9 @@ async fn reject_malformed(
                 labels: Default::default(),
                 started_at: now.clone(),
                 finished_at: now,
-                token: header_value(props, HEADER_TOKEN),
+                token: identity.token,
             };
-            (Some(result), reply_to)
+            (Some(result), identity.reply_to)
         }
         None => (None, String::new()),
     };
@@ -698,38 +673,6 @@ impl Drop for Refused<'_> {
                 m.set_problem("publishes refused", None);
             }
             info!("RabbitMQ takes publishes again; starting tasks again");
-        }
-    }
-}
-
-/// What the delivery's headers say about this run of the task.
-struct Arrival {
-    /// 1 on the first delivery of this message, +1 on each redelivery.
-    delivery: u32,
-    /// Retries that came before this message (each retry is a new message).
-    retries: u32,
-    /// Their errors, oldest first.
-    previous_errors: Vec<TaskError>,
-    /// How often the task was replayed from the dead-letter queue, if ever.
-    replayed: Option<u32>,
-}
-
-impl Arrival {
-    /// The attempt number: 1 for the first run, +1 for each retry and each redelivery.
-    fn attempt(&self) -> u32 {
-        self.delivery.saturating_add(self.retries)
-    }
-
-    fn of(properties: &BasicProperties) -> Self {
-        let number = |name| header_value(properties, name).and_then(|n| n.parse::<u32>().ok());
-        Self {
-            delivery: number(HEADER_DELIVERY_COUNT).map_or(1, |n| n.saturating_add(1)),
-            retries: number(HEADER_RETRIES).unwrap_or(0),
-            // Written by a worker; anything unreadable is left out rather than failing the task.
-            previous_errors: header_value(properties, HEADER_PREVIOUS_ERRORS)
-                .and_then(|text| serde_json::from_str(&text).ok())
-                .unwrap_or_default(),
-            replayed: number(HEADER_REPLAYED),
         }
     }
 }

@@ -28,8 +28,8 @@ use warren_broker::{AmqpSettings, BrokerError};
 
 pub use super::items::{dry_run, root_items, up_to_date};
 use super::plan::{ItemState, Plan, StageCounts, task_id};
-use super::state::decode_state;
 pub use super::state::{MESSAGE_TYPE_RUN, RunState, StageEdge, fold_states, read_state};
+use super::state::{decode_head, decode_state, encode_full};
 use super::{Each, Pipeline};
 use crate::checkpoint::{ack_checkpointed, consume_alone, set_aside, take_states};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
@@ -609,8 +609,9 @@ impl Runner<'_> {
                 return Ok(());
             }
             self.since_full += changes.len();
-            let state = self.state(Some(changes));
-            self.publish_state(publisher, &state).await?;
+            let state = self.state(changes);
+            self.publish_state(publisher, state.generation, protocol::encode(&state))
+                .await?;
             ack_checkpointed(publisher.channel(), &[], ack).await?;
             return Ok(());
         }
@@ -624,10 +625,17 @@ impl Runner<'_> {
                 warn!(run = %run, sender = sender.unwrap_or("(unverified)"), "ignoring a state of this run written by another user");
                 return;
             }
-            match decode_state(message.data) {
-                Ok(state) if state.run == run => {
-                    self.generation = self.generation.max(state.generation);
-                    states.push(state);
+            // Only a session's first checkpoint adopts what is recorded; the others need the
+            // generation alone, and skip the items.
+            match decode_head(message.data) {
+                Ok(head) if head.run == run => {
+                    self.generation = self.generation.max(head.generation);
+                    if adopt {
+                        match decode_state(message.data) {
+                            Ok(state) => states.push(state),
+                            Err(_) => warn!(run = %run, "ignoring an unreadable message in the run's state queue"),
+                        }
+                    }
                 }
                 _ => warn!(run = %run, "ignoring an unreadable message in the run's state queue"),
             }
@@ -638,21 +646,34 @@ impl Runner<'_> {
         }
         // The full state below records everything, the adopted items included.
         self.plan.take_changes();
-        let state = self.state(None);
-        self.full_size = state.stages.values().map(BTreeMap::len).sum();
+        let head = self.state(Vec::new());
+        let body = encode_full(
+            &RunState {
+                delta: false,
+                ..head
+            },
+            &self.plan,
+        );
+        self.full_size = self
+            .counts()
+            .iter()
+            .map(|c| c.running + c.done + c.up_to_date + c.failed)
+            .sum::<u64>()
+            .try_into()
+            .unwrap_or(usize::MAX);
         self.since_full = 0;
-        self.publish_state(publisher, &state).await?;
+        self.publish_state(publisher, head.generation, body).await?;
         ack_checkpointed(publisher.channel(), &taken, ack).await?;
         Ok(())
     }
 
-    /// Publishes the run's next state generation and waits for its confirm.
+    /// Publishes the run's state `generation` (encoded as `body`) and waits for its confirm.
     async fn publish_state(
         &mut self,
         publisher: &Publisher,
-        state: &RunState,
+        generation: u64,
+        body: Vec<u8>,
     ) -> Result<(), RunError> {
-        let body = protocol::encode(state);
         publisher
             .publish(
                 &run_queue(&self.options.run),
@@ -660,7 +681,7 @@ impl Runner<'_> {
                 message_properties(MESSAGE_TYPE_RUN),
             )
             .await?;
-        self.generation = state.generation;
+        self.generation = generation;
         self.checkpoint_bytes += body.len() as u64;
         Ok(())
     }
@@ -724,32 +745,16 @@ impl Runner<'_> {
             .collect()
     }
 
-    /// The run's next state: full, or a delta holding `changes`.
-    fn state(&self, changes: Option<Vec<(usize, String, ItemState)>>) -> RunState {
+    /// The run's next state as a delta holding `changes` (with no changes: every field of a
+    /// full state but its items, which [`encode_full`] writes from the plan).
+    fn state(&self, changes: Vec<(usize, String, ItemState)>) -> RunState {
         let pipeline = self.plan.pipeline();
-        let delta = changes.is_some();
         let mut stages: BTreeMap<String, BTreeMap<String, ItemState>> = BTreeMap::new();
-        match changes {
-            Some(changes) => {
-                for (stage, item, state) in changes {
-                    stages
-                        .entry(pipeline.stages[stage].name.clone())
-                        .or_default()
-                        .insert(item, state);
-                }
-            }
-            None => {
-                for (index, stage) in pipeline.stages.iter().enumerate() {
-                    let items = self
-                        .plan
-                        .items(index)
-                        .iter()
-                        .filter(|(_, s)| s.is_recorded())
-                        .map(|(i, s)| (i.clone(), s.clone()))
-                        .collect();
-                    stages.insert(stage.name.clone(), items);
-                }
-            }
+        for (stage, item, state) in changes {
+            stages
+                .entry(pipeline.stages[stage].name.clone())
+                .or_default()
+                .insert(item, state);
         }
         let counts = pipeline
             .stages
@@ -767,7 +772,7 @@ impl Runner<'_> {
             stages,
             counts,
             complete: self.plan.complete(),
-            delta,
+            delta: true,
             edges: pipeline
                 .stages
                 .iter()

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer};
 use warren_broker::topology::{self, run_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
-use super::plan::{ItemState, StageCounts};
+use super::plan::{ItemState, Plan, StageCounts};
 use super::run::RunError;
 use crate::checkpoint::take_states;
 use crate::submit::Submitter;
@@ -50,6 +51,85 @@ pub struct RunState {
     /// [`fold_states`]).
     #[serde(default)]
     pub delta: bool,
+}
+
+/// A full state encoded straight from the plan: `head` gives every field but the items, which
+/// are written from the plan as they are, never copied (a run of 100,000s of items would hold
+/// them twice while it checkpoints).
+pub(crate) fn encode_full(head: &RunState, plan: &Plan) -> Vec<u8> {
+    rmp_serde::to_vec_named(&FullState { head, plan }).unwrap_or_default()
+}
+
+struct FullState<'a> {
+    head: &'a RunState,
+    plan: &'a Plan,
+}
+
+/// The fields of [`RunState`], by the same names, in its order.
+impl Serialize for FullState<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let head = self.head;
+        let mut state = serializer.serialize_struct("RunState", 11)?;
+        state.serialize_field("v", &head.v)?;
+        state.serialize_field("run", &head.run)?;
+        state.serialize_field("generation", &head.generation)?;
+        state.serialize_field("fingerprint", &head.fingerprint)?;
+        state.serialize_field("token", &head.token)?;
+        state.serialize_field("workdir", &head.workdir)?;
+        state.serialize_field("stages", &Stages(self.plan))?;
+        state.serialize_field("counts", &head.counts)?;
+        state.serialize_field("complete", &head.complete)?;
+        state.serialize_field("edges", &head.edges)?;
+        state.serialize_field("delta", &false)?;
+        state.end()
+    }
+}
+
+/// Every stage's recorded items, by stage name.
+struct Stages<'a>(&'a Plan);
+
+impl Serialize for Stages<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let stages = &self.0.pipeline().stages;
+        let mut map = serializer.serialize_map(Some(stages.len()))?;
+        for (index, stage) in stages.iter().enumerate() {
+            map.serialize_entry(&stage.name, &Recorded(self.0, index))?;
+        }
+        map.end()
+    }
+}
+
+/// A stage's items in a recorded state (see [`ItemState::is_recorded`]).
+struct Recorded<'a>(&'a Plan, usize);
+
+impl Serialize for Recorded<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let recorded = || {
+            self.0
+                .items(self.1)
+                .iter()
+                .filter(|(_, state)| state.is_recorded())
+        };
+        let mut map = serializer.serialize_map(Some(recorded().count()))?;
+        for (item, state) in recorded() {
+            map.serialize_entry(item, state)?;
+        }
+        map.end()
+    }
+}
+
+/// The run and generation of a state message, read without its items.
+#[derive(Deserialize)]
+pub(crate) struct StateHead {
+    /// Run id.
+    pub run: String,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// Reads a state message's run and generation only.
+pub(crate) fn decode_head(bytes: &[u8]) -> Result<StateHead, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
 }
 
 /// Folds a run's state messages into one state: the newest full state, with each delta written
@@ -248,5 +328,52 @@ mod tests {
         assert_eq!(folded.stages["one"].len(), 2);
         assert!(fold_states(vec![state(4, true, &[("a", ItemState::Done)])]).is_none());
         assert!(fold_states(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_full_state_written_from_the_plan_reads_back_as_its_recorded_items() {
+        let text = "[[stage]]\nname = \"one\"\neach = \"raw/*.tif\"\ncommand = [\"true\", \"{}\"]\n\
+                    outputs = [\"a/{name}\"]\n\n[[stage]]\nname = \"two\"\neach = \"one.outputs\"\n\
+                    command = [\"true\", \"{}\"]\n";
+        let pipeline =
+            crate::pipeline::Pipeline::parse(text, std::path::Path::new("/d/p.toml"), "q").unwrap();
+        let mut plan = Plan::new(pipeline);
+        plan.add_items(
+            0,
+            [
+                "raw/x.tif".to_string(),
+                "raw/y.tif".to_string(),
+                "raw/z.tif".to_string(),
+            ],
+        );
+        plan.submitted(0, "raw/x.tif");
+        plan.record(0, "raw/x.tif", ItemState::Done);
+        plan.submitted(0, "raw/y.tif");
+        plan.submitted(1, "a/x.tif");
+        let head = state(9, false, &[]);
+        let read: RunState =
+            rmp_serde::from_slice(&encode_full(&head, &plan)).expect("a readable state");
+        let expected = BTreeMap::from([
+            (
+                "one".to_string(),
+                BTreeMap::from([
+                    ("raw/x.tif".to_string(), ItemState::Done),
+                    ("raw/y.tif".to_string(), ItemState::Submitted),
+                ]),
+            ),
+            (
+                "two".to_string(),
+                BTreeMap::from([("a/x.tif".to_string(), ItemState::Submitted)]),
+            ),
+        ]);
+        assert_eq!(
+            read,
+            RunState {
+                stages: expected,
+                ..head
+            }
+        );
+        let head_only = decode_head(&encode_full(&read, &plan)).unwrap();
+        assert_eq!((head_only.run.as_str(), head_only.generation), ("r", 9));
     }
 }
