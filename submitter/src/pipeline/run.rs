@@ -39,6 +39,8 @@ const CHECKPOINT_AFTER: usize = 100;
 /// Item changes recorded in deltas before a full state replaces them, at the least (else as
 /// many as the last full state held).
 const COMPACT_AFTER: usize = 10_000;
+/// Time between progress updates.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// Time between checkpoints while results trickle in.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait, when a session starts, for the results that arrived while no runner was there.
@@ -360,12 +362,19 @@ impl Runner<'_> {
         let mut unacked: Option<u64> = None;
         let mut pending = 0usize;
         let mut last_checkpoint = Instant::now();
+        let mut last_progress: Option<Instant> = None;
         loop {
             if backlog == 0 || Instant::now() >= backlog_deadline {
                 backlog = 0;
                 self.submit_ready(publisher).await?;
             }
-            progress.update(&self.plan, &self.counts());
+            // Ten times a second is enough for a progress display, and spares the counting on
+            // every result of a fast run.
+            if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) || self.plan.complete()
+            {
+                progress.update(&self.plan, &self.counts());
+                last_progress = Some(Instant::now());
+            }
             if self.plan.complete() {
                 self.record(publisher, &results, &mut unacked).await?;
                 let _ = results
@@ -427,6 +436,11 @@ impl Runner<'_> {
                     usize::try_from(ahead_allowed(ahead.consumers).saturating_sub(ahead.waiting))
                         .unwrap_or(usize::MAX),
                 );
+                if take == 0 {
+                    // Nothing may go to this queue now; its items wait for the next result
+                    // (looking at them here would check files on every result).
+                    continue;
+                }
                 let mut submitted = 0;
                 // Up-to-date items are recorded without taking room: look further for them.
                 for item in self
