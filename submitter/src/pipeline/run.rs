@@ -619,13 +619,14 @@ impl Runner<'_> {
             full || self.since_full >= COMPACT_AFTER.max(self.full_size) || self.plan.complete();
         if !compact {
             let changes = self.plan.take_changes();
-            if changes.is_empty() && ack.is_none() {
-                return Ok(());
+            // Results that changed nothing (repeats, strangers set aside) are acknowledged
+            // without a new state: every earlier change is in a confirmed one already.
+            if !changes.is_empty() {
+                self.since_full += changes.len();
+                let state = self.state(changes);
+                self.publish_state(publisher, state.generation, protocol::encode(&state))
+                    .await?;
             }
-            self.since_full += changes.len();
-            let state = self.state(changes);
-            self.publish_state(publisher, state.generation, protocol::encode(&state))
-                .await?;
             ack_checkpointed(publisher.channel(), &[], ack).await?;
             return Ok(());
         }

@@ -129,6 +129,9 @@ pub(crate) struct StateHead {
 
 /// Reads a state message's run and generation only.
 pub(crate) fn decode_head(bytes: &[u8]) -> Result<StateHead, String> {
+    if bytes.len() > MAX_STATE_BYTES {
+        return Err("state message too large".into());
+    }
     rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
 }
 
