@@ -302,10 +302,11 @@ impl DeadLetters {
                     replay_properties(&properties, replay),
                 )
                 .await?;
-            walk.take(&delivery).await?;
             replayed.tasks += 1;
             // After the task, so the manifest never counts a task that was not published; the
-            // newest generation holds the count.
+            // newest generation holds the count. The dead letter is taken only after that: killed
+            // in between, a task is at worst both counted and still dead (replayed twice), never
+            // published, taken and uncounted.
             let manifest = BatchManifest {
                 v: PROTOCOL_VERSION,
                 batch: batch.clone(),
@@ -325,6 +326,7 @@ impl DeadLetters {
                     message_properties(MESSAGE_TYPE_MANIFEST),
                 )
                 .await?;
+            walk.take(&delivery).await?;
         }
         walk.end().await;
         if replayed.tasks == 0 {
