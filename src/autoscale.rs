@@ -131,6 +131,6 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
     };
     match autoscale(pools, options, warren_broker::endpoints::shutdown_signal()).await {
         Ok(()) => 0,
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::error::DeployError;
 use crate::policy::PolicyConfig;
 
 /// The whole file.
@@ -115,18 +116,18 @@ fn default_idle() -> f64 {
 pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
 
 /// A window (may be zero: act at once), checked.
-fn window(field: &str, value: f64) -> Result<Duration, String> {
-    warren_broker::settings::seconds(field, value, true)
+fn window(field: &str, value: f64) -> Result<Duration, DeployError> {
+    warren_broker::settings::seconds(field, value, true).map_err(DeployError::InvalidSetting)
 }
 
 /// An interval between actions (never zero), checked.
-fn interval(field: &str, value: f64) -> Result<Duration, String> {
-    warren_broker::settings::seconds(field, value, false)
+fn interval(field: &str, value: f64) -> Result<Duration, DeployError> {
+    warren_broker::settings::seconds(field, value, false).map_err(DeployError::InvalidSetting)
 }
 
 impl PoolEntry {
     /// The policy knobs, checked.
-    pub fn policy(&self) -> Result<PolicyConfig, String> {
+    pub fn policy(&self) -> Result<PolicyConfig, DeployError> {
         let config = PolicyConfig {
             min: self.min,
             max: self.max,
@@ -142,51 +143,63 @@ impl PoolEntry {
     }
 
     /// Poll interval, checked.
-    pub fn poll(&self) -> Result<Duration, String> {
+    pub fn poll(&self) -> Result<Duration, DeployError> {
         interval("poll_s", self.poll_s)
     }
 
+    /// Checks everything a pool needs before it starts: its backend, policy and poll interval.
+    pub fn check(&self) -> Result<(), DeployError> {
+        self.check_backend()?;
+        self.policy().map_err(|e| e.in_pool(&self.queue))?;
+        self.poll().map_err(|e| e.in_pool(&self.queue))?;
+        Ok(())
+    }
+
     /// Checks that the backend has what it needs.
-    pub fn check_backend(&self) -> Result<(), String> {
+    pub fn check_backend(&self) -> Result<(), DeployError> {
         match self.backend {
             BackendKind::Kubernetes
                 if self.deployment.is_none()
                     || (self.namespace.is_none()
                         && crate::kubernetes::own_namespace().is_none()) =>
             {
-                Err(format!(
-                    "pool '{}': the kubernetes backend needs namespace and deployment (the namespace \
-                     defaults to the pod's own when the autoscaler runs in a pod)",
-                    self.queue
-                ))
+                Err(DeployError::Backend(
+                    "the kubernetes backend needs namespace and deployment (the namespace \
+                     defaults to the pod's own when the autoscaler runs in a pod)"
+                        .into(),
+                )
+                .in_pool(&self.queue))
             }
-            BackendKind::Local if self.command.is_empty() => Err(format!(
-                "pool '{q}': the local backend needs the worker command, after `--` on the command \
+            BackendKind::Local if self.command.is_empty() => Err(DeployError::Backend(format!(
+                "the local backend needs the worker command, after `--` on the command \
                  line (`warren autoscale --queue {q} -- warren worker --allow-exec PROGRAM`), or as \
                  command = [\"warren\", \"worker\", ...] in a pools file",
                 q = self.queue
-            )),
+            ))
+            .in_pool(&self.queue)),
             _ => Ok(()),
         }
     }
 }
 
 /// Parses and checks a pools file; errors name the pool and the field.
-pub fn parse(text: &str) -> Result<PoolsFile, String> {
-    let file: PoolsFile = toml::from_str(text).map_err(|e| format!("invalid pools file: {e}"))?;
+pub fn parse(text: &str) -> Result<PoolsFile, DeployError> {
+    let file: PoolsFile = toml::from_str(text)
+        .map_err(|e| DeployError::InvalidPools(format!("invalid pools file: {e}")))?;
     if file.pools.is_empty() {
-        return Err("the pools file has no [[pool]] entries".into());
+        return Err(DeployError::InvalidPools(
+            "the pools file has no [[pool]] entries".into(),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for pool in &file.pools {
         if !seen.insert(&pool.queue) {
-            return Err(format!("queue '{}' appears in two pools", pool.queue));
+            return Err(DeployError::InvalidPools(format!(
+                "queue '{}' appears in two pools",
+                pool.queue
+            )));
         }
-        pool.check_backend()?;
-        pool.policy()
-            .map_err(|e| format!("pool '{}': {e}", pool.queue))?;
-        pool.poll()
-            .map_err(|e| format!("pool '{}': {e}", pool.queue))?;
+        pool.check()?;
     }
     Ok(file)
 }
@@ -214,13 +227,15 @@ mod tests {
 
     #[test]
     fn mistakes_are_named() {
-        let err =
-            parse("[[pool]]\nqueue = \"q\"\nbackend = \"kubernetes\"\nmax = 3\n").unwrap_err();
+        let err = parse("[[pool]]\nqueue = \"q\"\nbackend = \"kubernetes\"\nmax = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("namespace and deployment"), "{err}");
         let err = parse(
             "[[pool]]\nqueue = \"q\"\nbackend = \"local\"\ncommand = [\"w\"]\nmin = 4\nmax = 3\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("pool 'q'") && err.contains("below min"),
             "{err}"
@@ -228,9 +243,12 @@ mod tests {
         let err = parse(
             "[[pool]]\nqueue = \"q\"\nbackend = \"local\"\ncommand = [\"w\"]\nmax = 3\nmaxx = 4\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("maxx"), "{err}");
-        let err = parse("[[pool]]\nqueue = \"q\"\nbackend = \"docker\"\nmax = 3\n").unwrap_err();
+        let err = parse("[[pool]]\nqueue = \"q\"\nbackend = \"docker\"\nmax = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("docker"), "{err}");
     }
 }

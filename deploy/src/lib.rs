@@ -7,6 +7,7 @@
 pub mod autoscaler;
 pub mod backend;
 pub mod config;
+pub mod error;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;

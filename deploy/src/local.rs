@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use warren_broker::depth::WorkerLoad;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, PoolStatus};
+use crate::error::DeployError;
 
 /// A worker that exits this soon after starting, with a failure, counts as a crash.
 const QUICK_EXIT: Duration = Duration::from_secs(10);
@@ -45,9 +46,9 @@ impl LocalBackend {
         command: Vec<String>,
         prefix: impl Into<String>,
         stop_grace: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DeployError> {
         if command.is_empty() {
-            return Err("the local backend needs the worker command after `--`, e.g. `-- warren worker --queue warren.tasks`".into());
+            return Err(DeployError::Backend("the local backend needs the worker command after `--`, e.g. `-- warren worker --queue warren.tasks`".into()));
         }
         // Found now or never: otherwise every poll would fail to start a worker, for ever.
         if let Err(e) = which::which(&command[0]) {
@@ -57,10 +58,10 @@ impl LocalBackend {
             } else {
                 " Give its full path, or put it on PATH"
             };
-            return Err(format!(
+            return Err(DeployError::Backend(format!(
                 "the worker command '{}' cannot be run ({e}).{advice}",
                 command[0]
-            ));
+            )));
         }
         Ok(Self {
             command,
@@ -107,7 +108,7 @@ impl LocalBackend {
     /// Runs the workers for `queue`: they get it as `WARREN_QUEUE` (what `warren worker --queue`
     /// defaults to), and a command that names another queue is refused, as its workers would
     /// never take this pool's tasks.
-    pub fn for_queue(mut self, queue: &str) -> Result<Self, String> {
+    pub fn for_queue(mut self, queue: &str) -> Result<Self, DeployError> {
         let named = self.command.iter().enumerate().find_map(|(i, arg)| {
             arg.strip_prefix("--queue=").or_else(|| {
                 (arg == "--queue").then(|| self.command.get(i + 1).map(String::as_str))?
@@ -116,11 +117,11 @@ impl LocalBackend {
         if let Some(other) = named
             && other != queue
         {
-            return Err(format!(
+            return Err(DeployError::Backend(format!(
                 "the worker command consumes '{other}' (--queue {other}) but this pool serves \
                  '{queue}': its workers would never take the pool's tasks. Drop --queue from the \
                  command (the workers get WARREN_QUEUE={queue}) or make the two agree"
-            ));
+            )));
         }
         self.queue = Some(queue.to_string());
         Ok(self)

@@ -16,6 +16,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::error::DeployError;
+
 /// The knobs of one pool.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
@@ -54,17 +56,18 @@ impl Default for PolicyConfig {
 
 impl PolicyConfig {
     /// Checks that the knobs make sense together.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), DeployError> {
+        let invalid = |message: String| Err(DeployError::InvalidSetting(message));
         if self.max < self.min {
-            return Err(format!("max ({}) is below min ({})", self.max, self.min));
+            return invalid(format!("max ({}) is below min ({})", self.max, self.min));
         }
         if self.tasks_per_worker == 0 {
-            return Err("tasks-per-worker must be at least 1".into());
+            return invalid("tasks-per-worker must be at least 1".into());
         }
         if let Some(f) = self.fallback_replicas
             && f > self.max
         {
-            return Err(format!(
+            return invalid(format!(
                 "fallback-replicas ({f}) is above max ({})",
                 self.max
             ));
@@ -616,6 +619,7 @@ mod tests {
             }
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("below min")
         );
         assert!(

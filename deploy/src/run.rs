@@ -10,6 +10,7 @@ use warren_broker::depth::ManagementTarget;
 
 use crate::autoscaler::{PoolSpec, run_pool};
 use crate::config::{BackendKind, PoolEntry};
+use crate::error::DeployError;
 use crate::kubernetes::{KubernetesBackend, client};
 use crate::local::LocalBackend;
 use crate::metrics::Metrics;
@@ -39,8 +40,8 @@ pub async fn autoscale(
     pools: Vec<PoolEntry>,
     options: AutoscaleOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
-    let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
+) -> Result<(), DeployError> {
+    let metrics = Metrics::new()?;
     if let Some(addr) = options.metrics_addr {
         // A poll may legitimately spend a few API timeouts; longer than that, the loop is stuck.
         let slowest_poll = pools
@@ -55,17 +56,15 @@ pub async fn autoscale(
             .fail_health_when_stale(stale_after)
             .spawn(addr)
             .await
-            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+            .map_err(|source| DeployError::Serve { addr, source })?;
     }
     let stop = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
     for pool in pools {
-        pool.check_backend()?;
+        pool.check()?;
         let spec = PoolSpec {
             queue: pool.queue.clone(),
-            policy: pool
-                .policy()
-                .map_err(|e| format!("pool '{}': {e}", pool.queue))?,
+            policy: pool.policy()?,
             poll: pool.poll()?,
             dry_run: options.dry_run,
         };
@@ -80,9 +79,7 @@ pub async fn autoscale(
                 loops.spawn(run_pool(spec, backend, probe, metrics, stop));
             }
             BackendKind::Kubernetes => {
-                let client = client(pool.context.as_deref())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let client = client(pool.context.as_deref()).await?;
                 let (namespace, deployment) = (
                     pool.namespace
                         .or_else(crate::kubernetes::own_namespace)

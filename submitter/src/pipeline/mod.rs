@@ -7,6 +7,7 @@ pub mod items;
 pub mod plan;
 pub mod run;
 pub mod state;
+mod window;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -30,6 +30,7 @@ pub use super::items::{dry_run, root_items, up_to_date};
 use super::plan::{ItemState, Plan, StageCounts, task_id};
 pub use super::state::{MESSAGE_TYPE_RUN, RunState, StageEdge, fold_states, read_state};
 use super::state::{decode_head, decode_state, encode_full};
+use super::window::{AHEAD_PROBE, Ahead};
 use super::{Each, Pipeline};
 use crate::checkpoint::{ack_checkpointed, consume_alone, set_aside, take_states};
 use crate::submit::{SubmitOptions, Submitter, encode_task};
@@ -62,7 +63,7 @@ pub struct RunOptions {
     pub force: bool,
     /// Most tasks submitted and not yet finished at once (a bound on the runner's memory and on
     /// what one run puts in the queues). Within it, each task queue is kept a few tasks ahead of
-    /// its consumers (see `ahead_allowed`), so a file's next step never queues behind every
+    /// its consumers (see `window.rs`), so a file's next step never queues behind every
     /// file's first one.
     pub max_queued: usize,
     /// Treat every chained stage as a barrier (for comparisons: each stage waits for the whole of
@@ -175,31 +176,6 @@ struct Runner<'a> {
     full_size: usize,
     /// Bytes of state written, for the run's figures.
     checkpoint_bytes: u64,
-}
-
-/// Tasks waiting in a task queue beyond what its consumers hold, as last read from the broker
-/// and kept up to date between reads: +1 per task submitted, -1 per result (a finished task
-/// frees a slot, which takes a waiting one). The runner keeps at most [`ahead_allowed`] waiting,
-/// so a file's next step queues behind a few first steps rather than behind every file's.
-#[derive(Debug, Clone, Copy)]
-struct Ahead {
-    waiting: u64,
-    consumers: u64,
-    read_at: Instant,
-}
-
-/// How often the waiting count of a task queue is read again from the broker.
-const AHEAD_REREAD: Duration = Duration::from_millis(500);
-/// Tasks kept waiting in a task queue with no consumer: enough for an autoscaler to see a
-/// backlog and start workers.
-const MIN_AHEAD: u64 = 4;
-/// Tasks kept waiting per consumer of a task queue: enough to refill its slots while the
-/// runner hears of the results, and to show an autoscaler a backlog that grows with the pool.
-const AHEAD_PER_CONSUMER: u64 = 2;
-
-/// The waiting tasks the runner keeps in a queue with `consumers` consumers.
-fn ahead_allowed(consumers: u64) -> u64 {
-    MIN_AHEAD.max(consumers.saturating_mul(AHEAD_PER_CONSUMER))
 }
 
 /// Runs (or resumes) `pipeline`; returns how it ended and the final plan.
@@ -392,7 +368,12 @@ impl Runner<'_> {
                 self.record(publisher, &results, &mut unacked).await?;
                 return Ok(RunEnd::Stopped);
             }
-            let next = tokio::time::timeout(Duration::from_millis(250), consumer.next()).await;
+            let wait = if self.probing() {
+                AHEAD_PROBE
+            } else {
+                Duration::from_millis(250)
+            };
+            let next = tokio::time::timeout(wait, consumer.next()).await;
             match next {
                 Ok(Some(Ok(delivery))) => {
                     backlog = backlog.saturating_sub(1);
@@ -432,10 +413,7 @@ impl Runner<'_> {
                 }
                 let queue = self.plan.pipeline().stages[stage].queue.clone();
                 let ahead = self.waiting_in(publisher, &queue).await?;
-                let take = room.min(
-                    usize::try_from(ahead_allowed(ahead.consumers).saturating_sub(ahead.waiting))
-                        .unwrap_or(usize::MAX),
-                );
+                let take = room.min(usize::try_from(ahead.room()).unwrap_or(usize::MAX));
                 if take == 0 {
                     // Nothing may go to this queue now; its items wait for the next result
                     // (looking at them here would check files on every result).
@@ -490,7 +468,7 @@ impl Runner<'_> {
         .map_err(|e| RunError::Invalid(e.to_string()))?;
         publisher.publish(queue, &body, properties).await?;
         if let Some(ahead) = self.ahead.get_mut(queue) {
-            ahead.waiting += 1;
+            ahead.submitted();
         }
         self.next_seq = self.next_seq.wrapping_add(1);
         self.plan.submitted(stage, item);
@@ -501,22 +479,30 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// What the runner knows of `queue`'s waiting tasks, read again from the broker when older
-    /// than [`AHEAD_REREAD`].
+    /// What the runner knows of `queue`, read again from the broker when older than
+    /// half a second, or sooner while its consumers took everything and the window is used up.
     async fn waiting_in(&mut self, publisher: &Publisher, queue: &str) -> Result<Ahead, RunError> {
         if let Some(known) = self.ahead.get(queue)
-            && known.read_at.elapsed() < AHEAD_REREAD
+            && !known.stale()
         {
             return Ok(*known);
         }
         let found = topology::inspect(publisher.channel(), queue).await?;
-        let ahead = Ahead {
-            waiting: u64::from(found.message_count()),
-            consumers: u64::from(found.consumer_count()),
-            read_at: Instant::now(),
-        };
-        self.ahead.insert(queue.to_string(), ahead);
-        Ok(ahead)
+        let ahead = self
+            .ahead
+            .entry(queue.to_string())
+            .or_insert_with(Ahead::new);
+        ahead.observe(
+            u64::from(found.message_count()),
+            u64::from(found.consumer_count()),
+        );
+        Ok(*ahead)
+    }
+
+    /// Whether a queue's consumers took everything the window allowed: the runner then looks
+    /// again soon rather than at the next result.
+    fn probing(&self) -> bool {
+        self.ahead.values().any(Ahead::probing)
     }
 
     /// Records one result (ignoring repeats); a stranger (another batch's, without the run's
@@ -576,7 +562,7 @@ impl Runner<'_> {
             .ahead
             .get_mut(&self.plan.pipeline().stages[stage].queue)
         {
-            ahead.waiting = ahead.waiting.saturating_sub(1);
+            ahead.finished();
         }
         let outcome = if result.status == TaskStatus::Succeeded {
             ItemState::Done
