@@ -502,7 +502,8 @@ impl Runner<'_> {
     /// Whether a queue's consumers took everything the window allowed: the runner then looks
     /// again soon rather than at the next result.
     fn probing(&self) -> bool {
-        self.ahead.values().any(Ahead::probing)
+        // With `--max-queued` used up nothing could be submitted anyway: no early look.
+        self.in_flight.len() < self.options.max_queued && self.ahead.values().any(Ahead::probing)
     }
 
     /// Records one result (ignoring repeats); a stranger (another batch's, without the run's
