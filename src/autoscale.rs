@@ -75,10 +75,10 @@ pub struct AutoscaleArgs {
     #[arg(long)]
     no_pod_patching: bool,
     /// Seconds a worker pod may stay not ready (counted from its Ready condition's last change,
-    /// so a pod reconnecting after a broker blip is not "not starting") before it counts as stuck.
-    /// Growth stops while half or more of the pool is stuck.
-    #[arg(long, default_value_t = 300.0)]
-    start_timeout: f64,
+    /// so a pod reconnecting after a broker blip is not stalled) before it counts as stalled.
+    /// Growth stops while half or more of the pool is stalled. (`--start-timeout` is its old name.)
+    #[arg(long, alias = "start-timeout", default_value_t = 300.0)]
+    stall_after: f64,
     /// Seconds local workers get to finish their tasks when the autoscaler stops.
     #[arg(long, default_value_t = 60.0)]
     stop_grace: f64,
@@ -117,8 +117,8 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
     let Some(stop_grace) = seconds(args.stop_grace) else {
         return fail("--stop-grace must be a positive number of seconds");
     };
-    let Some(start_timeout) = seconds(args.start_timeout) else {
-        return fail("--start-timeout must be a positive number of seconds");
+    let Some(stall_after) = seconds(args.stall_after) else {
+        return fail("--stall-after must be a positive number of seconds");
     };
     let options = AutoscaleOptions {
         amqp,
@@ -126,7 +126,7 @@ pub async fn run(args: AutoscaleArgs, amqp: AmqpSettings, management: Management
         metrics_addr: Some(args.metrics_addr),
         dry_run: args.dry_run,
         stop_grace,
-        not_ready_after: start_timeout,
+        stall_after,
         patch_pods: !args.no_pod_patching,
     };
     match autoscale(pools, options, warren_broker::endpoints::shutdown_signal()).await {

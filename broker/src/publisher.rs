@@ -7,7 +7,7 @@ use lapin::{BasicProperties, Channel};
 use lapin::{Confirmation, PublisherConfirm};
 
 use crate::error::BrokerError;
-use crate::topology::short;
+use crate::topology::amqp_name;
 
 // Properties are built in `properties`; these are re-exported for the callers that publish.
 pub use crate::properties::{header_value, message_properties, with_header};
@@ -82,7 +82,7 @@ impl Publisher {
             .channel
             .basic_publish(
                 ShortString::from(""),
-                short(queue)?,
+                amqp_name(queue)?,
                 options,
                 body,
                 // A connection authenticated otherwise (EXTERNAL, a client certificate) has no

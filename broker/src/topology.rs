@@ -83,7 +83,7 @@ pub fn manifest_queue(batch: &str) -> String {
 }
 
 /// Converts a queue or routing-key name, refusing ones AMQP cannot carry (over 255 bytes).
-pub fn short(name: &str) -> Result<ShortString, BrokerError> {
+pub fn amqp_name(name: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(name).map_err(|_| {
         BrokerError::InvalidInput(format!(
             "name too long for AMQP (over 255 bytes): {name:.60}..."
@@ -370,7 +370,7 @@ pub async fn require_task_queue(connection: &Connection, queue: &str) -> Result<
 pub async fn inspect(channel: &Channel, queue: &str) -> Result<Queue, BrokerError> {
     channel
         .queue_declare(
-            short(queue)?,
+            amqp_name(queue)?,
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -394,7 +394,7 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
 
 async fn declare(channel: &Channel, queue: &str, args: FieldTable) -> Result<Queue, BrokerError> {
     channel
-        .queue_declare(short(queue)?, QueueDeclareOptions::durable(), args)
+        .queue_declare(amqp_name(queue)?, QueueDeclareOptions::durable(), args)
         .await
         .map_err(|e| BrokerError::from_queue_error(queue, e))
 }

@@ -1,5 +1,5 @@
-//! `cargo bench -p warren-deploy --bench autoscale`: Warren's policy against KEDA's defaults on a
-//! bursty trace with a pod start-up delay. Deterministic: the same table on every run.
+//! `cargo bench -p warren-deploy --features simulate --bench autoscale`: Warren's policy against
+//! KEDA's defaults on a bursty trace with a pod start-up delay. Deterministic: the same table on every run.
 //! Environment: SIM_STARTUP (pod start-up seconds, default 30), SIM_MAX (pods, 50).
 
 use warren_deploy::policy::PolicyConfig;

@@ -31,7 +31,7 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
 /// The annotation the ReplicaSet controller reads to choose which pods to delete first.
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Container waiting reasons that mean a pod will not become ready by itself.
-const STUCK_REASONS: &[&str] = &[
+const STALL_REASONS: &[&str] = &[
     "CrashLoopBackOff",
     "ImagePullBackOff",
     "ErrImagePull",
@@ -49,8 +49,8 @@ pub struct KubernetesBackend {
     name: String,
     deployments: Api<Deployment>,
     pods: Api<Pod>,
-    /// A pod not ready this long after it was created counts as stalled.
-    not_ready_after: Duration,
+    /// A pod not ready this long (since its Ready condition last changed) counts as stalled.
+    stall_after: Duration,
     costs: HashMap<String, String>,
     /// Whether to set pod-deletion-cost before a scale-down (needs `patch pods`).
     patch_pods: bool,
@@ -145,13 +145,13 @@ impl KubernetesBackend {
     }
 
     /// The Deployment `name` in `namespace`, through `client`.
-    pub fn new(client: Client, namespace: &str, name: &str, not_ready_after: Duration) -> Self {
+    pub fn new(client: Client, namespace: &str, name: &str, stall_after: Duration) -> Self {
         Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
             deployments: Api::namespaced(client.clone(), namespace),
             pods: Api::namespaced(client, namespace),
-            not_ready_after,
+            stall_after,
             costs: HashMap::new(),
             patch_pods: true,
             rebuild: None,
@@ -274,8 +274,8 @@ impl KubernetesBackend {
             .collect())
     }
 
-    /// Why a pod is stuck, if it is.
-    fn stuck(&self, pod: &Pod) -> Option<String> {
+    /// Why a pod is stalled, if it is.
+    fn stalled(&self, pod: &Pod) -> Option<String> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let status = pod.status.as_ref()?;
         for container in status
@@ -289,7 +289,7 @@ impl KubernetesBackend {
                 .as_ref()
                 .and_then(|s| s.waiting.as_ref())
                 .and_then(|w| w.reason.as_deref())
-                && STUCK_REASONS.contains(&reason)
+                && STALL_REASONS.contains(&reason)
             {
                 return Some(format!("pod {name}: {reason}"));
             }
@@ -310,7 +310,7 @@ impl KubernetesBackend {
             .and_then(|c| c.last_transition_time.as_ref())
             .map_or(created, |t| t.0);
         let not_ready = Timestamp::now().duration_since(since).as_secs();
-        let limit = i64::try_from(self.not_ready_after.as_secs()).unwrap_or(i64::MAX);
+        let limit = i64::try_from(self.stall_after.as_secs()).unwrap_or(i64::MAX);
         // A Ready condition that changed well after creation means the pod was ready before.
         let was_ready = since.duration_since(created).as_secs() > 60;
         (not_ready > limit).then(|| {
@@ -364,17 +364,17 @@ impl KubernetesBackend {
             .as_ref()
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0);
-        let stuck: Vec<String> = self
+        let stalled: Vec<String> = self
             .pods(&deployment)
             .await?
             .iter()
-            .filter_map(|p| self.stuck(p))
+            .filter_map(|p| self.stalled(p))
             .collect();
         Ok(PoolStatus {
             replicas: u32::try_from(replicas).unwrap_or(0),
             ready: u32::try_from(ready).unwrap_or(0),
-            stalled: u32::try_from(stuck.len()).unwrap_or(u32::MAX),
-            stalled_detail: (!stuck.is_empty()).then(|| stuck.join("; ")),
+            stalled: u32::try_from(stalled.len()).unwrap_or(u32::MAX),
+            stalled_detail: (!stalled.is_empty()).then(|| stalled.join("; ")),
         })
     }
 

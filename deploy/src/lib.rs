@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod run;
+#[cfg(any(test, feature = "simulate"))]
 pub mod simulate;

@@ -218,8 +218,8 @@ pub fn decide(
     next.recent.push_back((input.now, target));
 
     if target > current {
-        // One stuck pod among healthy ones does not stop growth; half or more of them does
-        // (new pods would most likely get stuck the same way).
+        // One stalled pod among healthy ones does not stop growth; half or more of them does
+        // (new pods would most likely stall the same way).
         if input.stalled > 0 && input.stalled.saturating_mul(2) >= current {
             return (hold(Reason::PoolUnhealthy), next);
         }
@@ -570,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn one_stuck_pod_among_healthy_ones_does_not_stop_growth() {
+    fn one_stalled_pod_among_healthy_ones_does_not_stop_growth() {
         let with_stalled = |t, ready, stalled, desired, reason| Row {
             t,
             depth: Some((ready, Some(0))),
@@ -579,7 +579,7 @@ mod tests {
             reason,
         };
         replay(&config(), 5, &[with_stalled(0, 40, 1, 10, Reason::ScaleUp)]);
-        // Half or more of the pool stuck: hold.
+        // Half or more of the pool stalled: hold.
         replay(
             &config(),
             4,

@@ -31,8 +31,8 @@ pub struct AutoscaleOptions {
     pub stop_grace: Duration,
     /// Set pod-deletion-cost on pods before a scale-down (needs `patch pods` in the Role).
     pub patch_pods: bool,
-    /// A pod not ready this long after creation counts as stalled.
-    pub not_ready_after: Duration,
+    /// A pod not ready this long (since its Ready condition last changed) counts as stalled.
+    pub stall_after: Duration,
 }
 
 /// Runs every pool until `shutdown` completes. Errors are configuration problems found at start.
@@ -86,13 +86,9 @@ pub async fn autoscale(
                         .unwrap_or_default(),
                     pool.deployment.unwrap_or_default(),
                 );
-                let mut backend = KubernetesBackend::new(
-                    client,
-                    &namespace,
-                    &deployment,
-                    options.not_ready_after,
-                )
-                .rebuilding_on_unauthorized(pool.context.clone());
+                let mut backend =
+                    KubernetesBackend::new(client, &namespace, &deployment, options.stall_after)
+                        .rebuilding_on_unauthorized(pool.context.clone());
                 if !options.patch_pods {
                     backend = backend.without_pod_patching();
                 }

@@ -1,12 +1,14 @@
 //! A discrete-time simulation of a worker pool under a scaling policy, to compare Warren's policy
-//! with KEDA's defaults on the same arrival trace (`cargo bench -p warren-deploy --bench autoscale`).
+//! with KEDA's defaults on the same arrival trace
+//! (`cargo bench -p warren-deploy --features simulate --bench autoscale`).
 //!
 //! The model, the same for both policies: tasks queue FIFO; each pod runs up to `concurrency`
 //! tasks once it is ready, `startup_delay` after it was created; a pod chosen for removal drains
 //! (finishes its tasks, takes no new ones) and then exits. Worker-seconds count every pod alive:
 //! starting, working, idle or draining.
 //!
-//! It lives in the library, not in the bench, so that its own tests run with the suite.
+//! Built only for the bench (feature `simulate`) and for the crate's own tests, so that its tests
+//! run with the suite while the autoscaler does not carry it.
 
 use std::collections::VecDeque;
 use std::time::Duration;

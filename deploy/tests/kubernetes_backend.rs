@@ -10,10 +10,10 @@ use warren_broker::depth::WorkerLoad;
 use warren_deploy::backend::{Backend, BackendErrorKind};
 use warren_deploy::kubernetes::{API_CALLS, DELETION_COST, KubernetesBackend};
 
-const NOT_READY_AFTER: Duration = Duration::from_secs(300);
+const STALL_AFTER: Duration = Duration::from_secs(300);
 
 fn backend(cluster: &Shared, name: &str) -> KubernetesBackend {
-    KubernetesBackend::new(client(cluster), "pipelines", name, NOT_READY_AFTER)
+    KubernetesBackend::new(client(cluster), "pipelines", name, STALL_AFTER)
 }
 
 fn replicas(cluster: &Shared, name: &str) -> i32 {
@@ -248,7 +248,7 @@ async fn server_errors_keep_the_size_and_say_so() {
 async fn an_unreachable_api_server_is_reported_as_such() {
     let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
-    let err = KubernetesBackend::new(client, "pipelines", "warren-worker", NOT_READY_AFTER)
+    let err = KubernetesBackend::new(client, "pipelines", "warren-worker", STALL_AFTER)
         .status()
         .await
         .unwrap_err();

@@ -8,7 +8,7 @@ use serde::Serialize;
 use warren_broker::connection::connect;
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::protocol;
-use warren_broker::topology::{manifest_queue, result_queue_prefix, short};
+use warren_broker::topology::{amqp_name, manifest_queue, result_queue_prefix};
 use warren_broker::{AmqpSettings, BrokerError};
 
 use crate::seqset::SeqSet;
@@ -87,7 +87,7 @@ async fn newest_manifest(
     let queue = manifest_queue(batch);
     let mut newest: Option<protocol::BatchManifest> = None;
     while let Ok(Some(message)) = channel
-        .basic_get(short(&queue).ok()?, BasicGetOptions::default())
+        .basic_get(amqp_name(&queue).ok()?, BasicGetOptions::default())
         .await
     {
         if let Ok(m) =

@@ -16,7 +16,7 @@ use tracing::warn;
 use warren_broker::BrokerError;
 use warren_broker::properties::dead_letter_properties;
 use warren_broker::publisher::{Publisher, verified_user};
-use warren_broker::topology::short;
+use warren_broker::topology::amqp_name;
 
 /// One message of a state queue, as [`take_states`] hands it over.
 pub(crate) struct StateMessage<'a> {
@@ -39,7 +39,7 @@ pub(crate) async fn take_states(
 ) -> Result<Vec<u64>, BrokerError> {
     let mut taken = Vec::new();
     while let Some(message) = channel
-        .basic_get(short(queue)?, BasicGetOptions::default())
+        .basic_get(amqp_name(queue)?, BasicGetOptions::default())
         .await
         .map_err(|e| BrokerError::from_queue_error(queue, e))?
     {

@@ -19,7 +19,7 @@ use warren_broker::protocol::{
     MESSAGE_TYPE_MANIFEST, MESSAGE_TYPE_TASK, PROTOCOL_VERSION,
 };
 use warren_broker::publisher::{Publisher, header_value, message_properties};
-use warren_broker::topology::{self, dead_letter_queue, manifest_queue, result_queue, short};
+use warren_broker::topology::{self, amqp_name, dead_letter_queue, manifest_queue, result_queue};
 
 use crate::seqset::SeqSet;
 use crate::spec::TaskSpec;
@@ -332,7 +332,7 @@ impl DeadLetters {
         if replayed.tasks == 0 {
             for queue in [result_queue(&batch), manifest_queue(&batch)] {
                 let _ = channel
-                    .queue_delete(short(&queue)?, Default::default())
+                    .queue_delete(amqp_name(&queue)?, Default::default())
                     .await;
             }
         }
@@ -358,7 +358,7 @@ impl DeadLetters {
         let mut replays = std::collections::BTreeSet::from([[seq, replay]]);
         let mut replays_collected = std::collections::BTreeSet::new();
         while let Some(message) = channel
-            .basic_get(short(&queue)?, BasicGetOptions::default())
+            .basic_get(amqp_name(&queue)?, BasicGetOptions::default())
             .await?
         {
             let delivery = message.delivery;
@@ -407,7 +407,7 @@ impl DeadLetters {
             let purged = self
                 .publisher
                 .channel()
-                .queue_purge(short(&self.dead_queue)?, QueuePurgeOptions::default())
+                .queue_purge(amqp_name(&self.dead_queue)?, QueuePurgeOptions::default())
                 .await?;
             return Ok(Moved {
                 done: u64::from(purged),
@@ -446,7 +446,7 @@ impl Walk {
         self.left -= 1;
         let got = self
             .channel
-            .basic_get(short(&self.queue)?, BasicGetOptions::default())
+            .basic_get(amqp_name(&self.queue)?, BasicGetOptions::default())
             .await?;
         Ok(got.map(|message| {
             let delivery = message.delivery;

@@ -22,18 +22,18 @@ pub mod dlq;
 pub mod fanout;
 pub mod journal;
 pub mod logs;
+pub mod open_batch;
 pub mod output;
 pub mod pipeline;
 pub mod seqset;
 pub mod spec;
 pub mod status;
-pub mod stream;
 pub mod submit;
 
 pub use collect::{
     CollectError, CollectOptions, Counts, NO_CONSUMER_WARN_AFTER, Outcome, Progress, ResultSink,
 };
+pub use open_batch::OpenBatch;
 pub use output::JsonLines;
 pub use spec::{SpecSource, TaskFile, TaskSpec};
-pub use stream::OpenBatch;
 pub use submit::{BatchReceipt, SubmitError, SubmitOptions, Submitter, prepare};

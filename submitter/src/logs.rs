@@ -14,7 +14,7 @@ use warren_broker::protocol::{
     self, AttemptRecord, MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_MARKER, TaskStatus,
 };
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
-use warren_broker::topology::{self, logs_stream, short};
+use warren_broker::topology::{self, amqp_name, logs_stream};
 
 /// Keys of the records shown last that a repeat is looked for among: a record is appended twice
 /// only when its worker published again after a lost confirm, moments later. Bounds the memory
@@ -111,7 +111,7 @@ pub async fn read_logs(
     let stream = logs_stream();
     let mut consumer = channel
         .basic_consume(
-            short(&stream)?,
+            amqp_name(&stream)?,
             "".into(),
             BasicConsumeOptions::default(),
             args,

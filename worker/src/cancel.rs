@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::message_properties;
-use warren_broker::topology::{cancellations_stream, declare_cancellations, short};
+use warren_broker::topology::{amqp_name, cancellations_stream, declare_cancellations};
 
 /// Records of the cancellations stream acknowledged at once while reading its history.
 const HISTORY_WINDOW: u16 = 250;
@@ -224,7 +224,7 @@ async fn follow(
     );
     let mut consumer = channel
         .basic_consume(
-            short(&cancellations_stream())?,
+            amqp_name(&cancellations_stream())?,
             "".into(),
             BasicConsumeOptions::default(),
             args,
@@ -244,7 +244,7 @@ async fn follow(
     channel
         .basic_publish(
             "".into(),
-            short(&cancellations_stream())?,
+            amqp_name(&cancellations_stream())?,
             BasicPublishOptions::default(),
             &protocol::encode(&record),
             message_properties(MESSAGE_TYPE_CANCEL),

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod answer;
 mod cancel;
 mod delivery;
 pub mod handler;
@@ -14,6 +15,7 @@ pub mod handlers;
 pub mod harden;
 mod logbook;
 pub mod metrics;
+mod retry;
 mod runtime;
 
 pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};

@@ -16,7 +16,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
 use warren_broker::connection::{connect, consumer_channel, reconnect_delays};
 use warren_broker::publisher::Publisher;
-use warren_broker::topology::{self, short};
+use warren_broker::topology::{self, amqp_name};
 use warren_broker::{AmqpSettings, BrokerError};
 
 use crate::cancel::{self, Cancellations};
@@ -170,7 +170,7 @@ impl Worker {
         if self.config.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
         }
-        short(&self.config.queue)?;
+        amqp_name(&self.config.queue)?;
         // Metrics are recorded only when served, so "off" costs nothing at all.
         let metrics = match self.config.metrics_addr {
             Some(addr) => {
@@ -287,7 +287,7 @@ impl Worker {
         }
         let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
         let consume = channel.basic_consume(
-            short(&cfg.queue)?,
+            amqp_name(&cfg.queue)?,
             tag.clone(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

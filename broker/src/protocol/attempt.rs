@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{DecodeError, TaskError, TaskStatus, decode_checked};
+use super::decode::decode_checked;
+use super::{DecodeError, TaskError, TaskStatus};
 
 /// AMQP `type` of an attempt record in the logs stream.
 pub const MESSAGE_TYPE_ATTEMPT: &str = "warren.attempt";

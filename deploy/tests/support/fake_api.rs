@@ -96,7 +96,7 @@ pub fn not_ready_pod(name: &str, app: &str, age_s: i64, not_ready_s: i64) -> Pod
     pod
 }
 
-/// A pod of deployment `app`, ready or stuck waiting for `waiting`.
+/// A pod of deployment `app`, ready or stalled waiting for `waiting`.
 pub fn pod(name: &str, app: &str, waiting: Option<&str>) -> Pod {
     let ready = waiting.is_none();
     Pod {

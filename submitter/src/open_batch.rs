@@ -12,7 +12,7 @@ use warren_broker::BrokerError;
 use warren_broker::connection::consumer_channel;
 use warren_broker::protocol::{self, ResultEnvelope};
 use warren_broker::publisher::Publisher;
-use warren_broker::topology::{self, manifest_queue, result_queue, short};
+use warren_broker::topology::{self, amqp_name, manifest_queue, result_queue};
 
 use crate::spec::TaskSpec;
 use crate::submit::{SubmitError, SubmitOptions, Submitter, encode_task};
@@ -56,7 +56,7 @@ impl Submitter {
         let results = consumer_channel(connection, 256).await?;
         let consumer = results
             .basic_consume(
-                short(&result_queue(&batch))?,
+                amqp_name(&result_queue(&batch))?,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -137,7 +137,7 @@ impl OpenBatch {
         self.ack_previous().await?;
         for queue in [result_queue(&self.batch), manifest_queue(&self.batch)] {
             self.results
-                .queue_delete(short(&queue)?, QueueDeleteOptions::default())
+                .queue_delete(amqp_name(&queue)?, QueueDeleteOptions::default())
                 .await?;
         }
         Ok(())

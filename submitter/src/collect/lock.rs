@@ -1,0 +1,85 @@
+//! The collector lock (one collector per batch) and the clean-up once a batch is collected.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeleteOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tracing::info;
+use warren_broker::BrokerError;
+use warren_broker::topology::{amqp_name, manifest_queue, result_queue};
+
+/// The collector lock of `batch`: an exclusive queue, owned by the collecting connection and gone
+/// with it.
+pub(super) fn collector_lock(batch: &str) -> String {
+    format!("{}.lock", manifest_queue(batch))
+}
+
+/// Takes the collector lock of `batch` for `connection`; false when another connection has it.
+pub(super) async fn take_collector_lock(
+    connection: &Connection,
+    batch: &str,
+) -> Result<bool, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let lock = collector_lock(batch);
+    let declared = channel
+        .queue_declare(
+            amqp_name(&lock)?,
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = channel.close(200, "locked".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_resource_locked(&e) => Ok(false),
+        Err(e) => Err(BrokerError::from_queue_error(&lock, e)),
+    }
+}
+
+/// Whether the broker answered RESOURCE_LOCKED (an exclusive queue of another connection).
+fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(
+        warren_broker::error::amqp_kind(error),
+        Some(lapin::protocol::AMQPErrorKind::Soft(
+            lapin::protocol::AMQPSoftError::RESOURCELOCKED
+        ))
+    )
+}
+
+/// Deletes the batch's queues once every result is written; failures only leave them to expire.
+/// The deletes do not hold the exit: with a queue member's node down each takes about 5 s, so
+/// they get [`FINISH_DELETE_WAIT`] together and are otherwise left to their expiry.
+pub(super) async fn finish(channel: &Channel, batch: &str) {
+    let delete = |queue: String| async move {
+        let Ok(name) = amqp_name(&queue) else { return };
+        if let Err(e) = channel
+            .queue_delete(name, QueueDeleteOptions::default())
+            .await
+        {
+            info!("could not delete {queue} ({e}); it expires on its own");
+        }
+    };
+    let both = futures_lite::future::zip(
+        futures_lite::future::zip(delete(result_queue(batch)), delete(manifest_queue(batch))),
+        delete(collector_lock(batch)),
+    );
+    if tokio::time::timeout(FINISH_DELETE_WAIT, both)
+        .await
+        .is_err()
+    {
+        info!(
+            "the queues of batch {batch} were not deleted within {FINISH_DELETE_WAIT:?} (a node \
+             down?); they expire on their own"
+        );
+    }
+}
+
+/// How long the end of a collection waits for its batch's queues to be deleted.
+pub(super) const FINISH_DELETE_WAIT: Duration = Duration::from_secs(1);
