@@ -29,6 +29,7 @@ pub enum DlqAction {
 }
 
 /// Runs `warren dlq ACTION`; returns the exit status.
+// Long: one match arm per `warren dlq` action, each printing its own output.
 pub async fn dlq(amqp: AmqpSettings, queue: &str, filter: &Filter, action: DlqAction) -> u8 {
     let letters = match DeadLetters::open(&amqp, queue).await {
         Ok(l) => l,

@@ -131,6 +131,7 @@ fn json_line(entry: &LogEntry) -> String {
 
 /// A record for people: what ran, how it ended, where, and the end of its stderr. `sent_by` is
 /// the user RabbitMQ saw append it (anyone who may publish can append a record).
+// Long: formats every field of an attempt record for people, in display order.
 pub fn human(record: &AttemptRecord, sent_by: Option<&str>, full: bool) -> String {
     let mut text = String::new();
     let what = match (record.labels.get("stage"), record.labels.get("item")) {

@@ -70,6 +70,7 @@ pub struct RunArgs {
 const DRY_RUN_ITEMS: usize = 10;
 
 /// Runs `warren run`; returns the exit status.
+// Long: argument checks then the run and its report, each with its own exit status and message.
 pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     let text = match std::fs::read_to_string(&args.pipeline) {
         Ok(text) => text,
@@ -82,23 +83,7 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     if args.dry_run {
         return match dry_run(&pipeline, args.force) {
             Ok(stages) => {
-                for (stage, items) in stages {
-                    println!("{stage}: {} item(s) would run", items.len());
-                    let shown = if args.verbose {
-                        items.len()
-                    } else {
-                        DRY_RUN_ITEMS
-                    };
-                    for item in items.iter().take(shown) {
-                        println!("  {item}");
-                    }
-                    if items.len() > shown {
-                        println!(
-                            "  ... and {} more (--verbose lists them all)",
-                            items.len() - shown
-                        );
-                    }
-                }
+                print_dry_run(&stages, args.verbose);
                 EXIT_OK
             }
             Err(message) => fail(&message),
@@ -144,33 +129,8 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
     {
         return fail(&format!("{message}; nothing was submitted"));
     }
-    // A resume with another pipeline file is refused before anything is declared for it.
-    if options.resume {
-        match read_state(&amqp, &options.run).await {
-            Ok(Some(state)) if state.fingerprint != pipeline.fingerprint => {
-                return fail(&format!(
-                    "run {} was started with another version of {}; resume it with the original \
-                     file, or start a new run (items whose outputs are up to date are skipped)",
-                    options.run,
-                    args.pipeline.display()
-                ));
-            }
-            // Anything else (a broker not reachable yet) is left to the run, which retries.
-            _ => {}
-        }
-    }
-    if !options.create_queue {
-        let mut submitter =
-            warren_submitter::Submitter::new(amqp.clone(), crate::cli::connection_name("run"));
-        let queues: std::collections::BTreeSet<&str> =
-            pipeline.stages.iter().map(|s| s.queue.as_str()).collect();
-        for queue in queues {
-            if let Err(e @ warren_broker::BrokerError::TaskQueueMissing { .. }) =
-                submitter.require_queue(queue).await
-            {
-                return fail(&format!("{e}; nothing was submitted"));
-            }
-        }
+    if let Err(message) = preflight(&amqp, &pipeline, &options, &args.pipeline).await {
+        return fail(&message);
     }
     let run = options.run.clone();
     // The run id first, so that a run stopped any way can be resumed and inspected.
@@ -214,6 +174,61 @@ pub async fn run(args: RunArgs, amqp: AmqpSettings) -> u8 {
             }
         }
     }
+}
+
+/// Prints what `--dry-run` found: per stage, its item count and the items (the first
+/// [`DRY_RUN_ITEMS`] unless `verbose`).
+fn print_dry_run(stages: &[(String, Vec<String>)], verbose: bool) {
+    for (stage, items) in stages {
+        println!("{stage}: {} item(s) would run", items.len());
+        let shown = if verbose { items.len() } else { DRY_RUN_ITEMS };
+        for item in items.iter().take(shown) {
+            println!("  {item}");
+        }
+        if items.len() > shown {
+            println!(
+                "  ... and {} more (--verbose lists them all)",
+                items.len() - shown
+            );
+        }
+    }
+}
+
+/// What is refused before a run starts: a resume with another version of the pipeline file, and
+/// (without --create-queue) a stage queue nobody declared.
+async fn preflight(
+    amqp: &AmqpSettings,
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    path: &std::path::Path,
+) -> Result<(), String> {
+    // A resume with another pipeline file is refused before anything is declared for it.
+    if options.resume
+        && let Ok(Some(state)) = read_state(amqp, &options.run).await
+        && state.fingerprint != pipeline.fingerprint
+    {
+        // Anything else (a broker not reachable yet) is left to the run, which retries.
+        return Err(format!(
+            "run {} was started with another version of {}; resume it with the original \
+             file, or start a new run (items whose outputs are up to date are skipped)",
+            options.run,
+            path.display()
+        ));
+    }
+    if !options.create_queue {
+        let mut submitter =
+            warren_submitter::Submitter::new(amqp.clone(), crate::cli::connection_name("run"));
+        let queues: std::collections::BTreeSet<&str> =
+            pipeline.stages.iter().map(|s| s.queue.as_str()).collect();
+        for queue in queues {
+            if let Err(e @ warren_broker::BrokerError::TaskQueueMissing { .. }) =
+                submitter.require_queue(queue).await
+            {
+                return Err(format!("{e}; nothing was submitted"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Prints per-stage counts and the items that failed or were skipped; returns the failures.
@@ -339,6 +354,7 @@ impl RunProgress for StageBars {
 }
 
 /// Runs `warren status --run RUN`; returns the exit status.
+// Long: prints the `status --run` table or JSON; each section is a few lines of formatting.
 pub async fn status(amqp: AmqpSettings, run: &str, json: bool) -> u8 {
     let state = match read_state(&amqp, run).await {
         Ok(Some(state)) => state,

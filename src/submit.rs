@@ -117,54 +117,10 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
     let fan_out = args.each.is_some() || args.each_line.is_some();
     let source = match (task, args.file) {
         (Some(task), None) if fan_out => {
-            let (items, origin) = if let Some(pattern) = &args.each {
-                (glob_items(pattern), format!("--each '{pattern}'"))
-            } else if let Some(path) = args.each_line.as_ref().filter(|p| p.as_os_str() == "-") {
-                (
-                    line_items(std::io::stdin().lock(), "stdin"),
-                    format!("--each-line {}", path.display()),
-                )
-            } else if let Some(path) = &args.each_line {
-                (
-                    std::fs::File::open(path)
-                        .map_err(|e| format!("cannot open {}: {e}", path.display()))
-                        .and_then(|f| {
-                            line_items(std::io::BufReader::new(f), &path.display().to_string())
-                        }),
-                    format!("--each-line {}", path.display()),
-                )
-            } else {
-                return fail("--each or --each-line is needed to fan out");
-            };
-            let items = match items {
-                Ok(items) => items,
-                Err(message) => return fail(&format!("{message}; nothing was submitted")),
-            };
-            // A misspelt placeholder is the error to show, not "no placeholder".
-            if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {
-                return fail(&format!("the task's arguments: {e}"));
+            match fan_out_source(task, args.each.as_deref(), args.each_line.as_deref()) {
+                Ok(source) => source,
+                Err(message) => return fail(&message),
             }
-            // Items expand here but run on the workers: relative ones only name the same files
-            // where the command runs in the same folder.
-            if task.args.get("cwd").is_none_or(serde_json::Value::is_null)
-                && let Some(relative) = items.iter().find(|i| !i.starts_with('/'))
-            {
-                let here = std::env::current_dir()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_else(|_| ".".into());
-                eprintln!(
-                    "warning: the items are relative paths (e.g. {relative}), found from {here}, but \
-                     each command runs in its worker's own folder: add `--cwd {here}` to the exec \
-                     task (or give absolute paths) so {{}} names the same file there"
-                );
-            }
-            if !has_placeholder(&task.args) {
-                eprintln!(
-                    "warning: the task has no placeholder ({{}}, {{name}}, {{stem}}, ...), so all {} task(s) are the same",
-                    items.len()
-                );
-            }
-            TaskSource::FanOut(FanOut::new(items, task, origin))
         }
         (None, None) if fan_out => {
             return fail(
@@ -223,6 +179,58 @@ pub async fn run(args: SubmitArgs, amqp: AmqpSettings) -> u8 {
         queue_given: args.queue,
     })
     .await
+}
+
+/// The tasks of `--each GLOB` or `--each-line FILE` (`-`: stdin): one per item, after checking the
+/// task's placeholders and warning where the items would not name the same files on a worker.
+fn fan_out_source(
+    task: TaskSpec,
+    each: Option<&str>,
+    each_line: Option<&std::path::Path>,
+) -> Result<TaskSource, String> {
+    let (items, origin) = if let Some(pattern) = each {
+        (glob_items(pattern), format!("--each '{pattern}'"))
+    } else if let Some(path) = each_line.filter(|p| p.as_os_str() == "-") {
+        (
+            line_items(std::io::stdin().lock(), "stdin"),
+            format!("--each-line {}", path.display()),
+        )
+    } else if let Some(path) = each_line {
+        (
+            std::fs::File::open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))
+                .and_then(|f| line_items(std::io::BufReader::new(f), &path.display().to_string())),
+            format!("--each-line {}", path.display()),
+        )
+    } else {
+        return Err("--each or --each-line is needed to fan out".into());
+    };
+    let items = items.map_err(|message| format!("{message}; nothing was submitted"))?;
+    // A misspelt placeholder is the error to show, not "no placeholder".
+    if let Err(e) = warren_submitter::fanout::expand_value(&task.args, "a/b.c") {
+        return Err(format!("the task's arguments: {e}"));
+    }
+    // Items expand here but run on the workers: relative ones only name the same files
+    // where the command runs in the same folder.
+    if task.args.get("cwd").is_none_or(serde_json::Value::is_null)
+        && let Some(relative) = items.iter().find(|i| !i.starts_with('/'))
+    {
+        let here = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|_| ".".into());
+        eprintln!(
+            "warning: the items are relative paths (e.g. {relative}), found from {here}, but \
+             each command runs in its worker's own folder: add `--cwd {here}` to the exec \
+             task (or give absolute paths) so {{}} names the same file there"
+        );
+    }
+    if !has_placeholder(&task.args) {
+        eprintln!(
+            "warning: the task has no placeholder ({{}}, {{name}}, {{stem}}, ...), so all {} task(s) are the same",
+            items.len()
+        );
+    }
+    Ok(TaskSource::FanOut(FanOut::new(items, task, origin)))
 }
 
 /// The task of `warren submit exec ...`.
@@ -317,28 +325,13 @@ pub struct SubmitCommand {
 }
 
 /// Runs `warren submit`; returns the process exit status.
+// Long: the binary's submit flow: source, output check, first submit or resume, and the report;
+// each branch ends with its own exit status and message.
 pub async fn submit(cmd: SubmitCommand) -> u8 {
-    // Kept until the end: the task file stdin was spooled to.
-    let mut _spooled = None;
-    let source: Box<dyn SpecSource + Send> = match &cmd.source {
-        TaskSource::Single(spec) => Box::new(vec![spec.clone()]),
-        // Anything but a regular file (stdin, a pipe, a FIFO, `<(...)`, a device) can be read
-        // only once, and the tasks are read twice (checked, then published): spool it first.
-        TaskSource::File(path) if needs_spooling(path) => match spool(path).await {
-            Ok(file) => {
-                let name = if path.as_os_str() == "-" {
-                    "stdin".to_string()
-                } else {
-                    path.display().to_string()
-                };
-                let source = TaskFile::new(file.path(), name);
-                _spooled = Some(file);
-                Box::new(source)
-            }
-            Err(message) => return fail(&message),
-        },
-        TaskSource::File(path) => Box::new(TaskFile::new(path, path.display().to_string())),
-        TaskSource::FanOut(fan) => Box::new(fan.clone()),
+    // `_spooled` is kept until the end: the task file stdin was spooled to.
+    let (source, _spooled) = match open_source(&cmd.source).await {
+        Ok(opened) => opened,
+        Err(message) => return fail(&message),
     };
     // A results file that cannot be written is found before anything is sent.
     if let Some(WaitCommand {
@@ -423,50 +416,7 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
             }
             r
         }
-        Err(e) => {
-            let Some(journal) = e.journal() else {
-                return fail(&format!("nothing usable was submitted: {e}"));
-            };
-            // The batch id goes to stdout as on success: scripts must know what will run.
-            if batch_id_to_stdout {
-                println!("{}", journal.batch);
-                let _ = std::io::stdout().flush();
-            }
-            let resume = match (&cmd.source, journal.save()) {
-                (TaskSource::File(file), Ok(_)) if !needs_spooling(file) => format!(
-                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
-                    journal.batch,
-                    file.display()
-                ),
-                (TaskSource::FanOut(_), Ok(_)) => format!(
-                    "finish it, publishing only the unconfirmed tasks, by running the same command with \
-                     --resume {} added (the same items must match)",
-                    journal.batch
-                ),
-                (_, Ok(_)) => format!(
-                    "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file FILE \
-                     (FILE holding the same task lines)",
-                    journal.batch
-                ),
-                (_, Err(err)) => format!(
-                    "the record needed to resume could not be written ({}: {err}); do not resubmit the \
-                     whole file, the confirmed tasks would run twice",
-                    Journal::path(&journal.batch).display()
-                ),
-            };
-            if matches!(e, SubmitError::Stopped { .. }) {
-                eprintln!(
-                    "error: {e}. To {resume}; to stop the confirmed ones instead: warren cancel {}",
-                    journal.batch
-                );
-                return EXIT_INTERRUPTED;
-            }
-            let when = match &e {
-                SubmitError::Interrupted { source, .. } if source.is_fatal() => "Then",
-                _ => "Once the broker is reachable",
-            };
-            return fail(&format!("{e}. {when}, {resume}"));
-        }
+        Err(e) => return unfinished(&e, &cmd.source, batch_id_to_stdout),
     };
     if batch_id_to_stdout {
         println!("{}", receipt.batch);
@@ -480,6 +430,78 @@ pub async fn submit(cmd: SubmitCommand) -> u8 {
         None => EXIT_OK,
         Some(wait) => collect(&mut submitter, &receipt.batch, wait).await,
     }
+}
+
+/// The tasks of `source`, and the temporary file they were spooled to when `source` can be read
+/// only once.
+async fn open_source(
+    source: &TaskSource,
+) -> Result<(Box<dyn SpecSource + Send>, Option<tempfile::NamedTempFile>), String> {
+    Ok(match source {
+        TaskSource::Single(spec) => (Box::new(vec![spec.clone()]), None),
+        // Anything but a regular file (stdin, a pipe, a FIFO, `<(...)`, a device) can be read
+        // only once, and the tasks are read twice (checked, then published): spool it first.
+        TaskSource::File(path) if needs_spooling(path) => {
+            let file = spool(path).await?;
+            let name = if path.as_os_str() == "-" {
+                "stdin".to_string()
+            } else {
+                path.display().to_string()
+            };
+            (Box::new(TaskFile::new(file.path(), name)), Some(file))
+        }
+        TaskSource::File(path) => (
+            Box::new(TaskFile::new(path, path.display().to_string())),
+            None,
+        ),
+        TaskSource::FanOut(fan) => (Box::new(fan.clone()), None),
+    })
+}
+
+/// Reports a submit that stopped part way: the batch id (scripts must know what will run), and
+/// how to finish it with `--resume` or stop it; returns the exit status.
+fn unfinished(e: &SubmitError, source: &TaskSource, batch_id_to_stdout: bool) -> u8 {
+    let Some(journal) = e.journal() else {
+        return fail(&format!("nothing usable was submitted: {e}"));
+    };
+    if batch_id_to_stdout {
+        println!("{}", journal.batch);
+        let _ = std::io::stdout().flush();
+    }
+    let resume = match (source, journal.save()) {
+        (TaskSource::File(file), Ok(_)) if !needs_spooling(file) => format!(
+            "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file {}",
+            journal.batch,
+            file.display()
+        ),
+        (TaskSource::FanOut(_), Ok(_)) => format!(
+            "finish it, publishing only the unconfirmed tasks, by running the same command with \
+             --resume {} added (the same items must match)",
+            journal.batch
+        ),
+        (_, Ok(_)) => format!(
+            "finish it, publishing only the unconfirmed tasks, with: warren submit --resume {} --file FILE \
+             (FILE holding the same task lines)",
+            journal.batch
+        ),
+        (_, Err(err)) => format!(
+            "the record needed to resume could not be written ({}: {err}); do not resubmit the \
+             whole file, the confirmed tasks would run twice",
+            Journal::path(&journal.batch).display()
+        ),
+    };
+    if matches!(e, SubmitError::Stopped { .. }) {
+        eprintln!(
+            "error: {e}. To {resume}; to stop the confirmed ones instead: warren cancel {}",
+            journal.batch
+        );
+        return EXIT_INTERRUPTED;
+    }
+    let when = match e {
+        SubmitError::Interrupted { source, .. } if source.is_fatal() => "Then",
+        _ => "Once the broker is reachable",
+    };
+    fail(&format!("{e}. {when}, {resume}"))
 }
 
 /// Whether `--file PATH` can be read only once: `-` (stdin), or anything that is not a regular

@@ -103,6 +103,8 @@ pub struct WorkerArgs {
 }
 
 /// Runs `warren worker`; returns the exit status.
+// Long: the binary's argument glue for `warren worker`: each flag checked with its own message
+// before the worker starts.
 pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
     let (Some(grace), Some(default_timeout), Some(publish_retry_for)) = (
         seconds(args.grace),

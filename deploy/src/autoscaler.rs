@@ -8,7 +8,7 @@ use tracing::{error, info, warn};
 
 use warren_broker::depth::DepthSource;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, PoolStatus};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Depth, Input, LoopState, PolicyConfig, Reason, Step, step};
 use crate::probe::DepthProbe;
@@ -27,6 +27,8 @@ pub struct PoolSpec {
 }
 
 /// Runs the loop for one pool until `stop` is cancelled, then shuts the backend down.
+// Long: the control loop: observe, decide (policy::decide), record, act; each step is a function,
+// what remains is their order.
 pub async fn run_pool<B: Backend>(
     spec: PoolSpec,
     mut backend: B,
@@ -49,32 +51,8 @@ pub async fn run_pool<B: Backend>(
         }
         // The loop came round: `/healthz` fails when it stops doing so (a hung call).
         metrics.endpoints.beat();
-        let depth = match probe.depth(pool).await {
-            Ok(d) => {
-                record_depth(&metrics, pool, &d);
-                Some(Depth {
-                    ready: d.ready,
-                    unacked: d.unacked,
-                })
-            }
-            Err(e) => {
-                warn!(pool, "cannot read the queue depth: {e}");
-                metrics.errors.with_label_values(&[pool, "probe"]).inc();
-                None
-            }
-        };
-        let status = match backend.status().await {
-            Ok(s) => {
-                metrics.backend_up.with_label_values(&[pool]).set(1.0);
-                Some(s)
-            }
-            Err(e) => {
-                report(&metrics, pool, &e);
-                metrics.backend_up.with_label_values(&[pool]).set(0.0);
-                metrics.set_ready(false);
-                None
-            }
-        };
+        let depth = read_depth(&mut probe, &metrics, pool).await;
+        let status = read_status(&mut backend, &metrics, pool).await;
         let seen = status.as_ref().map(|s| (s.replicas, s.stalled));
         let (next_step, next) = step(&spec.policy, &state, started.elapsed(), depth, seen);
         state = next;
@@ -96,39 +74,7 @@ pub async fn run_pool<B: Backend>(
                 "the backend answers again; not shrinking on the first poll after an outage"
             );
         }
-        metrics
-            .current
-            .with_label_values(&[pool])
-            .set(f64::from(status.replicas));
-        metrics
-            .stalled
-            .with_label_values(&[pool])
-            .set(f64::from(status.stalled));
-        if let Some(at) = woke_at
-            && status.ready > 0
-        {
-            metrics
-                .backlog_to_ready
-                .with_label_values(&[pool])
-                .observe(at.elapsed().as_secs_f64());
-            info!(
-                pool,
-                seconds = format!("{:.1}", at.elapsed().as_secs_f64()),
-                "first worker ready after waking from zero"
-            );
-            woke_at = None;
-        }
-        metrics
-            .desired
-            .with_label_values(&[pool])
-            .set(f64::from(decision.desired));
-        metrics.unhealthy.with_label_values(&[pool]).set(
-            if decision.reason == Reason::PoolUnhealthy {
-                1.0
-            } else {
-                0.0
-            },
-        );
+        record_pool(&metrics, pool, &status, &decision, &mut woke_at);
         metrics.set_ready(true);
         log_decision(
             pool,
@@ -165,6 +111,89 @@ pub async fn run_pool<B: Backend>(
     if !spec.dry_run {
         backend.shutdown().await;
     }
+}
+
+/// The queue's depth now (also as metrics), or `None` when it cannot be read.
+async fn read_depth(probe: &mut DepthProbe, metrics: &Metrics, pool: &str) -> Option<Depth> {
+    match probe.depth(pool).await {
+        Ok(d) => {
+            record_depth(metrics, pool, &d);
+            Some(Depth {
+                ready: d.ready,
+                unacked: d.unacked,
+            })
+        }
+        Err(e) => {
+            warn!(pool, "cannot read the queue depth: {e}");
+            metrics.errors.with_label_values(&[pool, "probe"]).inc();
+            None
+        }
+    }
+}
+
+/// The pool as the backend sees it now, or `None` when the backend does not answer.
+async fn read_status<B: Backend>(
+    backend: &mut B,
+    metrics: &Metrics,
+    pool: &str,
+) -> Option<PoolStatus> {
+    match backend.status().await {
+        Ok(s) => {
+            metrics.backend_up.with_label_values(&[pool]).set(1.0);
+            Some(s)
+        }
+        Err(e) => {
+            report(metrics, pool, &e);
+            metrics.backend_up.with_label_values(&[pool]).set(0.0);
+            metrics.set_ready(false);
+            None
+        }
+    }
+}
+
+/// Publishes the pool and the decision as metrics; the first ready worker after waking from zero
+/// (`woke_at`) ends the wake-up's timing.
+fn record_pool(
+    metrics: &Metrics,
+    pool: &str,
+    status: &PoolStatus,
+    decision: &Decision,
+    woke_at: &mut Option<Instant>,
+) {
+    metrics
+        .current
+        .with_label_values(&[pool])
+        .set(f64::from(status.replicas));
+    metrics
+        .stalled
+        .with_label_values(&[pool])
+        .set(f64::from(status.stalled));
+    if let Some(at) = *woke_at
+        && status.ready > 0
+    {
+        metrics
+            .backlog_to_ready
+            .with_label_values(&[pool])
+            .observe(at.elapsed().as_secs_f64());
+        info!(
+            pool,
+            seconds = format!("{:.1}", at.elapsed().as_secs_f64()),
+            "first worker ready after waking from zero"
+        );
+        *woke_at = None;
+    }
+    metrics
+        .desired
+        .with_label_values(&[pool])
+        .set(f64::from(decision.desired));
+    metrics
+        .unhealthy
+        .with_label_values(&[pool])
+        .set(if decision.reason == Reason::PoolUnhealthy {
+            1.0
+        } else {
+            0.0
+        });
 }
 
 /// Publishes a queue reading as metrics.

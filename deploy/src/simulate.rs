@@ -82,6 +82,8 @@ struct Pod {
 
 /// Runs `trace` (sorted by arrival) under `policy` until every task is done and the pool is back
 /// to zero, or `give_up_after` seconds past the last arrival.
+// Long: a discrete-time simulation loop (arrivals, pods, scaling) whose state is local to the loop;
+// benchmark-only code behind the `simulate` feature.
 pub fn simulate(
     trace: &[Arrival],
     cluster: Cluster,

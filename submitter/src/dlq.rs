@@ -231,6 +231,8 @@ impl DeadLetters {
     /// are left where they are. `announce` gets the new batch's id before its first task is
     /// published, and the batch's manifest is kept current after each task, so a replay killed
     /// part-way leaves a batch that `warren wait` can collect.
+    // Long: the order of publish, manifest count and dead-letter ack per letter is the
+    // at-least-once argument written in its comments; it reads best in one place.
     pub async fn replay(
         &self,
         filter: &Filter,

@@ -85,6 +85,7 @@ pub enum Since {
 /// the caller drops the future. Returns how many records matched. A record appended twice (its
 /// worker published again after a lost confirm) is shown once. Anyone who may publish can append
 /// a record naming any batch: `sent_by` says whom RabbitMQ saw append it.
+// Long: one stream read loop: decode, deduplicate, filter and follow share the loop's state.
 pub async fn read_logs(
     connection: &Connection,
     filter: &LogFilter,

@@ -253,6 +253,8 @@ impl Submitter {
         self.publish_batch(source, &options, journal).await
     }
 
+    // Long: the retry loop around publish passes shares the confirmed set and the journal record
+    // with every exit; split, each part would take them all.
     async fn publish_batch<S: SpecSource + ?Sized>(
         &mut self,
         source: &S,
@@ -370,6 +372,32 @@ impl Submitter {
         }
     }
 
+    /// Makes sure the task queue exists (declaring it with `create_queue`) and declares the
+    /// batch's queues; returns the publisher to send its tasks with.
+    async fn declare_batch(
+        &mut self,
+        batch: &str,
+        options: &SubmitOptions,
+    ) -> Result<Publisher, BrokerError> {
+        let (connection, publisher) = self.connection().await?;
+        let publisher = publisher.clone();
+        // Declaring a queue that dead-letters needs read permission on it: a submitter that only
+        // checks the queue exists may be kept from reading the tasks (and so others' tokens).
+        if options.create_queue {
+            topology::declare_task_queue(publisher.channel(), &options.queue).await?;
+        } else {
+            topology::require_task_queue(connection, &options.queue).await?;
+        }
+        topology::declare_batch_queues(
+            publisher.channel(),
+            batch,
+            &options.queue,
+            options.result_expiry,
+        )
+        .await?;
+        Ok(publisher)
+    }
+
     /// Declares the topology and publishes every unconfirmed task, reading `source` again and
     /// keeping only a window of confirms in flight.
     async fn publish_pass<S: SpecSource + ?Sized>(
@@ -386,22 +414,7 @@ impl Submitter {
                 "the task file changed while it was being submitted: {e}"
             ))
         };
-        let (connection, publisher) = self.connection().await?;
-        let publisher = publisher.clone();
-        // Declaring a queue that dead-letters needs read permission on it: a submitter that only
-        // checks the queue exists may be kept from reading the tasks (and so others' tokens).
-        if options.create_queue {
-            topology::declare_task_queue(publisher.channel(), &options.queue).await?;
-        } else {
-            topology::require_task_queue(connection, &options.queue).await?;
-        }
-        topology::declare_batch_queues(
-            publisher.channel(),
-            ids.batch,
-            &options.queue,
-            options.result_expiry,
-        )
-        .await?;
+        let publisher = self.declare_batch(ids.batch, options).await?;
         let mut in_flight = VecDeque::with_capacity(CONFIRM_WINDOW);
         let mut stopped = false;
         // What this pass reads must be exactly what was checked (a pipe read twice gives nothing

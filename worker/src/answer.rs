@@ -21,18 +21,21 @@ use warren_broker::topology::dead_letter_queue;
 use crate::delivery::Context;
 
 /// Publishes a result, then acknowledges the task. A result whose queue is gone (expired batch) is
-/// dead-lettered instead, so it is not lost either.
+/// dead-lettered instead, so it is not lost either. `alongside` (the attempt's record) runs while
+/// the result's confirm is awaited, and is done before the ack: one round trip, not two.
 pub(crate) async fn deliver_result(
     ctx: &Context,
     delivery: &Delivery,
     result: &ResultEnvelope,
     reply_to: &str,
+    alongside: impl Future<Output = ()>,
 ) {
     let body = protocol::encode(result);
-    match ctx
-        .publish_patiently(reply_to, &body, result_properties(result))
-        .await
-    {
+    let (published, ()) = tokio::join!(
+        ctx.publish_patiently(reply_to, &body, result_properties(result)),
+        alongside
+    );
+    match published {
         Ok(()) => ctx.count_published(body.len()),
         Err(BrokerError::Unroutable { .. }) => {
             let detail =

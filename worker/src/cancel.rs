@@ -204,6 +204,8 @@ const FOLLOW_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(15)
 /// Reads the cancellations stream from its start and records each cancellation, until the
 /// consumer ends. `caught_up` is sent once every record written before the call has been read:
 /// the worker appends a marker of its own and waits to read it back. Only returns on error.
+// Long: one stream consumer loop whose batching of acks depends on whether the history has been
+// read; the state is local to the loop.
 async fn follow(
     channel: Channel,
     cancellations: &Cancellations,

@@ -21,7 +21,7 @@ use warren_broker::topology::DELIVERY_LIMIT;
 
 use crate::answer::{RefusedPublishes, deliver_result, reject_malformed, reject_with_result};
 use crate::cancel::Cancellations;
-use crate::handler::{Registry, TIMEOUT_GRACE, Task, TaskFailure};
+use crate::handler::{Handler, Registry, TIMEOUT_GRACE, Task, TaskFailure};
 use crate::logbook::{Finished, Logbook};
 use crate::metrics::WorkerMetrics;
 use crate::retry::{retry_wanted, schedule_retry};
@@ -50,6 +50,8 @@ pub(crate) struct Context {
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
 /// unfinished (shutdown grace exceeded, or the connection it came on is gone).
+// Long: the one ack decision of a delivery, read top to bottom: admit, run, record, then retry or
+// answer (the steps are functions; what remains is their order).
 pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: CancellationToken) {
     if let Some(m) = &ctx.metrics {
         m.bytes_in.inc_by(delivery.data.len() as u64);
@@ -105,26 +107,18 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         labels: task.labels.clone(),
         timeout,
     };
-    let _in_flight = ctx.metrics.as_ref().map(InFlight::start);
-    // The handler runs as its own task so that a panic in user code becomes a failed result
-    // instead of a message that is never acknowledged; dropping the handle aborts it.
-    let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(handler_task)));
-    let outcome = tokio::select! {
-        outcome = tokio::time::timeout(timeout + TIMEOUT_GRACE, handler_run) => match outcome {
-            Ok(Ok(result)) => HandlerOutcome::Finished(result),
-            Ok(Err(join_error)) => HandlerOutcome::Panicked(join_error.to_string()),
-            Err(_) => HandlerOutcome::TimedOut,
-        },
-        // Dropping the handler's future stops it; an exec command's process group is killed.
-        () = running.token.cancelled() => HandlerOutcome::Cancelled,
-        () = abandon.cancelled() => {
-            info!(task_id = %task.id, batch = %task.batch, "task abandoned unfinished; returning it to the queue");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            if let Some(m) = &ctx.metrics {
-                m.returned.inc();
-            }
-            return;
-        }
+    let Some(outcome) = run_handler(
+        &ctx,
+        &delivery,
+        handler,
+        handler_task,
+        &task,
+        &running.token,
+        &abandon,
+    )
+    .await
+    else {
+        return;
     };
     let Attempt {
         status,
@@ -155,10 +149,10 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             AttemptNext::Result
         },
     };
-    ctx.logbook
-        .record(&ctx.publisher, &ctx.worker, finished)
-        .await;
+    let entry = ctx.logbook.entry(&ctx.worker, finished);
+    let record = ctx.logbook.append(&ctx.publisher, entry);
     if let Some(error) = retry {
+        record.await;
         tokio::select! {
             () = schedule_retry(&ctx, &delivery, &task, &arrival, error) => {}
             () = abandon.cancelled() => {}
@@ -177,9 +171,44 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
             .observe(seconds);
     }
     tokio::select! {
-        () = deliver_result(&ctx, &delivery, &result, &task.reply_to) => {}
+        () = deliver_result(&ctx, &delivery, &result, &task.reply_to, record) => {}
         () = abandon.cancelled() => {}
     }
+}
+
+/// Runs the handler as its own task, bounded by its timeout (plus a grace) and stopped when the
+/// task is cancelled. `None` when the delivery was abandoned meanwhile: it is back in the queue.
+async fn run_handler(
+    ctx: &Context,
+    delivery: &Delivery,
+    handler: Arc<dyn Handler>,
+    task: Task,
+    envelope: &TaskEnvelope,
+    cancelled: &CancellationToken,
+    abandon: &CancellationToken,
+) -> Option<HandlerOutcome> {
+    let _in_flight = ctx.metrics.as_ref().map(InFlight::start);
+    let limit = task.timeout + TIMEOUT_GRACE;
+    // The handler runs as its own task so that a panic in user code becomes a failed result
+    // instead of a message that is never acknowledged; dropping the handle aborts it.
+    let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(task)));
+    Some(tokio::select! {
+        outcome = tokio::time::timeout(limit, handler_run) => match outcome {
+            Ok(Ok(result)) => HandlerOutcome::Finished(result),
+            Ok(Err(join_error)) => HandlerOutcome::Panicked(join_error.to_string()),
+            Err(_) => HandlerOutcome::TimedOut,
+        },
+        // Dropping the handler's future stops it; an exec command's process group is killed.
+        () = cancelled.cancelled() => HandlerOutcome::Cancelled,
+        () = abandon.cancelled() => {
+            info!(task_id = %envelope.id, batch = %envelope.batch, "task abandoned unfinished; returning it to the queue");
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            if let Some(m) = &ctx.metrics {
+                m.returned.inc();
+            }
+            return None;
+        }
+    })
 }
 
 /// Why a decoded task is answered without running it.
@@ -277,7 +306,7 @@ async fn refuse(
     }
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task not run: {}", error.message);
     tokio::select! {
-        () = deliver_result(ctx, &delivery, &result, &task.reply_to) => {}
+        () = deliver_result(ctx, &delivery, &result, &task.reply_to, async {}) => {}
         () = abandon.cancelled() => {}
     }
 }

@@ -1,6 +1,6 @@
 //! The worker's side of `warren logs`: one attempt record per attempt of a task, appended to
-//! the logs stream before the attempt's outcome (result or retry) is published, so a record
-//! exists for everything a collector or runner ever sees. Recording is best effort: a task never
+//! the logs stream with the attempt's outcome (before a retry is scheduled; alongside a result,
+//! both confirmed before the task is acknowledged). Recording is best effort: a task never
 //! waits on, nor fails because of, the logs stream.
 
 use std::sync::Mutex;
@@ -31,7 +31,7 @@ pub(crate) struct Logbook {
     paused_until: Mutex<Option<Instant>>,
 }
 
-/// One finished attempt, as [`Logbook::record`] takes it.
+/// One finished attempt, as [`Logbook::entry`] takes it.
 pub(crate) struct Finished<'a> {
     pub task: &'a TaskEnvelope,
     pub args: &'a Value,
@@ -54,12 +54,12 @@ impl Logbook {
         }
     }
 
-    /// Appends the record of `attempt` to the logs stream and waits for the broker's confirm, at
-    /// most [`RECORD_TIMEOUT`]. A failure is logged (as a warning the first time) and ignored.
-    pub(crate) async fn record(&self, publisher: &Publisher, worker: &str, attempt: Finished<'_>) {
+    /// The record of `attempt`, encoded now (so the attempt's values can move on), or `None` while
+    /// records are paused after a failure. [`Logbook::append`] writes it.
+    pub(crate) fn entry(&self, worker: &str, attempt: Finished<'_>) -> Option<Entry> {
         if self.paused() {
             debug!(task_id = %attempt.task.id, "attempt record not kept: the logs stream failed a moment ago");
-            return;
+            return None;
         }
         let finished_at = SystemTime::now();
         let record = AttemptRecord {
@@ -85,11 +85,26 @@ impl Logbook {
             previous_errors: attempt.previous_errors.to_vec(),
         }
         .capped();
-        let body = protocol::encode(&record);
+        Some(Entry {
+            body: protocol::encode(&record),
+            task_id: record.task_id,
+        })
+    }
+
+    /// Appends an entry to the logs stream and waits for the broker's confirm, at most
+    /// [`RECORD_TIMEOUT`]. A failure is logged (as a warning the first time) and ignored.
+    pub(crate) async fn append(&self, publisher: &Publisher, entry: Option<Entry>) {
+        let Some(entry) = entry else {
+            return;
+        };
         let stream = logs_stream();
         let published = tokio::time::timeout(
             RECORD_TIMEOUT,
-            publisher.publish(&stream, &body, message_properties(MESSAGE_TYPE_ATTEMPT)),
+            publisher.publish(
+                &stream,
+                &entry.body,
+                message_properties(MESSAGE_TYPE_ATTEMPT),
+            ),
         )
         .await
         .unwrap_or_else(|_| Err(BrokerError::ConfirmTimeout(RECORD_TIMEOUT)));
@@ -105,13 +120,19 @@ impl Logbook {
                 other => other.to_string(),
             };
             if self.warned.swap(true, Ordering::Relaxed) {
-                debug!(task_id = %record.task_id, "attempt record not kept: {why}");
+                debug!(task_id = %entry.task_id, "attempt record not kept: {why}");
             } else {
-                warn!(task_id = %record.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}; \
+                warn!(task_id = %entry.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}; \
                     trying again every {}s", PAUSE_AFTER_FAILURE.as_secs());
             }
         }
     }
+}
+
+/// An attempt's record, encoded for the logs stream.
+pub(crate) struct Entry {
+    body: Vec<u8>,
+    task_id: String,
 }
 
 impl Logbook {

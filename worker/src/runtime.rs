@@ -166,6 +166,8 @@ impl Worker {
 
     /// Runs until `shutdown` completes, then drains and returns Ok. Returns an error only for
     /// problems that retrying cannot fix (refused credentials, a queue declared differently).
+    // Long: the reconnect loop: each session outcome (stopped, fatal, retry) with its own backoff,
+    // message and metric.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         if self.config.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
@@ -255,7 +257,59 @@ impl Worker {
         }
     }
 
+    /// Starts consuming the task queue, saying (once per outage) when RabbitMQ is slow to start
+    /// the consumer, and that the queue is back once it does.
+    async fn consume(
+        &self,
+        channel: &lapin::Channel,
+        tag: ShortString,
+        metrics: Option<&WorkerMetrics>,
+        unavailable_since: &mut Option<tokio::time::Instant>,
+    ) -> Result<lapin::Consumer, BrokerError> {
+        let cfg = &self.config;
+        let consume = channel.basic_consume(
+            amqp_name(&cfg.queue)?,
+            tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        tokio::pin!(consume);
+        // A quorum queue without a majority leaves a consume unanswered for about 65 s before
+        // failing it: say so long before that, once per outage.
+        let consumed = tokio::select! {
+            consumed = &mut consume => consumed,
+            () = tokio::time::sleep(CONSUME_SLOW) => {
+                if unavailable_since.is_none() {
+                    let problem = format!(
+                        "RabbitMQ has not started the consumer of '{}' after {CONSUME_SLOW:?}: the \
+                         queue has probably lost its quorum (a majority of its nodes down); \
+                         waiting for it",
+                        cfg.queue
+                    );
+                    warn!("{problem}");
+                    *unavailable_since = Some(tokio::time::Instant::now());
+                    if let Some(m) = metrics {
+                        m.queue_unavailable.set(1);
+                        m.set_problem("queue unavailable", Some(problem));
+                    }
+                }
+                consume.await
+            }
+        };
+        let consumer = consumed.map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
+        if let Some(since) = unavailable_since.take() {
+            info!(queue = %cfg.queue, "the task queue is available again after {:.0?}", since.elapsed());
+            if let Some(m) = metrics {
+                m.queue_unavailable.set(0);
+                m.set_problem("queue unavailable", None);
+            }
+        }
+        Ok(consumer)
+    }
+
     /// One connection's life. Ok(()) after a requested shutdown; Err when the connection failed.
+    // Long: one connection's life in order: open, catch up on cancellations, consume, run, then
+    // drain or abandon; the tracker, slots and abandon token are shared by every stage.
     async fn session(
         &self,
         stop: &CancellationToken,
@@ -286,44 +340,10 @@ impl Worker {
             );
         }
         let tag = ShortString::try_new(cfg.name.as_str()).unwrap_or_else(|_| ShortString::from(""));
-        let consume = channel.basic_consume(
-            amqp_name(&cfg.queue)?,
-            tag.clone(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        );
-        tokio::pin!(consume);
-        // A quorum queue without a majority leaves a consume unanswered for about 65 s before
-        // failing it: say so long before that, once per outage.
-        let consumed = tokio::select! {
-            consumed = &mut consume => consumed,
-            () = tokio::time::sleep(CONSUME_SLOW) => {
-                if unavailable_since.is_none() {
-                    let problem = format!(
-                        "RabbitMQ has not started the consumer of '{}' after {CONSUME_SLOW:?}: the \
-                         queue has probably lost its quorum (a majority of its nodes down); \
-                         waiting for it",
-                        cfg.queue
-                    );
-                    warn!("{problem}");
-                    *unavailable_since = Some(tokio::time::Instant::now());
-                    if let Some(m) = metrics {
-                        m.queue_unavailable.set(1);
-                        m.set_problem("queue unavailable", Some(problem));
-                    }
-                }
-                consume.await
-            }
-        };
-        let mut consumer = consumed.map_err(|e| BrokerError::from_queue_error(&cfg.queue, e))?;
+        let mut consumer = self
+            .consume(&channel, tag.clone(), metrics, unavailable_since)
+            .await?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
-        if let Some(since) = unavailable_since.take() {
-            info!(queue = %cfg.queue, "the task queue is available again after {:.0?}", since.elapsed());
-            if let Some(m) = metrics {
-                m.queue_unavailable.set(0);
-                m.set_problem("queue unavailable", None);
-            }
-        }
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),

@@ -209,6 +209,8 @@ struct State {
 impl Submitter {
     /// Collects the results of `batch` into `sink` until all are in, the timeout passes or
     /// `interrupt` completes. Lost connections are retried for `options.retry_for`.
+    // Long: the retry loop around sessions: each outcome (done, busy, lost connection, budget
+    // spent) has its own message and exit.
     pub async fn collect(
         &mut self,
         batch: &str,

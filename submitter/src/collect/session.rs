@@ -28,6 +28,8 @@ use super::{
     State,
 };
 
+// Long: one collector session in order: lock, queue checks, manifest, consume loop; each step's
+// early return names what stopped it, and the loop's state lives only here.
 pub(super) async fn collect_session(
     connection: &Connection,
     state: &mut State,
@@ -222,6 +224,8 @@ async fn watch_consumers(connection: &Connection, state: &mut State) -> bool {
 
 /// Writes a result unless it was written before; returns whether it was written. A message that
 /// is not a result is rejected, which dead-letters it to the task queue's dead-letter queue.
+// Long: the ownership checks of one result (token, worker user, replay, seq) in the order they must
+// run, each with its own outcome.
 async fn take_result(
     channel: &Channel,
     manifests: &Publisher,
@@ -393,6 +397,8 @@ fn why_failed(result: &ResultEnvelope) -> String {
 /// Records progress: takes every manifest in the batch's manifest queue, publishes the next
 /// generation (merged with what this process wrote), then acknowledges the old manifests and,
 /// when given, the results up to `ack` (which the caller flushed to the sink first).
+// Long: reading the newest manifest, merging and confirming it before any ack: the order is the
+// at-least-once argument and reads best in one place.
 async fn checkpoint(
     manifests: &Publisher,
     state: &mut State,

@@ -101,19 +101,11 @@ impl Pipeline {
     /// Reads and checks a pipeline. `path` names the file in messages and gives the default
     /// workdir (its folder); `default_queue` applies where neither the file nor a stage sets one.
     pub fn parse(text: &str, path: &Path, default_queue: &str) -> Result<Self, String> {
-        let at = |span: std::ops::Range<usize>| {
-            let line = text[..span.start.min(text.len())].lines().count().max(1);
-            let line = if text[..span.start.min(text.len())].ends_with('\n') {
-                line + 1
-            } else {
-                line
-            };
-            format!("{} line {line}", path.display())
-        };
+        let source = Source { text, path };
         let file: File = toml::from_str(text).map_err(|e| {
             let place = e
                 .span()
-                .map(&at)
+                .map(|span| source.at(span))
                 .unwrap_or_else(|| path.display().to_string());
             format!("{place}: {}", e.message())
         })?;
@@ -143,133 +135,7 @@ impl Pipeline {
         let mut stages = Vec::new();
         let mut seen = BTreeSet::new();
         for spanned in &file.stage {
-            let s = spanned.get_ref();
-            let name = s.name.get_ref().clone();
-            let here = |span: std::ops::Range<usize>, field: &str, message: String| {
-                format!("{}: stage '{name}', {field}: {message}", at(span))
-            };
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(here(
-                    s.name.span(),
-                    "name",
-                    "use letters, digits, '-' and '_'".into(),
-                ));
-            }
-            if !seen.insert(name.clone()) {
-                return Err(here(
-                    s.name.span(),
-                    "name",
-                    "two stages have this name".into(),
-                ));
-            }
-            let each = match &s.each {
-                None => Each::Once,
-                Some(each) => {
-                    let text = each.get_ref();
-                    match text.strip_suffix(".outputs") {
-                        Some(stage) if names.contains(stage) => {
-                            if !seen.contains(stage) || stage == name {
-                                return Err(here(
-                                    each.span(),
-                                    "each",
-                                    format!("stage '{stage}' must come before this one"),
-                                ));
-                            }
-                            Each::OutputsOf(stage.to_string())
-                        }
-                        Some(stage) if !text.contains(['*', '?', '[']) => {
-                            return Err(here(
-                                each.span(),
-                                "each",
-                                format!(
-                                    "there is no stage '{stage}' (stages: {})",
-                                    names.iter().cloned().collect::<Vec<_>>().join(", ")
-                                ),
-                            ));
-                        }
-                        _ => match text.strip_prefix('@') {
-                            Some(list) => Each::Lines(PathBuf::from(list)),
-                            None if text.trim().is_empty() => {
-                                return Err(here(each.span(), "each", "is empty".into()));
-                            }
-                            None => Each::Glob(text.clone()),
-                        },
-                    }
-                }
-            };
-            let mut needs = Vec::new();
-            for need in &s.needs {
-                let stage = need.get_ref();
-                if !seen.contains(stage) || stage == &name {
-                    let why = if names.contains(stage) {
-                        format!("stage '{stage}' must come before this one")
-                    } else {
-                        format!("there is no stage '{stage}'")
-                    };
-                    return Err(here(need.span(), "needs", why));
-                }
-                needs.push(stage.clone());
-            }
-            if each == Each::Once && needs.is_empty() {
-                return Err(here(
-                    spanned.span(),
-                    "each",
-                    "a stage needs `each` (a glob, \"@list.txt\" or \"<stage>.outputs\") or `needs` (stages to run after, once)".into(),
-                ));
-            }
-            let command = s.command.get_ref();
-            if command.is_empty() {
-                return Err(here(
-                    s.command.span(),
-                    "command",
-                    "is empty: give the program and its arguments".into(),
-                ));
-            }
-            for arg in command {
-                check_arg(arg, &each, &needs).map_err(|m| here(s.command.span(), "command", m))?;
-            }
-            let mut outputs = Vec::new();
-            for output in &s.outputs {
-                check_arg(output.get_ref(), &each, &[])
-                    .map_err(|m| here(output.span(), "outputs", m))?;
-                outputs.push(output.get_ref().clone());
-            }
-            if let Some(t) = &s.timeout_s
-                && !(t.get_ref().is_finite() && *t.get_ref() > 0.0)
-            {
-                return Err(here(
-                    t.span(),
-                    "timeout_s",
-                    "must be a positive number of seconds".into(),
-                ));
-            }
-            if let Some(r) = &s.retries
-                && *r.get_ref() > warren_broker::protocol::MAX_RETRIES
-            {
-                return Err(here(
-                    r.span(),
-                    "retries",
-                    format!("at most {}", warren_broker::protocol::MAX_RETRIES),
-                ));
-            }
-            for value in s.env.values() {
-                check_arg(value, &each, &[]).map_err(|m| here(spanned.span(), "env", m))?;
-            }
-            stages.push(Stage {
-                name,
-                each,
-                needs,
-                command: command.clone(),
-                outputs,
-                queue: s.queue.clone().unwrap_or_else(|| queue.clone()),
-                timeout_s: s.timeout_s.as_ref().map(|t| *t.get_ref()),
-                env: s.env.clone(),
-                retries: s.retries.as_ref().map_or(0, |r| *r.get_ref()),
-            });
+            stages.push(source.stage(spanned, &names, &mut seen, &queue)?);
         }
         for stage in &stages {
             if let Each::OutputsOf(up) = &stage.each
@@ -300,6 +166,159 @@ impl Pipeline {
     /// The stage named `name`.
     pub fn stage(&self, name: &str) -> Option<&Stage> {
         self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// A pipeline file being read: its text, and its path to name places in messages.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+type Span = std::ops::Range<usize>;
+
+impl Source<'_> {
+    /// "FILE line N" for a span of the file.
+    fn at(&self, span: Span) -> String {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.lines().count().max(1) + usize::from(before.ends_with('\n'));
+        format!("{} line {line}", self.path.display())
+    }
+
+    /// Checks one `[[stage]]` against the stages before it (`seen`, which it joins) and all the
+    /// stage names of the file.
+    // Long: a checklist of one stage's fields, each check with its own message and place in the
+    // file.
+    fn stage(
+        &self,
+        spanned: &Spanned<StageFile>,
+        names: &BTreeSet<String>,
+        seen: &mut BTreeSet<String>,
+        queue: &str,
+    ) -> Result<Stage, String> {
+        let s = spanned.get_ref();
+        let name = s.name.get_ref().clone();
+        let here = |span: Span, field: &str, message: String| {
+            format!("{}: stage '{name}', {field}: {message}", self.at(span))
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(here(
+                s.name.span(),
+                "name",
+                "use letters, digits, '-' and '_'".into(),
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(here(
+                s.name.span(),
+                "name",
+                "two stages have this name".into(),
+            ));
+        }
+        let each = match &s.each {
+            None => Each::Once,
+            Some(each) => parse_each(each.get_ref(), &name, names, seen)
+                .map_err(|m| here(each.span(), "each", m))?,
+        };
+        let mut needs = Vec::new();
+        for need in &s.needs {
+            let stage = need.get_ref();
+            if !seen.contains(stage) || stage == &name {
+                let why = if names.contains(stage) {
+                    format!("stage '{stage}' must come before this one")
+                } else {
+                    format!("there is no stage '{stage}'")
+                };
+                return Err(here(need.span(), "needs", why));
+            }
+            needs.push(stage.clone());
+        }
+        if each == Each::Once && needs.is_empty() {
+            return Err(here(
+                spanned.span(),
+                "each",
+                "a stage needs `each` (a glob, \"@list.txt\" or \"<stage>.outputs\") or `needs` (stages to run after, once)".into(),
+            ));
+        }
+        let command = s.command.get_ref();
+        if command.is_empty() {
+            return Err(here(
+                s.command.span(),
+                "command",
+                "is empty: give the program and its arguments".into(),
+            ));
+        }
+        for arg in command {
+            check_arg(arg, &each, &needs).map_err(|m| here(s.command.span(), "command", m))?;
+        }
+        let mut outputs = Vec::new();
+        for output in &s.outputs {
+            check_arg(output.get_ref(), &each, &[])
+                .map_err(|m| here(output.span(), "outputs", m))?;
+            outputs.push(output.get_ref().clone());
+        }
+        if let Some(t) = &s.timeout_s
+            && !(t.get_ref().is_finite() && *t.get_ref() > 0.0)
+        {
+            return Err(here(
+                t.span(),
+                "timeout_s",
+                "must be a positive number of seconds".into(),
+            ));
+        }
+        if let Some(r) = &s.retries
+            && *r.get_ref() > warren_broker::protocol::MAX_RETRIES
+        {
+            return Err(here(
+                r.span(),
+                "retries",
+                format!("at most {}", warren_broker::protocol::MAX_RETRIES),
+            ));
+        }
+        for value in s.env.values() {
+            check_arg(value, &each, &[]).map_err(|m| here(spanned.span(), "env", m))?;
+        }
+        Ok(Stage {
+            name,
+            each,
+            needs,
+            command: command.clone(),
+            outputs,
+            queue: s.queue.clone().unwrap_or_else(|| queue.to_string()),
+            timeout_s: s.timeout_s.as_ref().map(|t| *t.get_ref()),
+            env: s.env.clone(),
+            retries: s.retries.as_ref().map_or(0, |r| *r.get_ref()),
+        })
+    }
+}
+
+/// A stage's `each`: `<stage>.outputs` of an earlier stage, `@list.txt`, or a glob.
+fn parse_each(
+    text: &str,
+    name: &str,
+    names: &BTreeSet<String>,
+    seen: &BTreeSet<String>,
+) -> Result<Each, String> {
+    match text.strip_suffix(".outputs") {
+        Some(stage) if names.contains(stage) => {
+            if !seen.contains(stage) || stage == name {
+                return Err(format!("stage '{stage}' must come before this one"));
+            }
+            Ok(Each::OutputsOf(stage.to_string()))
+        }
+        Some(stage) if !text.contains(['*', '?', '[']) => Err(format!(
+            "there is no stage '{stage}' (stages: {})",
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        _ => match text.strip_prefix('@') {
+            Some(list) => Ok(Each::Lines(PathBuf::from(list))),
+            None if text.trim().is_empty() => Err("is empty".into()),
+            None => Ok(Each::Glob(text.to_string())),
+        },
     }
 }
 

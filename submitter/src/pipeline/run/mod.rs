@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::StreamExt;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 use tracing::warn;
 use warren_broker::connection::{RetryBudget, consumer_channel};
 use warren_broker::error::is_access_refused;
@@ -253,14 +253,14 @@ pub async fn run(
 }
 
 impl Runner<'_> {
-    async fn session(
+    /// Declares the run's queues, reads (and on a resume takes over) its recorded state, and
+    /// consumes its results queue alone: refused when another process runs it.
+    async fn open(
         &mut self,
         connection: &Connection,
         publisher: &Publisher,
         first: bool,
-        deadline: Option<Instant>,
-        progress: &mut dyn RunProgress,
-    ) -> Result<RunEnd, RunError> {
+    ) -> Result<(Channel, Consumer), RunError> {
         let run = self.options.run.clone();
         let queues: Vec<String> = {
             let mut q: Vec<String> = self
@@ -312,7 +312,7 @@ impl Runner<'_> {
         }
         // Read what earlier sessions recorded (and, on a resume, take it over).
         self.checkpoint(publisher, None, true, first).await?;
-        let mut consumer = match consume_alone(&results, &results_queue).await {
+        let consumer = match consume_alone(&results, &results_queue).await {
             Ok(consumer) => consumer,
             // Only a refusal means another runner; anything else (a lost connection) is retried.
             Err(e) if is_access_refused(&e) => {
@@ -322,6 +322,24 @@ impl Runner<'_> {
             }
             Err(e) => return Err(BrokerError::from(e).into()),
         };
+        Ok((results, consumer))
+    }
+
+    /// One connection's run: take the results queue alone, then submit what is ready and take
+    /// results until the run completes or is stopped.
+    // Long: one loop that submits, reports progress, takes results and checkpoints, whose
+    // counters (backlog, pending, last checkpoint) are shared by all four.
+    async fn session(
+        &mut self,
+        connection: &Connection,
+        publisher: &Publisher,
+        first: bool,
+        deadline: Option<Instant>,
+        progress: &mut dyn RunProgress,
+    ) -> Result<RunEnd, RunError> {
+        let run = self.options.run.clone();
+        let results_queue = result_queue(&run);
+        let (results, mut consumer) = self.open(connection, publisher, first).await?;
         self.progressed = true;
         tracing::debug!(
             run = %run,

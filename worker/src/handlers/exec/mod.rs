@@ -36,7 +36,70 @@ pub fn handler(policy: ExecPolicy) -> impl Fn(Task) -> HandlerFuture + Send + Sy
 }
 
 async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
-    let args: ExecArgs = task.args_as()?;
+    let mut args: ExecArgs = task.args_as()?;
+    let program = checked_program(&args)?.to_owned();
+    let sandbox = policy.sandbox();
+    // `_prepared` holds the command's private TMPDIR until the command is done.
+    let (command, _prepared) = command_for(policy, &args, &program)?;
+    let ran = execute(
+        command,
+        args.stdin.take(),
+        task.timeout,
+        policy.max_output_bytes(),
+    )
+    .await
+    .map_err(|e| e.for_program(&program))?;
+    let (outputs, missing) = find_outputs(sandbox, &args);
+    let output = json!({
+        "exit_code": ran.status.and_then(|s| s.code()),
+        "signal": ran.status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+        "stdout": ran.stdout.text(),
+        "stderr": ran.stderr.text(),
+        "stdout_bytes": ran.stdout.total,
+        "stderr_bytes": ran.stderr.total,
+        "truncated": ran.stdout.truncated() || ran.stderr.truncated(),
+        "duration_ms": ran.duration_ms,
+        "outputs": outputs,
+    });
+    let Some(status) = ran.status else {
+        return Err(TaskFailure::timed_out(format!(
+            "'{program}' ran longer than its limit of {:?}; its process group was killed (output up to then is kept)",
+            task.timeout
+        ))
+        .with_output(output));
+    };
+    if !status.success() {
+        let message = match status.code() {
+            Some(code) => format!("'{program}' exited with status {code}"),
+            None => format!("'{program}' was killed by a signal ({status})"),
+        };
+        let retryable = match (&args.retry_exit_codes, status.code()) {
+            (None, _) => true,
+            (Some(codes), Some(code)) => codes.contains(&code),
+            (Some(_), None) => false,
+        };
+        let failure = if retryable {
+            TaskFailure::of(ErrorKind::ExitStatus, message)
+        } else {
+            TaskFailure::permanent(ErrorKind::ExitStatus, message)
+        };
+        return Err(failure.with_output(output));
+    }
+    if !missing.is_empty() {
+        return Err(TaskFailure::of(
+            ErrorKind::MissingOutputs,
+            format!(
+                "'{program}' succeeded but did not create: {}",
+                missing.join(", ")
+            ),
+        )
+        .with_output(output));
+    }
+    Ok(output)
+}
+
+/// The program to run: argv's first entry, once argv is known to be one a program can receive.
+fn checked_program(args: &ExecArgs) -> Result<&str, TaskFailure> {
     let Some(program) = args.argv.first() else {
         return Err(TaskFailure::of(
             ErrorKind::InvalidArgs,
@@ -50,11 +113,21 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             format!("argv[{at}] holds a NUL byte, which no program can receive"),
         ));
     }
+    Ok(program)
+}
+
+/// The command a task asks for, as the policy allows it: resolved program, clean environment,
+/// its own process group, and (with a sandbox) the confinement it enters before `exec`.
+fn command_for(
+    policy: &ExecPolicy,
+    args: &ExecArgs,
+    program: &str,
+) -> Result<(Command, Option<sandbox::Prepared>), TaskFailure> {
     let resolved = policy.resolve(program)?;
     let mut env = policy.command_env(&args.env)?;
     let sandbox = policy.sandbox();
     if let Some(sandbox) = sandbox {
-        check_paths(sandbox, &args)?;
+        check_paths(sandbox, args)?;
     }
     if let Some(cwd) = &args.cwd
         && !cwd.is_dir()
@@ -123,37 +196,67 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             command.pre_exec(prepared.enter());
         }
     }
+    Ok((command, prepared))
+}
+
+/// What a command did: its exit (`None` when it ran out of time and was killed), its output
+/// and how long it ran.
+struct Ran {
+    status: Option<std::process::ExitStatus>,
+    stdout: Captured,
+    stderr: Captured,
+    duration_ms: u64,
+}
+
+/// Why a command could not be run to its end, before the program's name is added.
+enum ExecuteError {
+    Spawn(std::io::Error),
+    Wait(std::io::Error),
+}
+
+impl ExecuteError {
+    fn for_program(self, program: &str) -> TaskFailure {
+        match self {
+            Self::Spawn(e) => TaskFailure::of(
+                ErrorKind::SpawnFailed,
+                format!("cannot start '{program}': {e}"),
+            ),
+            Self::Wait(e) => TaskFailure::of(
+                ErrorKind::WaitFailed,
+                format!("waiting for '{program}': {e}"),
+            ),
+        }
+    }
+}
+
+/// Starts the command, feeds its stdin, captures its output (the first `limit` bytes of each
+/// stream) and waits for it at most `timeout`, then kills what it left running.
+async fn execute(
+    mut command: Command,
+    stdin: Option<String>,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Ran, ExecuteError> {
     let started = Instant::now();
-    let mut child = command.spawn().map_err(|e| {
-        TaskFailure::of(
-            ErrorKind::SpawnFailed,
-            format!("cannot start '{program}': {e}"),
-        )
-    })?;
+    let mut child = command.spawn().map_err(ExecuteError::Spawn)?;
     let group = ProcessGroup::register(child.id());
-    if let (Some(text), Some(mut stdin)) = (args.stdin, child.stdin.take()) {
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A command that exits without reading its stdin closes the pipe: not an error.
         tokio::spawn(async move {
-            let _ = stdin.write_all(text.as_bytes()).await;
+            let _ = pipe.write_all(text.as_bytes()).await;
         });
     }
     let stop_reading = CancellationToken::new();
-    let limit = policy.max_output_bytes();
     let stdout = tokio::spawn(capture(child.stdout.take(), limit, stop_reading.clone()));
     let stderr = tokio::spawn(capture(child.stderr.take(), limit, stop_reading.clone()));
     // The limit is enforced here rather than only by the runtime dropping this future, so that a
     // command that runs too long is reported with the output it wrote until then.
-    let waited = tokio::time::timeout(task.timeout, child.wait()).await;
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
     // The result follows the command's exit: what it started in the background dies with it (and
     // on a timeout, the command's whole process group is killed here).
     drop(group);
     let status = match waited {
-        Ok(status) => Some(status.map_err(|e| {
-            TaskFailure::of(
-                ErrorKind::WaitFailed,
-                format!("waiting for '{program}': {e}"),
-            )
-        })?),
+        Ok(status) => Some(status.map_err(ExecuteError::Wait)?),
         Err(_) => {
             // Reap the killed leader; the drain below bounds the wait for its pipes.
             let _ = tokio::time::timeout(OUTPUT_DRAIN, child.wait()).await;
@@ -169,8 +272,16 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
     };
     let stdout = stdout.await.unwrap_or_default();
     let stderr = stderr.await.unwrap_or_default();
-    let duration_ms = started.elapsed().as_millis() as u64;
+    Ok(Ran {
+        status,
+        stdout,
+        stderr,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
 
+/// The declared outputs that exist (path and size) and those that do not.
+fn find_outputs(sandbox: Option<&Sandbox>, args: &ExecArgs) -> (Vec<Value>, Vec<String>) {
     let mut outputs = Vec::new();
     let mut missing = Vec::new();
     for path in &args.outputs {
@@ -189,52 +300,7 @@ async fn run(policy: &ExecPolicy, task: &Task) -> Result<Value, TaskFailure> {
             Err(_) => missing.push(path.display().to_string()),
         }
     }
-    let output = json!({
-        "exit_code": status.and_then(|s| s.code()),
-        "signal": status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
-        "stdout": stdout.text(),
-        "stderr": stderr.text(),
-        "stdout_bytes": stdout.total,
-        "stderr_bytes": stderr.total,
-        "truncated": stdout.truncated() || stderr.truncated(),
-        "duration_ms": duration_ms,
-        "outputs": outputs,
-    });
-    let Some(status) = status else {
-        return Err(TaskFailure::timed_out(format!(
-            "'{program}' ran longer than its limit of {:?}; its process group was killed (output up to then is kept)",
-            task.timeout
-        ))
-        .with_output(output));
-    };
-    if !status.success() {
-        let message = match status.code() {
-            Some(code) => format!("'{program}' exited with status {code}"),
-            None => format!("'{program}' was killed by a signal ({status})"),
-        };
-        let retryable = match (&args.retry_exit_codes, status.code()) {
-            (None, _) => true,
-            (Some(codes), Some(code)) => codes.contains(&code),
-            (Some(_), None) => false,
-        };
-        let failure = if retryable {
-            TaskFailure::of(ErrorKind::ExitStatus, message)
-        } else {
-            TaskFailure::permanent(ErrorKind::ExitStatus, message)
-        };
-        return Err(failure.with_output(output));
-    }
-    if !missing.is_empty() {
-        return Err(TaskFailure::of(
-            ErrorKind::MissingOutputs,
-            format!(
-                "'{program}' succeeded but did not create: {}",
-                missing.join(", ")
-            ),
-        )
-        .with_output(output));
-    }
-    Ok(output)
+    (outputs, missing)
 }
 
 /// Rejects a `cwd` or an output outside the sandbox's data roots, before anything looks at them
