@@ -16,8 +16,9 @@ mod result;
 mod strict;
 mod task;
 pub use attempt::{
-    AttemptNext, AttemptRecord, MAX_RECORD_BYTES, MAX_RECORD_STREAM_BYTES, MESSAGE_TYPE_ATTEMPT,
-    MESSAGE_TYPE_MARKER, decode_attempt,
+    AttemptNext, AttemptRecord, MAX_GROUP_BYTES, MAX_RECORD_BYTES, MAX_RECORD_STREAM_BYTES,
+    MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_ATTEMPTS, MESSAGE_TYPE_MARKER, decode_attempt,
+    decode_attempt_group, encode_attempt_group,
 };
 pub use decode::{DecodeError, validate_id};
 pub use manifest::{

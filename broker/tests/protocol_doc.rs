@@ -338,6 +338,12 @@ fn the_attempt_record_table_lists_every_field_of_a_record() {
     assert_eq!(first_names(&rows), keys(&record));
     assert!(doc.contains(&format!("`type={}`", protocol::MESSAGE_TYPE_ATTEMPT)));
     assert!(doc.contains(&format!("`type={}`", protocol::MESSAGE_TYPE_MARKER)));
+    assert!(doc.contains(&format!("`type={}`", protocol::MESSAGE_TYPE_ATTEMPTS)));
+    assert!(doc.contains(&format!(
+        "at most {} KiB, and readers take up to {} MiB",
+        protocol::MAX_GROUP_BYTES >> 10,
+        protocol::MAX_RECORD_BYTES >> 20
+    )));
     assert!(doc.contains(&format!(
         "at most {} KiB each",
         protocol::MAX_RECORD_STREAM_BYTES >> 10

@@ -11,7 +11,8 @@ use lapin::{BasicProperties, Connection};
 use tracing::warn;
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
-    self, AttemptRecord, MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_MARKER, TaskStatus,
+    self, AttemptRecord, MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_ATTEMPTS, MESSAGE_TYPE_MARKER,
+    TaskStatus,
 };
 use warren_broker::publisher::{Publisher, message_properties, verified_user};
 use warren_broker::topology::{self, amqp_name, logs_stream};
@@ -139,8 +140,16 @@ pub async fn read_logs(
                 .message_id()
                 .as_ref()
                 .is_some_and(|id| id.as_str() == marker);
-        if kind == Some(MESSAGE_TYPE_ATTEMPT) {
-            match protocol::decode_attempt(&delivery.data) {
+        // A busy worker writes the records that finished together as one group.
+        let records = match kind {
+            Some(MESSAGE_TYPE_ATTEMPT) => vec![protocol::decode_attempt(&delivery.data)],
+            Some(MESSAGE_TYPE_ATTEMPTS) => {
+                protocol::decode_attempt_group(&delivery.data).unwrap_or_else(|e| vec![Err(e)])
+            }
+            _ => Vec::new(),
+        };
+        for record in records {
+            match record {
                 Ok(record) if filter.matches(&record) => {
                     let key = (
                         record.task_id.clone(),

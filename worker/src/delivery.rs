@@ -150,7 +150,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         },
     };
     let entry = ctx.logbook.entry(&ctx.worker, finished);
-    let record = ctx.logbook.append(&ctx.publisher, entry);
+    let record = ctx.logbook.append(entry);
     if let Some(error) = retry {
         record.await;
         tokio::select! {

@@ -1,18 +1,22 @@
 //! The worker's side of `warren logs`: one attempt record per attempt of a task, appended to
 //! the logs stream with the attempt's outcome (before a retry is scheduled; alongside a result,
-//! both confirmed before the task is acknowledged). Recording is best effort: a task never
-//! waits on, nor fails because of, the logs stream.
+//! both confirmed before the task is acknowledged). One writer task publishes them: the records
+//! that finish while it waits for a confirm go out together as one group (one message), so a busy
+//! worker costs the broker one stream message per confirm, not one per task. Recording is best
+//! effort: a task never fails because of the logs stream.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 use warren_broker::BrokerError;
 use warren_broker::protocol::{
-    self, AttemptNext, AttemptRecord, MESSAGE_TYPE_ATTEMPT, PROTOCOL_VERSION, TaskEnvelope,
-    TaskError, TaskStatus,
+    self, AttemptNext, AttemptRecord, MAX_GROUP_BYTES, MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_ATTEMPTS,
+    PROTOCOL_VERSION, TaskEnvelope, TaskError, TaskStatus, encode_attempt_group,
 };
 use warren_broker::publisher::{Publisher, message_properties};
 use warren_broker::topology::logs_stream;
@@ -23,13 +27,24 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
 /// that is down costs tasks nothing, rather than a timeout each).
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
-/// Where this worker's attempt records go, and whether it already said it cannot write them.
+/// Where this worker's attempt records go: the writer task of one session's publisher.
 #[derive(Debug)]
 pub(crate) struct Logbook {
     host: String,
+    health: Arc<Health>,
+    queue: mpsc::UnboundedSender<Waiting>,
+    _writer: AbortOnDropHandle<()>,
+}
+
+/// Whether records can be written, and whether the worker already said they cannot.
+#[derive(Debug, Default)]
+struct Health {
     warned: AtomicBool,
     paused_until: Mutex<Option<Instant>>,
 }
+
+/// An entry waiting to be written, and who to tell once it is (or could not be).
+type Waiting = (Entry, oneshot::Sender<()>);
 
 /// One finished attempt, as [`Logbook::entry`] takes it.
 pub(crate) struct Finished<'a> {
@@ -45,19 +60,23 @@ pub(crate) struct Finished<'a> {
 }
 
 impl Logbook {
-    /// A logbook for records written on `host`.
-    pub(crate) fn new(host: String) -> Self {
+    /// A logbook for records written on `host`, published through `publisher`.
+    pub(crate) fn new(host: String, publisher: Publisher) -> Self {
+        let health = Arc::new(Health::default());
+        let (queue, waiting) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write(publisher, Arc::clone(&health), waiting));
         Self {
             host,
-            warned: AtomicBool::new(false),
-            paused_until: Mutex::new(None),
+            health,
+            queue,
+            _writer: AbortOnDropHandle::new(writer),
         }
     }
 
     /// The record of `attempt`, encoded now (so the attempt's values can move on), or `None` while
     /// records are paused after a failure. [`Logbook::append`] writes it.
     pub(crate) fn entry(&self, worker: &str, attempt: Finished<'_>) -> Option<Entry> {
-        if self.paused() {
+        if self.health.paused() {
             debug!(task_id = %attempt.task.id, "attempt record not kept: the logs stream failed a moment ago");
             return None;
         }
@@ -91,40 +110,95 @@ impl Logbook {
         })
     }
 
-    /// Appends an entry to the logs stream and waits for the broker's confirm, at most
-    /// [`RECORD_TIMEOUT`]. A failure is logged (as a warning the first time) and ignored.
-    pub(crate) async fn append(&self, publisher: &Publisher, entry: Option<Entry>) {
+    /// Appends an entry to the logs stream and waits until the broker confirmed it (at most
+    /// [`RECORD_TIMEOUT`] after the writer sent it). A failure is logged by the writer and ignored.
+    pub(crate) async fn append(&self, entry: Option<Entry>) {
         let Some(entry) = entry else {
             return;
+        };
+        let (done, written) = oneshot::channel();
+        if self.queue.send((entry, done)).is_ok() {
+            // An error means the writer is gone (the session is ending): nothing to wait for.
+            let _ = written.await;
+        }
+    }
+}
+
+/// The writer: takes the first waiting entry and every other one waiting now (up to
+/// [`MAX_GROUP_BYTES`]), publishes them as one message, and tells their tasks once the broker
+/// confirmed it. While it waits, the next group gathers.
+async fn write(
+    publisher: Publisher,
+    health: Arc<Health>,
+    mut queue: mpsc::UnboundedReceiver<Waiting>,
+) {
+    let mut carried: Option<Waiting> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut bytes = first.0.body.len();
+        let mut group = vec![first];
+        while let Ok(next) = queue.try_recv() {
+            if bytes + next.0.body.len() > MAX_GROUP_BYTES {
+                carried = Some(next);
+                break;
+            }
+            bytes += next.0.body.len();
+            group.push(next);
+        }
+        let (entries, waiting): (Vec<Entry>, Vec<oneshot::Sender<()>>) = group.into_iter().unzip();
+        // Records queued before a failure are not tried again one by one.
+        if !health.paused() {
+            health.publish(&publisher, entries).await;
+        }
+        for done in waiting {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Health {
+    /// Publishes `entries` (one record, or a group) and waits for the confirm; on a failure,
+    /// pauses records for [`PAUSE_AFTER_FAILURE`] and says why (a warning the first time).
+    async fn publish(&self, publisher: &Publisher, mut entries: Vec<Entry>) {
+        let (body, kind, first_task) = if entries.len() == 1 {
+            let entry = entries.remove(0);
+            (entry.body, MESSAGE_TYPE_ATTEMPT, entry.task_id)
+        } else {
+            let first = entries[0].task_id.clone();
+            let bodies: Vec<Vec<u8>> = entries.into_iter().map(|e| e.body).collect();
+            (encode_attempt_group(&bodies), MESSAGE_TYPE_ATTEMPTS, first)
         };
         let stream = logs_stream();
         let published = tokio::time::timeout(
             RECORD_TIMEOUT,
-            publisher.publish(
-                &stream,
-                &entry.body,
-                message_properties(MESSAGE_TYPE_ATTEMPT),
-            ),
+            publisher.publish(&stream, &body, message_properties(kind)),
         )
         .await
         .unwrap_or_else(|_| Err(BrokerError::ConfirmTimeout(RECORD_TIMEOUT)));
-        if let Err(e) = published {
-            if let Ok(mut until) = self.paused_until.lock() {
-                *until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
-            }
-            let why = match e {
-                BrokerError::Unroutable { .. } => format!(
-                    "the logs stream '{stream}' does not exist (a worker with configure permission on it, or \
-                     any submitter, declares it)"
-                ),
-                other => other.to_string(),
-            };
-            if self.warned.swap(true, Ordering::Relaxed) {
-                debug!(task_id = %entry.task_id, "attempt record not kept: {why}");
-            } else {
-                warn!(task_id = %entry.task_id, "attempt records are not kept, so `warren logs` will not show them: {why}; \
-                    trying again every {}s", PAUSE_AFTER_FAILURE.as_secs());
-            }
+        let Err(e) = published else {
+            return;
+        };
+        if let Ok(mut until) = self.paused_until.lock() {
+            *until = Some(Instant::now() + PAUSE_AFTER_FAILURE);
+        }
+        let why = match e {
+            BrokerError::Unroutable { .. } => format!(
+                "the logs stream '{stream}' does not exist (a worker with configure permission on it, or \
+                 any submitter, declares it)"
+            ),
+            other => other.to_string(),
+        };
+        if self.warned.swap(true, Ordering::Relaxed) {
+            debug!(task_id = %first_task, "attempt record not kept: {why}");
+        } else {
+            warn!(task_id = %first_task, "attempt records are not kept, so `warren logs` will not show them: {why}; \
+                trying again every {}s", PAUSE_AFTER_FAILURE.as_secs());
         }
     }
 }
@@ -135,7 +209,7 @@ pub(crate) struct Entry {
     task_id: String,
 }
 
-impl Logbook {
+impl Health {
     fn paused(&self) -> bool {
         let Ok(mut until) = self.paused_until.lock() else {
             return false;

@@ -344,6 +344,7 @@ impl Worker {
             .consume(&channel, tag.clone(), metrics, unavailable_since)
             .await?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
+        let logbook = Logbook::new(host_name(), publisher.clone());
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),
@@ -356,7 +357,7 @@ impl Worker {
             cancellations: self.cancellations.clone(),
             publish_retry_for: cfg.publish_retry_for,
             refused: Arc::default(),
-            logbook: Logbook::new(host_name()),
+            logbook,
         });
         *sessions += 1;
         if let Some(m) = metrics {

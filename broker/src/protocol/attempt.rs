@@ -13,6 +13,12 @@ use super::{DecodeError, TaskError, TaskStatus};
 
 /// AMQP `type` of an attempt record in the logs stream.
 pub const MESSAGE_TYPE_ATTEMPT: &str = "warren.attempt";
+/// AMQP `type` of a group of attempt records in one message: a MessagePack array whose elements
+/// are attempt records. A busy worker writes the records that finished together as one group.
+pub const MESSAGE_TYPE_ATTEMPTS: &str = "warren.attempts";
+/// The largest group a worker writes (it starts a new one rather than pass this); readers take
+/// groups up to [`MAX_RECORD_BYTES`], like a single record.
+pub const MAX_GROUP_BYTES: usize = 512 << 10;
 /// AMQP `type` of a marker a reader appends to the logs stream to learn where its end was.
 pub const MESSAGE_TYPE_MARKER: &str = "warren.marker";
 /// Bytes kept of each of a record's `stdout` and `stderr` (the head and the tail of what the
@@ -154,6 +160,44 @@ pub fn decode_attempt(bytes: &[u8]) -> Result<AttemptRecord, DecodeError> {
     decode_checked(bytes, MAX_RECORD_BYTES, &[])
 }
 
+/// A group of encoded attempt records as one message body (a MessagePack array of them).
+pub fn encode_attempt_group(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(5 + records.iter().map(Vec::len).sum::<usize>());
+    // Writing to a Vec cannot fail; a group has far fewer than 2^32 records.
+    let _ = rmp::encode::write_array_len(&mut body, records.len() as u32);
+    for record in records {
+        body.extend_from_slice(record);
+    }
+    body
+}
+
+/// Decodes a group of attempt records: each element on its own, so one bad record does not hide
+/// the others. Fails when the body is not an array of at most [`MAX_RECORD_BYTES`].
+pub fn decode_attempt_group(
+    bytes: &[u8],
+) -> Result<Vec<Result<AttemptRecord, DecodeError>>, DecodeError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(DecodeError::Oversize {
+            size: bytes.len(),
+            limit: MAX_RECORD_BYTES,
+        });
+    }
+    let mut rest = bytes;
+    let count = rmp::decode::read_array_len(&mut rest)
+        .map_err(|e| DecodeError::Undecodable(format!("a group of records is an array: {e}")))?;
+    let mut records = Vec::new();
+    for _ in 0..count {
+        let before = rest;
+        rmpv::decode::read_value_ref_with_max_depth(&mut rest, MAX_GROUP_DEPTH)
+            .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+        records.push(decode_attempt(&before[..before.len() - rest.len()]));
+    }
+    Ok(records)
+}
+
+/// How deep a record in a group may nest (what a task's `args` and `output` may hold).
+const MAX_GROUP_DEPTH: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +224,25 @@ mod tests {
             duration_s: 1.0,
             previous_errors: vec![],
         }
+    }
+
+    #[test]
+    fn a_group_holds_its_records_in_order_and_a_bad_one_hides_no_other() {
+        let first = record(json!({"stdout": "a"}), json!({"argv": ["x"]}));
+        let second = record(json!({"stdout": "b"}), json!({"argv": ["y"]}));
+        let bad = b"\x81\xa1v\x05".to_vec();
+        let body = encode_attempt_group(&[
+            super::super::encode(&first),
+            bad,
+            super::super::encode(&second),
+        ]);
+        let back = decode_attempt_group(&body).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[0].as_ref().unwrap(), &first);
+        assert!(back[1].is_err());
+        assert_eq!(back[2].as_ref().unwrap(), &second);
+        assert!(decode_attempt_group(&super::super::encode(&first)).is_err());
+        assert!(decode_attempt_group(&[0x93, 0x01]).is_err());
     }
 
     #[test]
