@@ -118,3 +118,61 @@ async fn every_attempt_of_an_uncollected_batch_is_shown_live_and_afterwards() {
     );
     delete_queues(&queue).await;
 }
+
+/// A group of records in one message (what a busy worker writes) is read record by record, and
+/// an unreadable one among them hides no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_records_in_one_message_is_read_record_by_record() {
+    use warren_broker::protocol::{self, AttemptNext, AttemptRecord, TaskStatus};
+    let batch = protocol::new_id();
+    let record = |task: &str| AttemptRecord {
+        v: protocol::PROTOCOL_VERSION,
+        batch: batch.clone(),
+        task_id: task.into(),
+        seq: Some(0),
+        kind: "exec".into(),
+        labels: Default::default(),
+        attempt: 1,
+        status: TaskStatus::Succeeded,
+        error: None,
+        next: AttemptNext::Result,
+        args: json!({"argv": ["true"]}),
+        output: json!({"exit_code": 0, "stdout": "", "stderr": ""}),
+        worker: "w".into(),
+        host: "h".into(),
+        started_at: "2026-01-01T00:00:00Z".into(),
+        finished_at: "2026-01-01T00:00:01Z".into(),
+        duration_s: 1.0,
+        previous_errors: Vec::new(),
+    };
+    let body = protocol::encode_attempt_group(&[
+        protocol::encode(&record("first")),
+        b"\x81\xa1v\x05".to_vec(),
+        protocol::encode(&record("second")),
+    ]);
+    let (_conn, channel) = raw_channel().await;
+    // The stream exists once any submitter or worker declared it; `warren logs` declares it too.
+    let none = run_warren(&["logs", &batch, "--json"], None, MINUTE).await;
+    assert_eq!(none.code, Some(0), "{}", none.stderr);
+    channel
+        .basic_publish(
+            "".into(),
+            "warren.logs".into(),
+            lapin::options::BasicPublishOptions::default(),
+            &body,
+            lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_type(protocol::MESSAGE_TYPE_ATTEMPTS.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let read = run_warren(&["logs", &batch, "--json"], None, MINUTE).await;
+    assert_eq!(read.code, Some(0), "{}", read.stderr);
+    let tasks: Vec<Value> = records(&read.stdout)
+        .iter()
+        .map(|r| r["task_id"].clone())
+        .collect();
+    assert_eq!(tasks, vec![json!("first"), json!("second")], "{}", read.stderr);
+}
