@@ -174,5 +174,10 @@ async fn a_group_of_records_in_one_message_is_read_record_by_record() {
         .iter()
         .map(|r| r["task_id"].clone())
         .collect();
-    assert_eq!(tasks, vec![json!("first"), json!("second")], "{}", read.stderr);
+    assert_eq!(
+        tasks,
+        vec![json!("first"), json!("second")],
+        "{}",
+        read.stderr
+    );
 }

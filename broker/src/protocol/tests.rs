@@ -74,24 +74,14 @@ fn unknown_fields_are_ignored() {
 
 #[test]
 fn bad_ids_and_timeouts_are_invalid() {
-    let mut t = task();
-    t.id = "x".repeat(MAX_ID_LEN + 1);
-    assert_eq!(
-        decode_task(&encode(&t), 1 << 20)
-            .unwrap_err()
-            .kind()
-            .as_str(),
-        "invalid_field"
-    );
-    let mut t = task();
-    t.timeout_s = Some(-1.0);
-    assert_eq!(
-        decode_task(&encode(&t), 1 << 20)
-            .unwrap_err()
-            .kind()
-            .as_str(),
-        "invalid_field"
-    );
+    let mut long_id = task();
+    long_id.id = "x".repeat(MAX_ID_LEN + 1);
+    let mut negative_timeout = task();
+    negative_timeout.timeout_s = Some(-1.0);
+    for t in [long_id, negative_timeout] {
+        let error = decode_task(&encode(&t), 1 << 20).unwrap_err();
+        assert_eq!(error.kind().as_str(), "invalid_field", "{t:?}");
+    }
 }
 
 /// A task map with one field replaced (or removed, with `None`), encoded with rmpv so that
