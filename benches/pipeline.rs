@@ -7,8 +7,8 @@
 //!     submitter library (batch path for throughput, open-batch path for latency).
 //!
 //! Prints tasks/s, their ratio, round-trip latency p50/p99 of single sequential tasks, and the
-//! worker's idle resident memory. Environment: BENCH_TASKS (default 20000), BENCH_ROUNDS (500),
-//! BENCH_CONCURRENCY (64), BENCH_REPEATS (3).
+//! worker's idle resident memory and CPU per task. Environment: BENCH_TASKS (default 20000),
+//! BENCH_ROUNDS (500), BENCH_CONCURRENCY (64), BENCH_REPEATS (3).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -207,6 +207,17 @@ impl ResultSink for Discard {
     }
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second =
+        u64::try_from(nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??).ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -269,12 +280,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     run_batch(&mut submitter, &off.options, &specs[..1000]).await?;
     run_batch(&mut submitter, &on.options, &specs[..1000]).await?;
     let (mut raw_runs, mut off_runs, mut on_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let cpu_before = cpu_time(off.pid);
     for _ in 0..repeats {
         raw_runs.push(raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?);
         off_runs.push(run_batch(&mut submitter, &off.options, &specs).await?);
         on_runs.push(run_batch(&mut submitter, &on.options, &specs).await?);
     }
     let busy_rss = rss_kib(off.pid);
+    let worker_cpu = cpu_before
+        .zip(cpu_time(off.pid))
+        .map(|(before, after)| (after - before) / (tasks * repeats) as u32);
 
     // Latency of single sequential tasks.
     let mut raw_lat = raw_latency(&client, &raw_queue, &raw_replies, rounds).await?;
@@ -351,9 +366,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mib = |v: Option<u64>| v.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     println!(
-        "warren worker resident memory: idle {} (target <= 15 MiB), after the runs {}",
+        "warren worker resident memory: idle {} (target <= 15 MiB), after the runs {}; CPU per task (metrics off): {}",
         mib(idle_rss),
-        mib(busy_rss)
+        mib(busy_rss),
+        worker_cpu.map_or("unknown".into(), |d| format!("{} µs", d.as_micros()))
     );
     Ok(())
 }
