@@ -19,7 +19,10 @@ use warren_broker::{AmqpSettings, BrokerError};
 
 use crate::journal::{Fingerprint, Journal};
 use crate::seqset::SeqSet;
-use crate::spec::{DuplicateIds, SpecError, SpecSource, TaskSpec};
+use crate::spec::{DuplicateIds, SpecSource, TaskSpec};
+
+mod error;
+pub use error::SubmitError;
 
 /// Publishes in flight at once before waiting for confirms.
 const CONFIRM_WINDOW: usize = 1024;
@@ -70,68 +73,6 @@ pub struct BatchReceipt {
     pub batch: String,
     /// Number of tasks.
     pub total: u32,
-}
-
-/// Why a submission failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// A task cannot be sent as given.
-    #[error("task {index} (id '{id}'): {message}")]
-    Task {
-        /// 0-based position in the batch.
-        index: usize,
-        /// Task id.
-        id: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A task line cannot be used (or the task file cannot be read).
-    #[error("{0}")]
-    Spec(#[from] SpecError),
-    /// The broker could not be used, even after retrying.
-    #[error("{0}")]
-    Broker(#[from] BrokerError),
-    /// Publishing was stopped on request (`SubmitOptions::stop`); the confirmed tasks will run.
-    #[error(
-        "stopped: {} of {} task(s) of batch {} were confirmed by RabbitMQ and will run; the others were not submitted",
-        journal.confirmed_count(),
-        journal.total,
-        journal.batch
-    )]
-    Stopped {
-        /// The batch and which of its tasks were confirmed.
-        journal: Box<Journal>,
-    },
-    /// The connection failed for longer than the retry budget (or fatally) part-way through:
-    /// the confirmed tasks will run; the journal says which, for [`Submitter::resume`].
-    #[error(
-        "{source}. {}batch {} stopped part-way: {} of {} task(s) were confirmed by RabbitMQ and \
-         will run; the others were not submitted",
-        if source.is_fatal() { String::new() } else { format!("Gave up after {retry_for:?} of failures (--retry-for); ") },
-        journal.batch,
-        journal.confirmed_count(),
-        journal.total
-    )]
-    Interrupted {
-        /// The batch and which of its tasks were confirmed.
-        journal: Box<Journal>,
-        /// The retry budget that ran out.
-        retry_for: Duration,
-        /// The last failure.
-        source: Box<BrokerError>,
-    },
-}
-
-impl SubmitError {
-    /// The record of an interrupted batch, which [`Submitter::resume`] finishes.
-    pub fn journal(&self) -> Option<&Journal> {
-        match self {
-            SubmitError::Interrupted { journal, .. } | SubmitError::Stopped { journal } => {
-                Some(journal)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// A connection to the broker for submitting and collecting.
