@@ -154,10 +154,11 @@ async fn a_group_of_records_in_one_message_is_read_record_by_record() {
     // The stream exists once any submitter or worker declared it; `warren logs` declares it too.
     let none = run_warren(&["logs", &batch, "--json"], None, MINUTE).await;
     assert_eq!(none.code, Some(0), "{}", none.stderr);
+    let stream = warren_broker::topology::logs_stream();
     channel
         .basic_publish(
             "".into(),
-            "warren.logs".into(),
+            stream.as_str().into(),
             lapin::options::BasicPublishOptions::default(),
             &body,
             lapin::BasicProperties::default()
