@@ -15,11 +15,32 @@ pub(super) fn collector_lock(batch: &str) -> String {
     format!("{}.lock", manifest_queue(batch))
 }
 
-/// Takes the collector lock of `batch` for `connection`; false when another connection has it.
+/// How long a lock held by another connection is tried again before it counts as held: a
+/// collector killed a moment ago holds it until RabbitMQ has seen its connection close.
+const LOCK_GRACE: Duration = Duration::from_secs(2);
+/// The pause between tries within [`LOCK_GRACE`].
+const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Takes the collector lock of `batch` for `connection`; false when another connection has held
+/// it for [`LOCK_GRACE`].
 pub(super) async fn take_collector_lock(
     connection: &Connection,
     batch: &str,
 ) -> Result<bool, BrokerError> {
+    let give_up = tokio::time::Instant::now() + LOCK_GRACE;
+    loop {
+        if try_collector_lock(connection, batch).await? {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            return Ok(false);
+        }
+        tokio::time::sleep(LOCK_RETRY_PAUSE).await;
+    }
+}
+
+/// One try at the collector lock (a refused declare closes its channel, so each try has its own).
+async fn try_collector_lock(connection: &Connection, batch: &str) -> Result<bool, BrokerError> {
     let channel = connection.create_channel().await?;
     let lock = collector_lock(batch);
     let declared = channel
