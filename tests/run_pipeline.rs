@@ -408,6 +408,50 @@ async fn a_runner_killed_again_and_again_loses_nothing_and_reruns_no_recorded_ta
     delete_queues(&queue).await;
 }
 
+/// One quick step per file, each appending `one <item>` to runs.log.
+const ONE_QUICK_STAGE: &str = r#"
+[[stage]]
+name = "one"
+each = "raw/*.txt"
+command = ["sh", "-c", "echo \"one $1\" >> runs.log; mkdir -p out && cp \"$1\" \"$2\"", "sh", "{}", "out/{name}"]
+outputs = ["out/{name}"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_connection_drops_mid_submission_submits_again_what_was_not_confirmed() {
+    let queue = unique_queue("runcut");
+    let dir = project("runcut", 200, ONE_QUICK_STAGE);
+    let _worker = WorkerProcess::start(&queue, &dir, &["--allow-exec", "sh", "--concurrency", "8"]);
+    let proxy = common::proxy::Proxy::start("127.0.0.1:5672").await;
+    // The runner sends its tasks without waiting for each confirm: cut its connection part-way
+    // (about a third of the run's tasks), dropping what was on the wire.
+    proxy.cut_after_upstream_bytes(40_000);
+    let done = warren()
+        .env("WARREN_AMQP_URL", proxy.url())
+        .args(run_args(&dir, &queue, &[]))
+        .output();
+    let done = tokio::time::timeout(MINUTE, done)
+        .await
+        .expect("the run finishes within a minute")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("run interrupted"),
+        "the cut happened mid-run: {stderr}"
+    );
+    let counts = runs(&dir);
+    assert_eq!(
+        counts.len(),
+        200,
+        "every item ran, also those whose task or confirm the cut lost: {counts:?}"
+    );
+    for i in 1..=200 {
+        assert!(dir.join(format!("out/f{i}.txt")).exists(), "out/f{i}.txt");
+    }
+    delete_queues(&queue).await;
+}
+
 /// Output of a GDAL/OGR inspection program; it must be installed (tests/run installs gdal-bin).
 fn inspect(program: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(program)

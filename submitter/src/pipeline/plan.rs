@@ -266,6 +266,20 @@ impl Plan {
         }
     }
 
+    /// Takes back a submission the broker did not confirm: the item waits again, and the change
+    /// log forgets it was submitted (no checkpoint recorded it: checkpoints await confirms).
+    pub fn unsubmit(&mut self, stage: usize, item: &str) {
+        if self.items[stage].get(item) != Some(&ItemState::Submitted) {
+            return;
+        }
+        if let Some(changes) = &mut self.changes {
+            changes.retain(|(s, i, state)| {
+                !(*s == stage && i == item && *state == ItemState::Submitted)
+            });
+        }
+        self.set(stage, item, ItemState::Waiting);
+    }
+
     /// Records an item's outcome; the first outcome of an item counts (results come at least
     /// once). Its outputs become items of the stages that take them, or, when it failed, those
     /// items are skipped.

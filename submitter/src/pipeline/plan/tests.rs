@@ -150,3 +150,30 @@ fn kept_counts_waiting_sets_and_changes_follow_every_transition() {
     );
     assert!(p.take_changes().is_empty());
 }
+
+#[test]
+fn a_submission_taken_back_waits_again_and_leaves_no_change() {
+    let mut p = plan();
+    p.track_changes();
+    p.submitted(0, "raw/a.tif");
+    p.submitted(0, "raw/b.tif");
+    p.unsubmit(0, "raw/b.tif");
+    assert_eq!(p.state(0, "raw/b.tif"), Some(&ItemState::Waiting));
+    assert_eq!(p.counts(0), recount(&p, 0));
+    assert!(
+        p.waiting_items(0, usize::MAX)
+            .contains(&"raw/b.tif".to_string())
+    );
+    // A result that came first wins: the item is not taken back.
+    p.record(0, "raw/a.tif", ItemState::Done);
+    p.unsubmit(0, "raw/a.tif");
+    assert_eq!(p.state(0, "raw/a.tif"), Some(&ItemState::Done));
+    assert_eq!(
+        p.take_changes(),
+        vec![
+            (0, "raw/a.tif".to_string(), ItemState::Submitted),
+            (0, "raw/a.tif".to_string(), ItemState::Done),
+        ],
+        "no checkpoint may record a submission the broker did not confirm"
+    );
+}

@@ -22,7 +22,7 @@ use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{
     self, DEAD_REASON_FOREIGN_RESULT, DEAD_REASON_UNREADABLE_RESULT, TaskStatus,
 };
-use warren_broker::publisher::Publisher;
+use warren_broker::publisher::{PendingConfirm, Publisher};
 use warren_broker::topology::{self, amqp_name, dead_letter_queue, result_queue, run_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
@@ -46,6 +46,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait, when a session starts, for the results that arrived while no runner was there.
 const BACKLOG_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait, after a session failed, for the confirms of the tasks it sent.
+const LOST_CONFIRM_WAIT: Duration = Duration::from_secs(5);
 /// Largest result message read.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -164,6 +166,10 @@ struct Runner<'a> {
     generation: u64,
     /// Task id → (stage, item) of what was submitted and not finished.
     in_flight: HashMap<String, (usize, String)>,
+    /// Tasks sent whose confirm is not yet awaited: submitting does not wait a round trip per
+    /// task, and every checkpoint awaits these first, so no state records a task as submitted
+    /// before the broker holds it.
+    unconfirmed: Vec<(usize, String, PendingConfirm)>,
     next_seq: u32,
     submitted_at: String,
     /// Set once a session consumed results: the retry budget starts over.
@@ -193,6 +199,7 @@ pub async fn run(
         token: protocol::new_token(),
         generation: 0,
         in_flight: HashMap::new(),
+        unconfirmed: Vec::new(),
         next_seq: 0,
         submitted_at: protocol::timestamp(SystemTime::now()),
         progressed: false,
@@ -219,6 +226,10 @@ pub async fn run(
         }
         .await;
         first = false;
+        if outcome.is_err() {
+            // Tasks the broker did not confirm wait to be submitted again by the next session.
+            let _ = runner.confirm_submitted(Some(LOST_CONFIRM_WAIT)).await;
+        }
         if std::mem::take(&mut runner.progressed) {
             retry.progressed();
         }
@@ -484,7 +495,7 @@ impl Runner<'_> {
             &options,
         )
         .map_err(|e| RunError::Invalid(e.to_string()))?;
-        publisher.publish(queue, &body, properties).await?;
+        let confirm = publisher.send(queue, &body, properties).await?;
         if let Some(ahead) = self.ahead.get_mut(queue) {
             ahead.submitted();
         }
@@ -494,7 +505,40 @@ impl Runner<'_> {
             task_id(&self.plan.pipeline().stages[stage].name, item),
             (stage, item.to_string()),
         );
+        self.unconfirmed.push((stage, item.to_string(), confirm));
         Ok(())
+    }
+
+    /// Waits until the broker confirms every task sent. One it did not take (refused, or its
+    /// connection lost first) is taken back: its item waits to be submitted again.
+    /// With `within`, a confirm not in by then counts as refused (after a failed session, whose
+    /// connection may not say).
+    async fn confirm_submitted(&mut self, within: Option<Duration>) -> Result<(), RunError> {
+        let deadline = within.map(|d| tokio::time::Instant::now() + d);
+        let mut failure = None;
+        for (stage, item, confirm) in std::mem::take(&mut self.unconfirmed) {
+            let confirmed = match deadline {
+                Some(at) => tokio::time::timeout_at(at, confirm.confirmed())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(BrokerError::ConfirmTimeout(within.unwrap_or_default()))
+                    }),
+                None => confirm.confirmed().await,
+            };
+            if let Err(e) = confirmed {
+                let name = &self.plan.pipeline().stages[stage].name;
+                self.in_flight.remove(&task_id(name, &item));
+                if let Some(ahead) = self
+                    .ahead
+                    .get_mut(&self.plan.pipeline().stages[stage].queue)
+                {
+                    ahead.finished();
+                }
+                self.plan.unsubmit(stage, &item);
+                failure.get_or_insert(e);
+            }
+        }
+        failure.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// What the runner knows of `queue`, read again from the broker when older than

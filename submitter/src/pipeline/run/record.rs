@@ -41,6 +41,7 @@ impl Runner<'_> {
         full: bool,
         adopt: bool,
     ) -> Result<(), RunError> {
+        self.confirm_submitted(None).await?;
         let compact =
             full || self.since_full >= COMPACT_AFTER.max(self.full_size) || self.plan.complete();
         if !compact {
