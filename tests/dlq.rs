@@ -280,3 +280,43 @@ async fn a_replay_killed_part_way_leaves_a_named_batch_that_wait_collects() {
         results.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_batch_dead_letters_what_is_not_its_result_and_reads_on() {
+    use warren_submitter::{SubmitOptions, Submitter, TaskSpec};
+    let queue = unique_queue("openbatch");
+    let dir = scratch("openbatch");
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let mut submitter = Submitter::new(
+        warren_broker::AmqpSettings::new(AMQP_URL),
+        "open-batch-test".to_string(),
+    );
+    let mut options = SubmitOptions::new(queue.clone());
+    options.create_queue = true;
+    let mut open = submitter.open_batch(&options).await.unwrap();
+    // Anyone allowed to publish to the result queue could put this there before the real result.
+    let (conn, channel) = raw_channel().await;
+    let results = warren_broker::topology::result_queue(open.id());
+    publish_raw(&channel, &results, b"not a result").await;
+    let spec: TaskSpec = serde_json::from_value(json!({"kind": "echo", "args": {"n": 1}})).unwrap();
+    let seq = open.submit(&spec).await.unwrap();
+    let result = tokio::time::timeout(MINUTE, open.next_result())
+        .await
+        .expect("the real result within a minute")
+        .unwrap();
+    assert_eq!(
+        result.seq,
+        Some(seq),
+        "the stranger is skipped, the result read"
+    );
+    open.close().await.unwrap();
+    let dead = drain(&channel, &format!("{queue}.dead")).await;
+    assert_eq!(dead.len(), 1, "the stranger is kept, not dropped");
+    assert_eq!(dead[0].data, b"not a result");
+    assert_eq!(
+        header(&dead[0], "x-warren-dead-reason").as_deref(),
+        Some("unreadable_result")
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queues(&queue).await;
+}

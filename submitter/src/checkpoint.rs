@@ -100,6 +100,7 @@ pub(crate) async fn ack_checkpointed(
 /// checkpoint: a rejection is dead-lettered by the broker asynchronously, and deleting the results
 /// queue at the end could drop it on the way. With no `dead` queue known yet, or when the
 /// republish fails, the delivery is rejected and the queue's own dead-letter route takes it.
+/// Says which, as only a copied delivery is still to be acknowledged.
 pub(crate) async fn set_aside(
     channel: &Channel,
     publisher: &Publisher,
@@ -108,7 +109,7 @@ pub(crate) async fn set_aside(
     dead: Option<&str>,
     role: &str,
     (reason, detail): (&str, &str),
-) -> Result<(), lapin::Error> {
+) -> Result<SetAside, lapin::Error> {
     if let Some(dead) = dead {
         // The copy carries this process's user_id (RabbitMQ allows no other): the detail keeps
         // who the broker said had sent the original.
@@ -124,11 +125,21 @@ pub(crate) async fn set_aside(
             &format!("{role} ({})", publisher.user()),
         );
         match publisher.publish(dead, &delivery.data, properties).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(SetAside::Copied),
             Err(e) => warn!("cannot republish to '{dead}' ({e}); rejecting the message instead"),
         }
     }
     channel
         .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-        .await
+        .await?;
+    Ok(SetAside::Rejected)
+}
+
+/// How [`set_aside`] moved a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetAside {
+    /// Copied to the dead-letter queue: the delivery is still to be acknowledged.
+    Copied,
+    /// Rejected: the broker dead-letters it, and the delivery is settled.
+    Rejected,
 }

@@ -10,9 +10,13 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use warren_broker::BrokerError;
 use warren_broker::connection::consumer_channel;
-use warren_broker::protocol::{self, ResultEnvelope};
+use warren_broker::protocol::{
+    self, DEAD_REASON_FOREIGN_RESULT, DEAD_REASON_UNREADABLE_RESULT, ResultEnvelope,
+};
 use warren_broker::publisher::Publisher;
-use warren_broker::topology::{self, amqp_name, manifest_queue, result_queue};
+use warren_broker::topology::{self, amqp_name, dead_letter_queue, manifest_queue, result_queue};
+
+use crate::checkpoint::{SetAside, set_aside};
 
 use crate::spec::TaskSpec;
 use crate::submit::{SubmitError, SubmitOptions, Submitter, encode_task};
@@ -23,7 +27,9 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 /// A batch that stays open: [`OpenBatch::submit`] adds a task, [`OpenBatch::next_result`] reads a
 /// result. A result is acknowledged when the next one is requested or the batch is closed, so
 /// handle it before asking for the next; one not yet acknowledged is redelivered if the process
-/// dies. Results come at least once: compare `seq` to drop a repeat.
+/// dies. Results come at least once: compare `seq` to drop a repeat. A message of the result
+/// queue that is not this batch's result (unreadable, or without the batch's token) is moved to
+/// the task queue's dead-letter queue with why, and reading goes on.
 pub struct OpenBatch {
     batch: String,
     /// The batch's secret; results without it are not the workers'.
@@ -115,21 +121,48 @@ impl OpenBatch {
                     )));
                 }
             };
-            match protocol::decode_result(&delivery.data, MAX_RESULT_BYTES) {
+            let (reason, detail) = match protocol::decode_result(&delivery.data, MAX_RESULT_BYTES) {
                 Ok(result) if result.token.as_deref() == Some(self.token.as_str()) => {
                     self.unacked = Some(delivery);
                     return Ok(result);
                 }
-                Ok(result) => {
-                    tracing::warn!(batch = %self.batch, task_id = %result.task_id, "dropping a result that does not carry this batch's token: not published by a worker for this batch");
-                    delivery.ack(BasicAckOptions::default()).await?;
-                }
-                Err(e) => {
-                    tracing::warn!(batch = %self.batch, "skipping an unreadable message in the result queue: {e}");
-                    delivery.ack(BasicAckOptions::default()).await?;
-                }
-            }
+                Ok(result) => (
+                    DEAD_REASON_FOREIGN_RESULT,
+                    format!(
+                        "result of task '{}' does not carry the batch's token (published by someone \
+                         other than a worker running one of its tasks)",
+                        result.task_id
+                    ),
+                ),
+                Err(e) => (DEAD_REASON_UNREADABLE_RESULT, e.to_string()),
+            };
+            self.set_aside(&delivery, reason, &detail).await?;
         }
+    }
+
+    /// Moves a message of the result queue that is not this batch's result to the task queue's
+    /// dead-letter queue, with why, as the collector does: kept for `warren dlq`, never dropped.
+    async fn set_aside(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), BrokerError> {
+        tracing::warn!(batch = %self.batch, "dead-lettering a message of the result queue: {detail}");
+        let moved = set_aside(
+            &self.results,
+            &self.publisher,
+            delivery,
+            &result_queue(&self.batch),
+            Some(&dead_letter_queue(&self.options.queue)),
+            "open batch",
+            (reason, detail),
+        )
+        .await?;
+        if moved == SetAside::Copied {
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
     }
 
     /// Acknowledges the last result and deletes the batch's queues.
