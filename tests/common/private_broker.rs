@@ -22,8 +22,33 @@ fn free_port() -> u16 {
 }
 
 impl PrivateBroker {
-    /// Starts a node and waits until its AMQP and management ports answer (about 10-20 s).
+    /// Starts a node and waits until its AMQP and management ports answer (about 10-20 s). A node
+    /// that does not come up (ports picked free may be taken meanwhile; six nodes booting on two
+    /// cores) is stopped and one more is started on fresh ports: the node is the test's
+    /// precondition, not what it checks.
     pub fn start() -> Self {
+        let first = Self::prepare();
+        let why = match first.try_launch() {
+            Ok(()) => return first,
+            Err(why) => why,
+        };
+        eprintln!(
+            "private RabbitMQ {} did not start, trying a fresh node: {why}",
+            first.node
+        );
+        drop(first);
+        let second = Self::prepare();
+        if let Err(why) = second.try_launch() {
+            panic!(
+                "private RabbitMQ {} did not start either: {why}",
+                second.node
+            );
+        }
+        second
+    }
+
+    /// A node's name, ports, configuration and data folder, not started yet.
+    fn prepare() -> Self {
         use std::os::unix::fs::PermissionsExt;
         let id = uuid::Uuid::now_v7().simple().to_string();
         let node = format!("warren-test-{}@localhost", &id[id.len() - 10..]);
@@ -40,20 +65,26 @@ impl PrivateBroker {
         )
         .expect("config");
         std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n").expect("plugins");
-        let broker = Self {
+        Self {
             node,
             amqp_port,
             management_port,
             dist_port,
             dir,
-        };
-        broker.launch();
-        broker
+        }
     }
 
     /// Starts this node's server (again, after [`PrivateBroker::kill9`]: same name, ports and
     /// data) and waits until its AMQP and management ports answer.
     pub fn launch(&self) {
+        if let Err(why) = self.try_launch() {
+            panic!("private RabbitMQ {} did not start: {why}", self.node);
+        }
+    }
+
+    /// [`PrivateBroker::launch`], saying why it failed: the end of the node's log, which is
+    /// deleted with the node.
+    fn try_launch(&self) -> Result<(), String> {
         let dir = &self.dir;
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
@@ -67,17 +98,41 @@ impl PrivateBroker {
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
             .status()
             .expect("rabbitmq-server is installed (tests/run brings it up)");
-        assert!(status.success(), "rabbitmq-server -detached failed");
+        if !status.success() {
+            return Err(format!(
+                "rabbitmq-server -detached failed{}",
+                self.log_tail()
+            ));
+        }
         let until = Instant::now() + Duration::from_secs(90);
         while !(answers(self.amqp_port) && answers(self.management_port)) {
-            assert!(
-                Instant::now() < until,
-                "private RabbitMQ {} did not start; see {}",
-                self.node,
-                self.dir.join("log").display()
-            );
+            if Instant::now() >= until {
+                return Err(format!(
+                    "ports {} and {} did not answer within 90 s{}",
+                    self.amqp_port,
+                    self.management_port,
+                    self.log_tail()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
+        Ok(())
+    }
+
+    /// The last lines of the node's log files, for a failure message.
+    fn log_tail(&self) -> String {
+        let mut tail = String::new();
+        for entry in std::fs::read_dir(self.dir.join("log"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            tail.push_str(&format!("\n--- {} (last lines):\n", entry.path().display()));
+            tail.push_str(&lines[lines.len().saturating_sub(15)..].join("\n"));
+        }
+        tail
     }
 
     /// Kills the node's Erlang VM with SIGKILL, as a crashed machine would stop it, and waits
