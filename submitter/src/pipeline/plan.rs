@@ -1,7 +1,7 @@
 //! The pure core of a run: which items each stage has, which are ready, and what an outcome
 //! changes downstream. No I/O: the runner feeds it items and outcomes and asks what to submit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -266,18 +266,26 @@ impl Plan {
         }
     }
 
-    /// Takes back a submission the broker did not confirm: the item waits again, and the change
-    /// log forgets it was submitted (no checkpoint recorded it: checkpoints await confirms).
-    pub fn unsubmit(&mut self, stage: usize, item: &str) {
-        if self.items[stage].get(item) != Some(&ItemState::Submitted) {
+    /// Takes back submissions the broker did not confirm: each item still submitted waits
+    /// again, and the change log forgets it was submitted (no checkpoint recorded it:
+    /// checkpoints await confirms). One pass over the log, however many are taken back.
+    pub fn unsubmit(&mut self, items: &[(usize, String)]) {
+        let taken: HashSet<(usize, &str)> = items
+            .iter()
+            .filter(|(stage, item)| self.items[*stage].get(item) == Some(&ItemState::Submitted))
+            .map(|(stage, item)| (*stage, item.as_str()))
+            .collect();
+        if taken.is_empty() {
             return;
         }
         if let Some(changes) = &mut self.changes {
-            changes.retain(|(s, i, state)| {
-                !(*s == stage && i == item && *state == ItemState::Submitted)
+            changes.retain(|(stage, item, state)| {
+                !(*state == ItemState::Submitted && taken.contains(&(*stage, item.as_str())))
             });
         }
-        self.set(stage, item, ItemState::Waiting);
+        for (stage, item) in taken {
+            self.set(stage, item, ItemState::Waiting);
+        }
     }
 
     /// Records an item's outcome; the first outcome of an item counts (results come at least

@@ -157,7 +157,7 @@ fn a_submission_taken_back_waits_again_and_leaves_no_change() {
     p.track_changes();
     p.submitted(0, "raw/a.tif");
     p.submitted(0, "raw/b.tif");
-    p.unsubmit(0, "raw/b.tif");
+    p.unsubmit(&[(0, "raw/b.tif".to_string())]);
     assert_eq!(p.state(0, "raw/b.tif"), Some(&ItemState::Waiting));
     assert_eq!(p.counts(0), recount(&p, 0));
     assert!(
@@ -166,7 +166,7 @@ fn a_submission_taken_back_waits_again_and_leaves_no_change() {
     );
     // A result that came first wins: the item is not taken back.
     p.record(0, "raw/a.tif", ItemState::Done);
-    p.unsubmit(0, "raw/a.tif");
+    p.unsubmit(&[(0, "raw/a.tif".to_string())]);
     assert_eq!(p.state(0, "raw/a.tif"), Some(&ItemState::Done));
     assert_eq!(
         p.take_changes(),

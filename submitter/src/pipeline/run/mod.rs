@@ -516,6 +516,7 @@ impl Runner<'_> {
     async fn confirm_submitted(&mut self, within: Option<Duration>) -> Result<(), RunError> {
         let deadline = within.map(|d| tokio::time::Instant::now() + d);
         let mut failure = None;
+        let mut refused = Vec::new();
         for (stage, item, confirm) in std::mem::take(&mut self.unconfirmed) {
             let confirmed = match deadline {
                 Some(at) => tokio::time::timeout_at(at, confirm.confirmed())
@@ -526,6 +527,11 @@ impl Runner<'_> {
                 None => confirm.confirmed().await,
             };
             if let Err(e) = confirmed {
+                failure.get_or_insert(e);
+                // A result that came first settled the item: nothing to take back.
+                if self.plan.state(stage, &item) != Some(&ItemState::Submitted) {
+                    continue;
+                }
                 let name = &self.plan.pipeline().stages[stage].name;
                 self.in_flight.remove(&task_id(name, &item));
                 if let Some(ahead) = self
@@ -534,10 +540,10 @@ impl Runner<'_> {
                 {
                     ahead.finished();
                 }
-                self.plan.unsubmit(stage, &item);
-                failure.get_or_insert(e);
+                refused.push((stage, item));
             }
         }
+        self.plan.unsubmit(&refused);
         failure.map_or(Ok(()), |e| Err(e.into()))
     }
 
