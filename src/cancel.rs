@@ -2,6 +2,7 @@
 
 use warren_broker::AmqpSettings;
 use warren_broker::BrokerError;
+use warren_broker::connection::close_connection;
 use warren_broker::connection::connect;
 use warren_broker::protocol::{self, Cancellation, MESSAGE_TYPE_CANCEL, PROTOCOL_VERSION};
 use warren_broker::publisher::{Publisher, message_properties};
@@ -30,7 +31,7 @@ pub async fn cancel(amqp: AmqpSettings, batch: &str, task: Option<&str>) -> u8 {
                 message_properties(MESSAGE_TYPE_CANCEL),
             )
             .await?;
-        let _ = connection.close(200, "done".into()).await;
+        close_connection(&connection, "done").await;
         Ok::<(), BrokerError>(())
     };
     match recorded.await {

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::time::Duration;
+use warren_broker::connection::close_connection;
 
 use clap::Args;
 use warren_broker::AmqpSettings;
@@ -86,7 +87,7 @@ pub async fn logs(amqp: AmqpSettings, args: LogsArgs) -> u8 {
     };
     let _ = out.flush();
     drop(out);
-    let _ = connection.close(200, "done".into()).await;
+    close_connection(&connection, "done").await;
     match read {
         Ok(0) if !args.follow => {
             eprintln!(

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use warren_broker::connection::close_connection;
 
 use crate::cli::{
     EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, connection_name, fail,
@@ -514,7 +515,7 @@ async fn failed_items(
             },
         )
         .await;
-        let _ = connection.close(200, "done".into()).await;
+        close_connection(&connection, "done").await;
     }
     for f in &mut failed {
         if let Some((message, tail)) = last.remove(&(f.stage.clone(), f.item.clone())) {

@@ -121,6 +121,29 @@ pub async fn consumer_channel(
     Ok(channel)
 }
 
+/// How long closing a channel or connection waits for the broker's close-ok. Closing is the
+/// last step of a command: a broker slow to answer (or a channel it already closed) must not
+/// keep the command from exiting with what it has.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Closes `connection` cleanly if the broker answers within [`CLOSE_WAIT`]; otherwise drops it
+/// (the broker then sees the socket close). Errors are ignored: there is nothing left to do.
+pub async fn close_connection(connection: &Connection, why: &str) {
+    let closed = tokio::time::timeout(CLOSE_WAIT, connection.close(200, why.into())).await;
+    if closed.is_err() {
+        tracing::debug!("the broker did not answer a connection close within {CLOSE_WAIT:?}");
+    }
+}
+
+/// Closes `channel` if the broker answers within [`CLOSE_WAIT`]; errors are ignored, as for
+/// [`close_connection`].
+pub async fn close_channel(channel: &Channel, why: &str) {
+    let closed = tokio::time::timeout(CLOSE_WAIT, channel.close(200, why.into())).await;
+    if closed.is_err() {
+        tracing::debug!("the broker did not answer a channel close within {CLOSE_WAIT:?}");
+    }
+}
+
 /// Capped, jittered exponential delays for reconnecting: 0.2 s doubling up to `cap`, forever.
 pub fn reconnect_delays(cap: Duration) -> backon::ExponentialBackoff {
     use backon::BackoffBuilder;

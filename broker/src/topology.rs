@@ -4,6 +4,7 @@
 //! The arguments are fixed (not knobs) because RabbitMQ refuses a re-declaration whose arguments
 //! differ: every worker, submitter and third-party client must declare the same ones.
 
+use crate::connection::close_channel;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -324,7 +325,7 @@ pub async fn try_declare_logs(connection: &Connection) -> bool {
     let declared = tokio::time::timeout(LOGS_DECLARE_WAIT, async {
         let channel = connection.create_channel().await.ok()?;
         declare_logs(&channel).await.ok()?;
-        let _ = channel.close(200, "declared".into()).await;
+        close_channel(&channel, "declared").await;
         Some(())
     })
     .await;
@@ -355,7 +356,7 @@ pub async fn require_task_queue(connection: &Connection, queue: &str) -> Result<
     let channel = connection.create_channel().await?;
     let found = inspect(&channel, queue).await;
     if found.is_ok() {
-        let _ = channel.close(200, "checked".into()).await;
+        close_channel(&channel, "checked").await;
     }
     match found {
         Ok(_) => Ok(()),

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
+use warren_broker::connection::close_connection;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -174,7 +175,7 @@ async fn records(ui: &Ui, filter: LogFilter) -> Result<Vec<AttemptRecord>, Strin
         },
     )
     .await;
-    let _ = connection.close(200, "read".into()).await;
+    close_connection(&connection, "read").await;
     read.map_err(|e| e.to_string())?;
     Ok(found)
 }

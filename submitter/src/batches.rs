@@ -2,6 +2,7 @@
 //! what was collected, results waiting, whether a collector holds them, age and expiry.
 
 use std::time::{Duration, SystemTime};
+use warren_broker::connection::{close_channel, close_connection};
 
 use lapin::options::BasicGetOptions;
 use serde::Serialize;
@@ -73,7 +74,7 @@ pub async fn list_batches(
             batch,
         });
     }
-    let _ = connection.close(200, "done".into()).await;
+    close_connection(&connection, "done").await;
     batches.sort_by_key(|b| std::cmp::Reverse(b.age_s));
     Ok(batches)
 }
@@ -97,7 +98,7 @@ async fn newest_manifest(
             newest = Some(m);
         }
     }
-    let _ = channel.close(200, "done".into()).await;
+    close_channel(&channel, "done").await;
     newest
 }
 

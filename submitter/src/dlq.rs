@@ -4,6 +4,7 @@
 //! closes; memory holds one message at a time plus the summary.
 
 use std::collections::BTreeMap;
+use warren_broker::connection::{close_channel, close_connection};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -349,7 +350,7 @@ impl DeadLetters {
         let open = topology::inspect(&probe, &result_queue(batch))
             .await
             .is_ok();
-        let _ = probe.close(200, "done".into()).await;
+        close_channel(&probe, "done").await;
         if !open {
             return Ok(false);
         }
@@ -379,7 +380,7 @@ impl DeadLetters {
         }
         let (Some(current), Some(last)) = (newest, taken) else {
             // Closing the channel gives back whatever was taken.
-            let _ = channel.close(200, "done".into()).await;
+            close_channel(&channel, "done").await;
             return Ok(false);
         };
         let next = BatchManifest {
@@ -399,7 +400,7 @@ impl DeadLetters {
         channel
             .basic_ack(last, BasicAckOptions { multiple: true })
             .await?;
-        let _ = channel.close(200, "done".into()).await;
+        close_channel(&channel, "done").await;
         Ok(true)
     }
 
@@ -429,7 +430,7 @@ impl DeadLetters {
 
     /// Closes the connection.
     pub async fn close(self) {
-        let _ = self.connection.close(200, "done".into()).await;
+        close_connection(&self.connection, "done").await;
     }
 }
 
@@ -469,6 +470,6 @@ impl Walk {
 
     /// Gives back every message not taken.
     async fn end(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        close_channel(&self.channel, "done").await;
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
+use warren_broker::connection::close_channel;
 
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -186,8 +187,8 @@ pub async fn read_logs(
     if unreadable > 0 {
         warn!("{unreadable} unreadable record(s) in {stream} were skipped");
     }
-    let _ = channel.close(200, "read".into()).await;
-    let _ = publisher.channel().close(200, "read".into()).await;
+    close_channel(&channel, "read").await;
+    close_channel(publisher.channel(), "read").await;
     Ok(matched)
 }
 
@@ -200,7 +201,7 @@ async fn ensure_stream(connection: &Connection) -> Result<(), BrokerError> {
     }
     let channel = connection.create_channel().await?;
     topology::inspect(&channel, &logs_stream()).await?;
-    let _ = channel.close(200, "checked".into()).await;
+    close_channel(&channel, "checked").await;
     Ok(())
 }
 

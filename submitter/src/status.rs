@@ -1,6 +1,7 @@
 //! `warren status`: depth, consumers and dead letters of a task queue.
 
 use serde::Serialize;
+use warren_broker::connection::close_connection;
 use warren_broker::connection::connect_to_any;
 use warren_broker::depth::{
     Management, ManagementTarget, QueueDepth, WorkerLoad, combine, passive_depth,
@@ -58,7 +59,7 @@ pub async fn queue_status(
                     Err(e) => Err(e.into()),
                 };
             }
-            let _ = connection.close(200, "done".into()).await;
+            close_connection(&connection, "done").await;
         }
         Err(e) if e.is_fatal() => return Err(e),
         Err(e) => {

@@ -183,15 +183,44 @@ pub async fn run_warren(args: &[&str], stdin: Option<&str>, within: Duration) ->
         pipe.write_all(text.as_bytes()).await.expect("write stdin");
         drop(pipe);
     }
-    let out = tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("warren {args:?} did not finish within {within:?}"))
-        .expect("warren output");
+    // Read both pipes apart from the wait, so that a command that hangs still shows what it
+    // printed before it was killed.
+    let stdout = read_pipe(child.stdout.take());
+    let stderr = read_pipe(child.stderr.take());
+    let status = match tokio::time::timeout(within, child.wait()).await {
+        Ok(status) => status.expect("wait for warren"),
+        Err(_) => {
+            let _ = child.start_kill();
+            let said = tokio::time::timeout(Duration::from_secs(5), stderr)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            panic!(
+                "warren {args:?} did not finish within {within:?}; its stderr until killed:\n{}",
+                String::from_utf8_lossy(&said)
+            );
+        }
+    };
     Finished {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&stdout.await.unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr.await.unwrap_or_default()).into_owned(),
     }
+}
+
+/// All a child's pipe gives until it closes, read by a task of its own.
+fn read_pipe(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            use tokio::io::AsyncReadExt;
+            let _ = pipe.read_to_end(&mut bytes).await;
+        }
+        bytes
+    })
 }
 
 /// Runs `warren wait BATCH --output OUT`, asserts it succeeded, and returns its stderr and the

@@ -3,6 +3,7 @@
 //! confirmed. A publish the broker refuses is retried patiently, and meanwhile no task starts.
 
 use std::time::{Duration, SystemTime};
+use warren_broker::connection::close_channel;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -339,7 +340,7 @@ impl Context {
     ) -> Result<(), BrokerError> {
         let publisher = Publisher::open(&self.connection).await?;
         let published = publisher.publish(queue, body, properties).await;
-        let _ = publisher.channel().close(200, "retried".into()).await;
+        close_channel(publisher.channel(), "retried").await;
         published
     }
 

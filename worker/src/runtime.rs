@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use warren_broker::connection::close_connection;
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -421,7 +422,7 @@ impl Worker {
             abandon.cancel();
             tracker.wait().await;
         }
-        let _ = connection.close(200, "worker shutting down".into()).await;
+        close_connection(&connection, "worker shutting down").await;
         info!("worker stopped");
         Ok(())
     }

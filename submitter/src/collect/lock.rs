@@ -1,6 +1,7 @@
 //! The collector lock (one collector per batch) and the clean-up once a batch is collected.
 
 use std::time::Duration;
+use warren_broker::connection::close_channel;
 
 use lapin::options::QueueDeleteOptions;
 use lapin::types::FieldTable;
@@ -56,7 +57,7 @@ async fn try_collector_lock(connection: &Connection, batch: &str) -> Result<bool
         .await;
     match declared {
         Ok(_) => {
-            let _ = channel.close(200, "locked".into()).await;
+            close_channel(&channel, "locked").await;
             Ok(true)
         }
         Err(e) if is_resource_locked(&e) => Ok(false),

@@ -2,6 +2,7 @@
 //! checkpoint (a manifest that records what is written, then the acks), until the batch is in.
 
 use std::time::Instant;
+use warren_broker::connection::close_channel;
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -187,7 +188,7 @@ async fn watch_consumers(connection: &Connection, state: &mut State) -> bool {
         Ok(channel) => {
             let found = topology::inspect(&channel, &queue).await;
             if found.is_ok() {
-                let _ = channel.close(200, "counted".into()).await;
+                close_channel(&channel, "counted").await;
             }
             found
                 .ok()

@@ -3,6 +3,7 @@
 //! (`warren status --run`, `warren ui`). Written by the runner (`run.rs`).
 
 use std::collections::BTreeMap;
+use warren_broker::connection::close_channel;
 
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Deserialize, Serialize, Serializer};
@@ -221,7 +222,7 @@ async fn read_one(
     })
     .await?;
     // Closing the channel gives the messages back, unacknowledged.
-    let _ = channel.close(200, "read".into()).await;
+    close_channel(&channel, "read").await;
     Ok(fold_states(states))
 }
 
