@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_lite::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::BasicNackOptions;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 use warren_broker::properties::Arrival;
 use warren_broker::protocol::{
@@ -178,7 +178,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     }
 }
 
-/// Runs the handler as its own task, bounded by its timeout (plus a grace) and stopped when the
+/// Runs the handler, bounded by its timeout (plus a grace) and stopped when the
 /// task is cancelled. `None` when the delivery was abandoned meanwhile: it is back in the queue.
 async fn run_handler(
     ctx: &Context,
@@ -191,13 +191,14 @@ async fn run_handler(
 ) -> Option<HandlerOutcome> {
     let _in_flight = ctx.metrics.as_ref().map(InFlight::start);
     let limit = task.timeout + TIMEOUT_GRACE;
-    // The handler runs as its own task so that a panic in user code becomes a failed result
-    // instead of a message that is never acknowledged; dropping the handle aborts it.
-    let handler_run = AbortOnDropHandle::new(tokio::spawn(handler.call(task)));
+    // A panic in user code is caught here and becomes a failed result instead of a message that
+    // is never acknowledged. The handler runs within this delivery's task (a task of its own
+    // cost a spawn and a wake-up per delivery); dropping it stops it.
+    let handler_run = std::panic::AssertUnwindSafe(handler.call(task)).catch_unwind();
     Some(tokio::select! {
         outcome = tokio::time::timeout(limit, handler_run) => match outcome {
             Ok(Ok(result)) => HandlerOutcome::Finished(result),
-            Ok(Err(join_error)) => HandlerOutcome::Panicked(join_error.to_string()),
+            Ok(Err(panic)) => HandlerOutcome::Panicked(panic_message(&*panic)),
             Err(_) => HandlerOutcome::TimedOut,
         },
         // Dropping the handler's future stops it; an exec command's process group is killed.
@@ -211,6 +212,15 @@ async fn run_handler(
             return None;
         }
     })
+}
+
+/// What a panic said: its message when it was given one (`panic!` with a text or a format).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Why a decoded task is answered without running it.
@@ -318,7 +328,7 @@ async fn refuse(
 enum HandlerOutcome {
     /// It returned.
     Finished(crate::handler::HandlerResult),
-    /// It panicked (the message of the join error).
+    /// It panicked (the panic's message).
     Panicked(String),
     /// It ran past its limit (and the grace) and was dropped.
     TimedOut,

@@ -188,7 +188,13 @@ impl Worker {
         };
         let stop = CancellationToken::new();
         let stop_on_signal = stop.clone();
-        let main = async {
+        let grace = self.config.grace;
+        // The pool's loop runs as a task of the runtime's worker threads, not on the caller's
+        // thread (a `block_on` in main): the deliveries it spawns then start on the thread that
+        // received them, where from outside the pool each would wake another thread.
+        let main = tokio::spawn(async move {
+            let stop = &stop;
+            let metrics = &metrics;
             let mut delays = reconnect_delays(self.config.reconnect_cap);
             let mut sessions = 0u64;
             let mut unavailable_since: Option<tokio::time::Instant> = None;
@@ -196,7 +202,7 @@ impl Worker {
                 let started = tokio::time::Instant::now();
                 let outcome = self
                     .session(
-                        &stop,
+                        stop,
                         metrics.as_ref(),
                         &mut sessions,
                         &mut unavailable_since,
@@ -246,16 +252,18 @@ impl Worker {
                     return Ok(());
                 }
             }
-        };
-        tokio::pin!(main);
-        tokio::select! {
-            result = &mut main => result,
+        });
+        let mut main = AbortOnDropHandle::new(main);
+        let ended = tokio::select! {
+            ended = &mut main => ended,
             () = shutdown => {
-                info!("shutdown requested: no new tasks; running ones have {:?} to finish", self.config.grace);
+                info!("shutdown requested: no new tasks; running ones have {grace:?} to finish");
                 stop_on_signal.cancel();
                 main.await
             }
-        }
+        };
+        // A panic in the loop is a bug: it goes on as if the loop had run here.
+        ended.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     /// Starts consuming the task queue, saying (once per outage) when RabbitMQ is slow to start

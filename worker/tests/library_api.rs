@@ -92,12 +92,15 @@ async fn custom_handlers_run_and_a_panic_is_a_failed_result() {
     assert_eq!(by_id("double").output, json!(42));
     assert_eq!(by_id("refuse").error.unwrap().kind, "nope");
     let panicked = by_id("panic");
+    let error = panicked.error.unwrap();
     assert_eq!(
-        (
-            panicked.status.as_str(),
-            panicked.error.unwrap().kind.as_str()
-        ),
+        (panicked.status.as_str(), error.kind.as_str()),
         ("failed", "handler_panicked")
+    );
+    // The result says what the panic said, so the bug can be found from the result alone.
+    assert_eq!(
+        error.message, "the 'panic' handler panicked: handler bug",
+        "{error:?}"
     );
     let bad = by_id("bad-args");
     assert_eq!(
