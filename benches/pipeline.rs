@@ -232,6 +232,12 @@ fn median(mut runs: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let tasks = env_or("BENCH_TASKS", 20_000);
     let rounds = env_or("BENCH_ROUNDS", 500);
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
@@ -281,9 +287,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     run_batch(&mut submitter, &on.options, &specs[..1000]).await?;
     let (mut raw_runs, mut off_runs, mut on_runs) = (Vec::new(), Vec::new(), Vec::new());
     let cpu_before = cpu_time(off.pid);
+    // Where the CPU goes, per task: this 2-core machine runs everything, so each side's share
+    // bounds the others'. The ceiling's client and consumer are this process; Warren's client
+    // is this process and its worker the `warren` one.
+    let broker = broker_pid();
+    let here = std::process::id();
+    let mut spent = CpuSpent::default();
     for _ in 0..repeats {
+        let before = (broker.and_then(cpu_time), cpu_time(here));
         raw_runs.push(raw_throughput(&client, &raw_queue, &raw_replies, tasks).await?);
+        let raw_done = (broker.and_then(cpu_time), cpu_time(here), cpu_time(off.pid));
         off_runs.push(run_batch(&mut submitter, &off.options, &specs).await?);
+        let after = (broker.and_then(cpu_time), cpu_time(here), cpu_time(off.pid));
+        spent.add(before, raw_done, after);
         on_runs.push(run_batch(&mut submitter, &on.options, &specs).await?);
     }
     let busy_rss = rss_kib(off.pid);
@@ -371,7 +387,74 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         mib(busy_rss),
         worker_cpu.map_or("unknown".into(), |d| format!("{} µs", d.as_micros()))
     );
+    let per_task = |d: Option<Duration>| {
+        d.map_or("?".into(), |d| {
+            format!("{:.0}", d.as_micros() as f64 / (tasks * repeats) as f64)
+        })
+    };
+    println!(
+        "CPU per task, µs (metrics off): broker {} raw vs {} warren; clients and consumers {} raw \
+         (in-process) vs {} warren (client {} + worker {})",
+        per_task(spent.broker_raw),
+        per_task(spent.broker_warren),
+        per_task(spent.raw),
+        per_task(
+            spent
+                .client_warren
+                .zip(spent.worker_warren)
+                .map(|(c, w)| c + w)
+        ),
+        per_task(spent.client_warren),
+        per_task(spent.worker_warren),
+    );
+    println!("load average before the runs: {load}");
     Ok(())
+}
+
+/// CPU time spent by each side over the throughput runs; None when a process could not be read.
+#[derive(Default)]
+struct CpuSpent {
+    broker_raw: Option<Duration>,
+    broker_warren: Option<Duration>,
+    raw: Option<Duration>,
+    client_warren: Option<Duration>,
+    worker_warren: Option<Duration>,
+}
+
+type Reading = Option<Duration>;
+
+impl CpuSpent {
+    /// Adds one round: readings (broker, this process[, worker]) before the ceiling's run, after
+    /// it, and after Warren's run with metrics off.
+    fn add(
+        &mut self,
+        before: (Reading, Reading),
+        raw_done: (Reading, Reading, Reading),
+        after: (Reading, Reading, Reading),
+    ) {
+        let add = |total: &mut Option<Duration>, from: Reading, to: Reading| {
+            *total = Some(total.unwrap_or_default())
+                .zip(from.zip(to))
+                .map(|(t, (a, b))| t + (b - a));
+        };
+        add(&mut self.broker_raw, before.0, raw_done.0);
+        add(&mut self.raw, before.1, raw_done.1);
+        add(&mut self.broker_warren, raw_done.0, after.0);
+        add(&mut self.client_warren, raw_done.1, after.1);
+        add(&mut self.worker_warren, raw_done.2, after.2);
+    }
+}
+
+/// The RabbitMQ node's process (`beam.smp`) on this machine, if there is one.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
 }
 
 /// A `warren worker` process under benchmark.
