@@ -3,10 +3,10 @@
 
 use std::io::Write;
 use std::time::Duration;
-use warren_broker::connection::close_connection;
 
 use clap::Args;
 use warren_broker::AmqpSettings;
+use warren_broker::connection::close_connection;
 use warren_broker::connection::connect;
 use warren_broker::protocol::{AttemptNext, AttemptRecord, TaskStatus};
 use warren_submitter::logs::{LogEntry, LogFilter, Since, read_logs};

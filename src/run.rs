@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use warren_broker::connection::close_connection;
 
 use crate::cli::{
     EXIT_INCOMPLETE, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE_OR_CONNECTION, connection_name, fail,
@@ -13,6 +12,7 @@ use crate::cli::{
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use warren_broker::AmqpSettings;
+use warren_broker::connection::close_connection;
 use warren_broker::topology::{DEFAULT_RESULT_EXPIRY, DEFAULT_TASK_QUEUE};
 use warren_submitter::pipeline::Pipeline;
 use warren_submitter::pipeline::plan::{ItemState, Plan, StageCounts};

@@ -4,13 +4,13 @@
 //! The arguments are fixed (not knobs) because RabbitMQ refuses a re-declaration whose arguments
 //! differ: every worker, submitter and third-party client must declare the same ones.
 
-use crate::connection::close_channel;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, Queue};
 
+use crate::connection::close_channel;
 use crate::error::BrokerError;
 
 /// Default task queue.

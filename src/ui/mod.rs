@@ -10,7 +10,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
-use warren_broker::connection::close_connection;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -19,6 +18,7 @@ use axum::routing::get;
 use clap::Args;
 use maud::Markup;
 use warren_broker::AmqpSettings;
+use warren_broker::connection::close_connection;
 use warren_broker::connection::connect;
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::protocol::AttemptRecord;

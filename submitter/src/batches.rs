@@ -2,11 +2,11 @@
 //! what was collected, results waiting, whether a collector holds them, age and expiry.
 
 use std::time::{Duration, SystemTime};
-use warren_broker::connection::{close_channel, close_connection};
 
 use lapin::options::BasicGetOptions;
 use serde::Serialize;
 use warren_broker::connection::connect;
+use warren_broker::connection::{close_channel, close_connection};
 use warren_broker::depth::{Management, ManagementTarget};
 use warren_broker::protocol;
 use warren_broker::topology::{amqp_name, manifest_queue, result_queue_prefix};

@@ -4,7 +4,6 @@
 //! closes; memory holds one message at a time plus the summary.
 
 use std::collections::BTreeMap;
-use warren_broker::connection::{close_channel, close_connection};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -13,6 +12,7 @@ use lapin::types::AMQPValue;
 use serde::Serialize;
 use serde_json::Value;
 use warren_broker::BrokerError;
+use warren_broker::connection::{close_channel, close_connection};
 use warren_broker::connection::{confirm_channel, connect};
 use warren_broker::properties::{replay_properties, replays_of};
 use warren_broker::protocol::{

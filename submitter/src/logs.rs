@@ -3,7 +3,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
-use warren_broker::connection::close_channel;
 
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -11,6 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 use tracing::warn;
 use warren_broker::BrokerError;
+use warren_broker::connection::close_channel;
 use warren_broker::protocol::{
     self, AttemptRecord, MESSAGE_TYPE_ATTEMPT, MESSAGE_TYPE_ATTEMPTS, MESSAGE_TYPE_MARKER,
     TaskStatus,

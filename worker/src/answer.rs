@@ -3,7 +3,6 @@
 //! confirmed. A publish the broker refuses is retried patiently, and meanwhile no task starts.
 
 use std::time::{Duration, SystemTime};
-use warren_broker::connection::close_channel;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -11,6 +10,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
+use warren_broker::connection::close_channel;
 use warren_broker::properties::{Arrival, TaskIdentity, dead_letter_properties, result_properties};
 use warren_broker::protocol::DEAD_REASON_RESULT_QUEUE_MISSING;
 use warren_broker::protocol::{

@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use warren_broker::connection::close_connection;
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -15,6 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
+use warren_broker::connection::close_connection;
 use warren_broker::connection::{connect, consumer_channel, reconnect_delays};
 use warren_broker::publisher::Publisher;
 use warren_broker::topology::{self, amqp_name};
@@ -262,8 +262,13 @@ impl Worker {
                 main.await
             }
         };
-        // A panic in the loop is a bug: it goes on as if the loop had run here.
-        ended.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        match ended {
+            Ok(ended) => ended,
+            // A panic in the loop is a bug: it goes on as if the loop had run here.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down, and this worker with it.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Starts consuming the task queue, saying (once per outage) when RabbitMQ is slow to start

@@ -1,13 +1,13 @@
 //! The collector lock (one collector per batch) and the clean-up once a batch is collected.
 
 use std::time::Duration;
-use warren_broker::connection::close_channel;
 
 use lapin::options::QueueDeleteOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::info;
 use warren_broker::BrokerError;
+use warren_broker::connection::close_channel;
 use warren_broker::topology::{amqp_name, manifest_queue, result_queue};
 
 /// The collector lock of `batch`: an exclusive queue, owned by the collecting connection and gone

@@ -2,7 +2,6 @@
 //! checkpoint (a manifest that records what is written, then the acks), until the batch is in.
 
 use std::time::Instant;
-use warren_broker::connection::close_channel;
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -10,6 +9,7 @@ use lapin::options::{BasicAckOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 use tracing::{info, warn};
 use warren_broker::BrokerError;
+use warren_broker::connection::close_channel;
 use warren_broker::connection::consumer_channel;
 use warren_broker::error::is_access_refused;
 use warren_broker::protocol::{

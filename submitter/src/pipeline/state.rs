@@ -3,10 +3,10 @@
 //! (`warren status --run`, `warren ui`). Written by the runner (`run.rs`).
 
 use std::collections::BTreeMap;
-use warren_broker::connection::close_channel;
 
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Deserialize, Serialize, Serializer};
+use warren_broker::connection::close_channel;
 use warren_broker::topology::{self, run_queue};
 use warren_broker::{AmqpSettings, BrokerError};
 
