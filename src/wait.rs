@@ -118,6 +118,7 @@ pub async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) 
     let outcome = submitter
         .collect(batch, &mut sink, &mut progress, &options, interrupt)
         .await;
+    submitter.close().await;
     progress.finish();
     match outcome {
         Ok(Outcome::Complete(counts)) => {

@@ -122,6 +122,16 @@ impl Submitter {
         &self.settings
     }
 
+    /// Closes the connection, if one is open, waiting for the broker's answer (at most
+    /// [`warren_broker::connection::CLOSE_WAIT`]). Within that answer RabbitMQ has deleted what the
+    /// connection held exclusively, such as a collector's lock, so the next `warren wait` of the
+    /// batch finds it free; a process that merely exits leaves that to the broker's noticing.
+    pub async fn close(&mut self) {
+        if let Some((connection, _)) = self.connection.take() {
+            warren_broker::connection::close_connection(&connection, "done").await;
+        }
+    }
+
     /// Forgets the current connection (after an error), so the next use reconnects.
     pub fn reset(&mut self) {
         self.connection = None;
