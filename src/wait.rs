@@ -118,9 +118,8 @@ pub async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) 
     let outcome = submitter
         .collect(batch, &mut sink, &mut progress, &options, interrupt)
         .await;
-    submitter.close().await;
     progress.finish();
-    match outcome {
+    let code = match outcome {
         Ok(Outcome::Complete(counts)) => {
             eprintln!("{}", summary(batch, &counts, started.elapsed()));
             if counts.failed() == 0 {
@@ -138,7 +137,11 @@ pub async fn collect(submitter: &mut Submitter, batch: &str, cmd: &WaitCommand) 
         }
         Err(CollectError::Sink(e)) => fail(&format!("cannot write results: {e}")),
         Err(e) => fail(&e.to_string()),
-    }
+    };
+    // After the outcome is printed (a slow broker delays only the exit), before the exit: the
+    // close frees the batch's collector lock for the next wait.
+    submitter.close().await;
+    code
 }
 
 /// The one-line summary printed at the end of a wait.
