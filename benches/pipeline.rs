@@ -23,9 +23,13 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
 use warren_broker::protocol::ResultEnvelope;
 use warren_broker::topology::declare_task_queue;
-use warren_submitter::{CollectOptions, Outcome, ResultSink, SubmitOptions, Submitter, TaskSpec};
+use warren_submitter::{
+    CollectOptions, OpenBatch, Outcome, ResultSink, SubmitOptions, Submitter, TaskSpec,
+};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Sequential round trips measured on one side before the next side takes its turn.
+const LATENCY_BLOCK: usize = 50;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -176,23 +180,34 @@ async fn raw_throughput(
     Ok(started.elapsed())
 }
 
-/// Raw lapin: one task at a time, publish-with-confirm to reply consumed.
-async fn raw_latency(
-    client: &Connection,
-    queue: &str,
-    replies: &str,
-    rounds: usize,
-) -> lapin::Result<Vec<Duration>> {
-    let (publish, mut consumer, props) = raw_client(client, replies, 1).await?;
-    let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let started = Instant::now();
-        raw_publish(&publish, queue, &props).await?.await?;
-        let delivery = consumer.next().await.expect("reply")?;
-        delivery.ack(BasicAckOptions::default()).await?;
-        samples.push(started.elapsed());
+/// Raw lapin, one task at a time: publish with a confirm, then consume and ack the reply.
+struct RawRoundTrips {
+    publish: Channel,
+    replies: lapin::Consumer,
+    props: BasicProperties,
+    queue: String,
+}
+
+impl RawRoundTrips {
+    async fn open(client: &Connection, queue: &str, replies: &str) -> lapin::Result<Self> {
+        let (publish, replies, props) = raw_client(client, replies, 1).await?;
+        Ok(Self {
+            publish,
+            replies,
+            props,
+            queue: queue.to_string(),
+        })
     }
-    Ok(samples)
+
+    async fn round(&mut self) -> lapin::Result<Duration> {
+        let started = Instant::now();
+        raw_publish(&self.publish, &self.queue, &self.props)
+            .await?
+            .await?;
+        let delivery = self.replies.next().await.expect("reply")?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        Ok(started.elapsed())
+    }
 }
 
 struct Discard(usize);
@@ -307,21 +322,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .zip(cpu_time(off.pid))
         .map(|(before, after)| (after - before) / (tasks * repeats) as u32);
 
-    // Latency of single sequential tasks.
-    let mut raw_lat = raw_latency(&client, &raw_queue, &raw_replies, rounds).await?;
-    raw_lat.sort();
-    let off_lat = open_batch_latency(
-        &mut submitter,
-        &off.options,
-        &specs[..rounds.min(specs.len())],
-    )
-    .await?;
-    let on_lat = open_batch_latency(
-        &mut submitter,
-        &on.options,
-        &specs[..rounds.min(specs.len())],
-    )
-    .await?;
+    // Latency of single sequential tasks, in interleaved blocks (as the throughput runs are) so
+    // that a broker or machine slowing down over the run weighs on all three alike.
+    let mut raw_trips = RawRoundTrips::open(&client, &raw_queue, &raw_replies).await?;
+    let mut off_open = submitter.open_batch(&off.options).await?;
+    let mut on_open = submitter.open_batch(&on.options).await?;
+    // The same worker as "metrics off", its results acknowledged only at the next `next_result`.
+    let mut late_open = submitter.open_batch(&off.options).await?;
+    let (mut raw_lat, mut off_lat, mut on_lat, mut late_lat) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let spec = &specs[0];
+    for block in 0..rounds.div_ceil(LATENCY_BLOCK) {
+        let size = LATENCY_BLOCK.min(rounds - block * LATENCY_BLOCK);
+        for _ in 0..size {
+            raw_lat.push(raw_trips.round().await?);
+        }
+        for _ in 0..size {
+            off_lat.push(open_batch_round(&mut off_open, spec, Ack::Handled).await?);
+        }
+        for _ in 0..size {
+            on_lat.push(open_batch_round(&mut on_open, spec, Ack::Handled).await?);
+        }
+        for _ in 0..size {
+            late_lat.push(open_batch_round(&mut late_open, spec, Ack::AtNext).await?);
+        }
+    }
+    for open in [off_open, on_open, late_open] {
+        open.close().await?;
+    }
+    for samples in [&mut raw_lat, &mut off_lat, &mut on_lat, &mut late_lat] {
+        samples.sort();
+    }
 
     if let Some(task) = scraper {
         task.abort();
@@ -371,9 +402,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
+        "{:<24} {:>10} {:>9.2} {:>9.2}   (results acknowledged at the next next_result)",
+        "warren, metrics off",
+        "",
+        ms(percentile(&late_lat, 0.5)),
+        ms(percentile(&late_lat, 0.99)),
+    );
+    println!(
         "warren/ceiling (metrics on): throughput {:.2}x (target >= 0.9), p50 latency {:.2}x (target <= 1.0)",
         rate(&on_runs) / rate(&raw_runs),
         p50(&on_lat) / p50(&raw_lat)
+    );
+    // Each round runs the three back to back, so a round's own ratio is the least disturbed by
+    // the machine's load changing over the whole run.
+    let paired: Vec<f64> = raw_runs
+        .iter()
+        .zip(&on_runs)
+        .map(|(raw, on)| raw.as_secs_f64() / on.as_secs_f64())
+        .collect();
+    let mut sorted = paired.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "per-round throughput ratios (metrics on / ceiling): median {:.2}x, from {:.2}x to {:.2}x",
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1]
     );
     println!(
         "metrics on/off: throughput {:.3}x, p50 latency {:.3}x (target: within 5%)",
@@ -541,22 +594,27 @@ async fn run_batch(
     Ok(started.elapsed())
 }
 
-/// Round trips of single tasks through an open batch, sorted.
-async fn open_batch_latency(
-    submitter: &mut Submitter,
-    options: &SubmitOptions,
-    specs: &[TaskSpec],
-) -> Result<Vec<Duration>, Box<dyn std::error::Error>> {
-    let mut open = submitter.open_batch(options).await?;
-    let mut samples = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let started = Instant::now();
-        let seq = open.submit(spec).await?;
-        let result = open.next_result().await?;
-        assert_eq!(result.seq, Some(seq));
-        samples.push(started.elapsed());
+/// When an open batch's client acknowledges each result.
+#[derive(Clone, Copy)]
+enum Ack {
+    /// Once handled, before the next task (`acknowledge`), as the ceiling's client does.
+    Handled,
+    /// Only when the next result is requested.
+    AtNext,
+}
+
+/// Round trips of single tasks through an open batch.
+async fn open_batch_round(
+    open: &mut OpenBatch,
+    spec: &TaskSpec,
+    ack: Ack,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let seq = open.submit(spec).await?;
+    let result = open.next_result().await?;
+    assert_eq!(result.seq, Some(seq));
+    if let Ack::Handled = ack {
+        open.acknowledge().await?;
     }
-    open.close().await?;
-    samples.sort();
-    Ok(samples)
+    Ok(started.elapsed())
 }

@@ -1052,3 +1052,99 @@ async fn ctrl_c_while_publishing_names_the_batch_and_a_resume_finishes_it() {
     assert_eq!(seqs(&results).len(), total);
     delete_queues(&queue).await;
 }
+
+/// Reads the messages of an open batch's result queue for up to `within`, until `until` holds
+/// (a consumer: quorum queues with a single active consumer refuse `basic.get`).
+async fn results_back(batch: &str, within: Duration, until: impl Fn(usize) -> bool) -> Vec<u32> {
+    use futures_lite::StreamExt;
+    let (conn, channel) = raw_channel().await;
+    let queue = warren_broker::topology::result_queue(batch);
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume the result queue");
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seqs = Vec::new();
+    while !until(seqs.len()) {
+        let Ok(Some(message)) = tokio::time::timeout_at(deadline, consumer.next()).await else {
+            break;
+        };
+        let message = message.expect("a delivery");
+        let result =
+            warren_broker::protocol::decode_result(&message.data, 1 << 20).expect("a result");
+        seqs.push(result.seq.expect("a seq"));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_batch_result_comes_back_until_it_is_acknowledged() {
+    use warren_submitter::{OpenBatch, SubmitOptions, Submitter, TaskSpec};
+    let queue = unique_queue("openack");
+    let dir = scratch("openack");
+    let _worker = WorkerProcess::start(&queue, &dir, &[]);
+    let mut options = SubmitOptions::new(queue.clone());
+    options.create_queue = true;
+    let spec: TaskSpec = serde_json::from_value(json!({"kind": "echo", "args": {}})).unwrap();
+    // Reads one result, acknowledges it or not, then the submitter goes away.
+    let read_one = |acknowledge: bool| {
+        let (options, spec) = (options.clone(), spec.clone());
+        async move {
+            let mut submitter = Submitter::new(
+                warren_broker::AmqpSettings::new(AMQP_URL),
+                "open-batch-ack-test".to_string(),
+            );
+            let mut open: OpenBatch = submitter.open_batch(&options).await.unwrap();
+            let seq = open.submit(&spec).await.unwrap();
+            let result = tokio::time::timeout(MINUTE, open.next_result())
+                .await
+                .expect("a result within a minute")
+                .unwrap();
+            assert_eq!(result.seq, Some(seq));
+            if acknowledge {
+                open.acknowledge().await.unwrap();
+                // A second call has nothing left to acknowledge.
+                open.acknowledge().await.unwrap();
+            }
+            let batch = open.id().to_string();
+            submitter.close().await;
+            batch
+        }
+    };
+    let unacknowledged = read_one(false).await;
+    assert_eq!(
+        results_back(&unacknowledged, MINUTE, |n| n > 0).await,
+        vec![0],
+        "a result read but not acknowledged is redelivered"
+    );
+    let acknowledged = read_one(true).await;
+    // Five seconds: many times what the unacknowledged result above took to come back.
+    assert_eq!(
+        results_back(&acknowledged, Duration::from_secs(5), |_| false).await,
+        Vec::<u32>::new(),
+        "an acknowledged result is gone"
+    );
+    let (conn, channel) = raw_channel().await;
+    for batch in [unacknowledged, acknowledged] {
+        use warren_broker::topology::{manifest_queue, result_queue};
+        for queue in [result_queue(&batch), manifest_queue(&batch)] {
+            let _ = channel
+                .queue_delete(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    delete_queues(&queue).await;
+}
