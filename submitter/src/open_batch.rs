@@ -27,9 +27,9 @@ const MAX_RESULT_BYTES: usize = 64 << 20;
 /// A batch that stays open: [`OpenBatch::submit`] adds a task, [`OpenBatch::next_result`] reads a
 /// result. A result is acknowledged when [`OpenBatch::acknowledge`] is called, the next one is
 /// requested, or the batch is closed, so handle it before any of these; one not yet acknowledged
-/// is redelivered if the process dies. Results come at least once: compare `seq` to drop a repeat. A message of the result
-/// queue that is not this batch's result (unreadable, or without the batch's token) is moved to
-/// the task queue's dead-letter queue with why, and reading goes on.
+/// is redelivered if the process dies. Results come at least once: compare `seq` to drop a
+/// repeat. A message of the result queue that is not this batch's result (unreadable, or without
+/// the batch's token) is moved to the task queue's dead-letter queue with why, and reading goes on.
 pub struct OpenBatch {
     batch: String,
     /// The batch's secret; results without it are not the workers'.
@@ -167,9 +167,13 @@ impl OpenBatch {
 
     /// Acknowledges the result [`OpenBatch::next_result`] returned last, now rather than at the
     /// next `next_result` (nothing happens when it is already acknowledged). Call it once that
-    /// result is safely handled and before submitting the next task: the broker then settles it
-    /// before the next task arrives, instead of writing the settle to disk while that task's
-    /// result waits behind it (about one disk sync off each round trip).
+    /// result is safely handled:
+    /// - a program that works on a result for long before asking for the next keeps it
+    ///   unacknowledged meanwhile, and RabbitMQ closes a channel that holds one longer than its
+    ///   `consumer_timeout` (30 minutes by default);
+    /// - called before the next task is submitted, the broker settles the result before that task
+    ///   runs, instead of writing the settle to disk while the task's own result waits behind it
+    ///   (in the pipeline bench, 0.19 ms less from a result's publish to its delivery).
     pub async fn acknowledge(&mut self) -> Result<(), BrokerError> {
         self.ack_previous().await
     }
