@@ -415,12 +415,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     // Each round runs the three back to back, so a round's own ratio is the least disturbed by
     // the machine's load changing over the whole run.
-    let paired: Vec<f64> = raw_runs
+    let mut sorted: Vec<f64> = raw_runs
         .iter()
         .zip(&on_runs)
         .map(|(raw, on)| raw.as_secs_f64() / on.as_secs_f64())
         .collect();
-    let mut sorted = paired.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
         "per-round throughput ratios (metrics on / ceiling): median {:.2}x, from {:.2}x to {:.2}x",
