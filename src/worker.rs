@@ -92,6 +92,11 @@ pub struct WorkerArgs {
     /// run again; the worker starts no new task meanwhile.
     #[arg(long, default_value_t = warren_worker::DEFAULT_PUBLISH_RETRY_FOR.as_secs_f64())]
     publish_retry_for: f64,
+    /// Seconds a publish (a result, a retry, a dead letter) waits for RabbitMQ's confirm; one not
+    /// confirmed by then counts as refused and is sent again on a fresh channel (within
+    /// --publish-retry-for), so the task is not left unanswered.
+    #[arg(long, default_value_t = warren_worker::DEFAULT_CONFIRM_TIMEOUT.as_secs_f64())]
+    confirm_timeout: f64,
     /// RabbitMQ user whose `warren cancel` applies to every batch (repeatable); anyone else's
     /// cancellation applies only to the batches they submitted (checked by the broker-verified
     /// user_id of both).
@@ -106,13 +111,15 @@ pub struct WorkerArgs {
 // Long: the binary's argument glue for `warren worker`: each flag checked with its own message
 // before the worker starts.
 pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
-    let (Some(grace), Some(default_timeout), Some(publish_retry_for)) = (
+    let (Some(grace), Some(default_timeout), Some(publish_retry_for), Some(confirm_timeout)) = (
         seconds(args.grace),
         seconds(args.default_timeout),
         seconds(args.publish_retry_for),
+        seconds(args.confirm_timeout),
     ) else {
         return fail(
-            "--grace, --default-timeout and --publish-retry-for must be positive numbers of seconds",
+            "--grace, --default-timeout, --publish-retry-for and --confirm-timeout must be \
+             positive numbers of seconds",
         );
     };
     let config = WorkerConfig {
@@ -126,6 +133,7 @@ pub async fn run(args: WorkerArgs, amqp: AmqpSettings) -> u8 {
         max_message_bytes: args.max_message_bytes,
         metrics_addr: args.metrics_addr,
         publish_retry_for,
+        confirm_timeout,
         cancel_admins: args.cancel_admin,
         ..WorkerConfig::new(DEFAULT_TASK_QUEUE)
     };

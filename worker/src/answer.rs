@@ -275,8 +275,8 @@ impl Drop for Refused<'_> {
 }
 
 impl Context {
-    /// Publishes with confirms; a publish the broker refuses (a nack, or a queue that cannot take
-    /// it now) is tried again with backoff for up to `publish_retry_for`, counted from the first
+    /// Publishes with confirms; a publish the broker refuses (a nack, a queue that cannot take it
+    /// now, or no confirm within `confirm_timeout`) is tried again with backoff for up to `publish_retry_for`, counted from the first
     /// refusal. A lost channel is not retried here: its deliveries go back to the queue anyway.
     /// A missing queue (`Unroutable`) is returned at once for the caller to decide.
     pub(crate) async fn publish_patiently(
@@ -288,20 +288,29 @@ impl Context {
         let mut refused: Option<(Refused<'_>, tokio::time::Instant)> = None;
         let mut pause = REFUSED_BACKOFF_START;
         loop {
-            let published = match &refused {
-                None => {
-                    self.publisher
-                        .publish(queue, body, properties.clone())
-                        .await
-                }
-                // A quorum queue that refused a channel's publish (reject-publish) keeps refusing
-                // that channel until it hears the queue is below its limit, which never comes when
-                // the limit is removed: each retry goes through a fresh channel.
-                Some(_) => {
-                    self.publish_on_new_channel(queue, body, properties.clone())
-                        .await
+            let attempt = async {
+                match &refused {
+                    None => {
+                        self.publisher
+                            .publish(queue, body, properties.clone())
+                            .await
+                    }
+                    // A quorum queue that refused a channel's publish (reject-publish) keeps
+                    // refusing that channel until it hears the queue is below its limit, which
+                    // never comes when the limit is removed: each retry goes through a fresh
+                    // channel.
+                    Some(_) => {
+                        self.publish_on_new_channel(queue, body, properties.clone())
+                            .await
+                    }
                 }
             };
+            // A confirm that never comes (seen once on a channel whose other publishes were
+            // being refused) would hold the task unanswered for good: past the wait it counts as
+            // a refusal, and the result goes again on a fresh channel.
+            let published = tokio::time::timeout(self.confirm_timeout, attempt)
+                .await
+                .unwrap_or(Err(BrokerError::ConfirmTimeout(self.confirm_timeout)));
             let error = match published {
                 Ok(()) => return Ok(()),
                 Err(e @ BrokerError::Unroutable { .. }) => return Err(e),

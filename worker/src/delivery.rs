@@ -42,6 +42,8 @@ pub(crate) struct Context {
     pub cancellations: Cancellations,
     /// How long a refused publish is retried before its delivery is given back to the queue.
     pub publish_retry_for: Duration,
+    /// How long a publish waits for its confirm before it counts as refused.
+    pub confirm_timeout: Duration,
     /// Deliveries whose publishes the broker refuses right now; new tasks wait while any do.
     pub refused: Arc<RefusedPublishes>,
     /// Where each attempt's record goes (`warren logs`).

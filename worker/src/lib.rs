@@ -21,8 +21,8 @@ mod runtime;
 pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};
 pub use handlers::exec::ExecPolicy;
 pub use runtime::{
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_TASK_TIMEOUT, Worker,
-    WorkerConfig, WorkerError, default_name,
+    DEFAULT_CONFIRM_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PUBLISH_RETRY_FOR,
+    DEFAULT_TASK_TIMEOUT, Worker, WorkerConfig, WorkerError, default_name,
 };
 pub use warren_broker::AmqpSettings;
 pub use warren_broker::endpoints::shutdown_signal;

@@ -38,6 +38,8 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Default for [`WorkerConfig::publish_retry_for`]: outlasts a quorum queue's leader election and
 /// a node restart (20-30 s), so such refusals never cost a task a run.
 pub const DEFAULT_PUBLISH_RETRY_FOR: Duration = Duration::from_secs(300);
+/// Default for [`WorkerConfig::confirm_timeout`]: far beyond a loaded broker's slowest confirm.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default largest task message accepted.
 pub use warren_broker::protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
@@ -73,6 +75,10 @@ pub struct WorkerConfig {
     /// How long a publish the broker refuses (a result, a retry, a dead letter) is tried again,
     /// from the first refusal, before the task goes back to the queue to be run again.
     pub publish_retry_for: Duration,
+    /// How long a publish (a result, a retry, a dead letter) waits for its confirm. One not
+    /// confirmed by then counts as refused: it is sent again on a fresh channel, within
+    /// `publish_retry_for`, rather than leaving its task unanswered for good.
+    pub confirm_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -90,6 +96,7 @@ impl WorkerConfig {
             reconnect_cap: Duration::from_secs(10),
             metrics_addr: None,
             publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             cancel_admins: Vec::new(),
         }
     }
@@ -370,6 +377,7 @@ impl Worker {
             metrics: metrics.cloned(),
             cancellations: self.cancellations.clone(),
             publish_retry_for: cfg.publish_retry_for,
+            confirm_timeout: cfg.confirm_timeout,
             refused: Arc::default(),
             logbook,
         });
