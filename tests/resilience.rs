@@ -1148,3 +1148,71 @@ async fn an_open_batch_result_comes_back_until_it_is_acknowledged() {
     let _ = conn.close(200, "bye".into()).await;
     delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_confirm_does_not_come_is_sent_again_and_the_batch_completes() {
+    let broker = tokio::task::spawn_blocking(common::private_broker::PrivateBroker::start)
+        .await
+        .unwrap();
+    let url = broker.url();
+    let dir = scratch("noconfirm");
+    let queue = "warren.noconfirm";
+    let worker = WorkerProcess::start_with(
+        queue,
+        &dir,
+        &["--concurrency", "1", "--confirm-timeout", "1"],
+        &[("WARREN_AMQP_URL", url.as_str())],
+    );
+    let file = dir.join("tasks.jsonl");
+    write_tasks(&file, &[json!({"kind": "sleep", "args": {"ms": 3000}})]);
+    let submitted = run_warren(
+        &[
+            "submit",
+            "--amqp-url",
+            &url,
+            "--create-queue",
+            "--queue",
+            queue,
+            "--file",
+            file.to_str().unwrap(),
+        ],
+        None,
+        MINUTE,
+    )
+    .await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
+    let batch = submitted.stdout.trim().to_string();
+    worker.wait_for_log("task started", 1, MINUTE).await;
+    // The node freezes while the task runs: its result is sent, and no confirm comes. (Shorter
+    // than the 10 s heartbeat, so the connection itself is not given up.)
+    broker.freeze(true);
+    worker
+        .wait_for_log("no publisher confirm within 1s", 1, MINUTE)
+        .await;
+    broker.freeze(false);
+    let out = dir.join("results.jsonl");
+    let waited = run_warren(
+        &[
+            "wait",
+            &batch,
+            "--amqp-url",
+            &url,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+        MINUTE * 2,
+    )
+    .await;
+    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
+    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    assert_eq!(
+        results.len(),
+        1,
+        "one result, though it may have been sent twice"
+    );
+    assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
+    worker
+        .wait_for_log("RabbitMQ takes publishes again", 1, MINUTE)
+        .await;
+}

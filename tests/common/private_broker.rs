@@ -151,6 +151,19 @@ impl PrivateBroker {
         let _ = std::fs::remove_file(self.dir.join("pid"));
     }
 
+    /// Stops (`true`, SIGSTOP) or resumes (SIGCONT) the node's Erlang VM: its connections stay
+    /// open but nothing is answered meanwhile, as on a machine that froze.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
+        let pid: i32 = pid.trim().parse().expect("a pid");
+        let signal = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal the node");
+    }
+
     /// The AMQP URL of this node.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
