@@ -32,21 +32,7 @@ async fn a_batch_goes_on_when_the_node_leading_its_task_queue_stops() {
         .collect();
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &tasks);
-    let submitted = run_warren(
-        &[
-            "submit",
-            "--amqp-url",
-            &url,
-            "--create-queue",
-            "--queue",
-            &queue,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        None,
-        MINUTE,
-    )
-    .await;
+    let submitted = submit_file(&queue, &file, &["--amqp-url", &url]).await;
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
     let batch = submitted.stdout.trim().to_string();
     let env = [("WARREN_AMQP_URL", url.as_str())];

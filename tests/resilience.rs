@@ -1165,21 +1165,7 @@ async fn a_result_whose_confirm_does_not_come_is_sent_again_and_the_batch_comple
     );
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &[json!({"kind": "sleep", "args": {"ms": 3000}})]);
-    let submitted = run_warren(
-        &[
-            "submit",
-            "--amqp-url",
-            &url,
-            "--create-queue",
-            "--queue",
-            queue,
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        None,
-        MINUTE,
-    )
-    .await;
+    let submitted = submit_file(queue, &file, &["--amqp-url", &url]).await;
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
     let batch = submitted.stdout.trim().to_string();
     worker.wait_for_log("task started", 1, MINUTE).await;
@@ -1190,22 +1176,8 @@ async fn a_result_whose_confirm_does_not_come_is_sent_again_and_the_batch_comple
         .wait_for_log("no publisher confirm within 1s", 1, MINUTE)
         .await;
     broker.freeze(false);
-    let out = dir.join("results.jsonl");
-    let waited = run_warren(
-        &[
-            "wait",
-            &batch,
-            "--amqp-url",
-            &url,
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        None,
-        MINUTE * 2,
-    )
-    .await;
-    assert_eq!(waited.code, Some(0), "{}", waited.stderr);
-    let results = read_results(&std::fs::read_to_string(&out).unwrap());
+    let (_, results) =
+        wait_into_with(&batch, &dir.join("results.jsonl"), &["--amqp-url", &url]).await;
     assert_eq!(
         results.len(),
         1,

@@ -226,13 +226,15 @@ fn read_pipe(
 /// Runs `warren wait BATCH --output OUT`, asserts it succeeded, and returns its stderr and the
 /// result lines in OUT.
 pub async fn wait_into(batch: &str, out: &Path) -> (String, Vec<Value>) {
+    wait_into_with(batch, out, &[]).await
+}
+
+/// [`wait_into`] with more arguments (`--amqp-url` of a private broker, say).
+pub async fn wait_into_with(batch: &str, out: &Path, extra: &[&str]) -> (String, Vec<Value>) {
     let out_arg = out.to_str().expect("utf-8 path");
-    let waited = run_warren(
-        &["wait", batch, "--output", out_arg],
-        None,
-        Duration::from_secs(60),
-    )
-    .await;
+    let mut args = vec!["wait", batch, "--output", out_arg];
+    args.extend_from_slice(extra);
+    let waited = run_warren(&args, None, Duration::from_secs(60)).await;
     assert_eq!(waited.code, Some(0), "{}", waited.stderr);
     let results = read_results(&std::fs::read_to_string(out).expect("output file"));
     (waited.stderr, results)
