@@ -111,6 +111,12 @@ fn lines_in(path: &std::path::Path) -> usize {
         .count()
 }
 
+/// The last `count` lines of `text`.
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
 /// Tasks that were started more than once, over the workers' logs.
 fn started_twice(workers: &[WorkerProcess]) -> usize {
     let mut starts = std::collections::BTreeMap::<String, usize>::new();
@@ -196,7 +202,9 @@ async fn batch_through(cluster: &PrivateCluster, fault: Fault, label: &str) -> (
     for node in &victims {
         node.kill9();
     }
-    let first_after = eventually(MINUTE * 5, "a result after the kill", || async {
+    // Both waits stay well inside the test binary's watchdog, so a batch that stops moving fails
+    // here with the submitter's and the workers' logs rather than as a bare watchdog exit.
+    let first_after = eventually(MINUTE * 3, "a result after the kill", || async {
         (lines_in(&out) > before).then(|| killed_at.elapsed().as_secs_f64())
     });
     let first_after = if matches!(fault, Fault::TwoNodes) {
@@ -214,10 +222,15 @@ async fn batch_through(cluster: &PrivateCluster, fault: Fault, label: &str) -> (
         seconds
     };
     assert_eq!(
-        submit.exit_code(Duration::from_secs(600)).await,
+        submit.exit_code(Duration::from_secs(180)).await,
         Some(0),
-        "submit --wait finished by itself: {}",
-        submit.log_text()
+        "submit --wait finished by itself: {}\n--- workers' last lines:\n{}",
+        submit.log_text(),
+        workers
+            .iter()
+            .map(|worker| last_lines(&worker.log_text(), 40))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
     let results = read_results(&std::fs::read_to_string(&out).unwrap());
     let seqs: BTreeSet<u64> = results.iter().map(|r| r["seq"].as_u64().unwrap()).collect();

@@ -138,12 +138,8 @@ impl PrivateBroker {
     /// Kills the node's Erlang VM with SIGKILL, as a crashed machine would stop it, and waits
     /// until its AMQP port no longer answers.
     pub fn kill9(&self) {
-        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
-        let pid: i32 = pid.trim().parse().expect("a pid");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let pid = self.pid().expect("the node's pid file");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let until = Instant::now() + Duration::from_secs(30);
         while answers(self.amqp_port) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(50));
@@ -154,14 +150,19 @@ impl PrivateBroker {
     /// Stops (`true`, SIGSTOP) or resumes (SIGCONT) the node's Erlang VM: its connections stay
     /// open but nothing is answered meanwhile, as on a machine that froze.
     pub fn freeze(&self, frozen: bool) {
-        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
-        let pid: i32 = pid.trim().parse().expect("a pid");
         let signal = if frozen {
             nix::sys::signal::Signal::SIGSTOP
         } else {
             nix::sys::signal::Signal::SIGCONT
         };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal the node");
+        let pid = self.pid().expect("the node's pid file");
+        nix::sys::signal::kill(pid, signal).expect("signal the node");
+    }
+
+    /// The node's Erlang VM, from the pid file it wrote at start.
+    fn pid(&self) -> Option<nix::unistd::Pid> {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).ok()?;
+        Some(nix::unistd::Pid::from_raw(pid.trim().parse().ok()?))
     }
 
     /// The AMQP URL of this node.
@@ -250,6 +251,10 @@ fn answers(port: u16) -> bool {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
+        // A node a failed test left frozen would not answer `stop`, and would stay behind.
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
         let _ = Command::new("rabbitmqctl")
             .args(["-n", &self.node, "stop"])
             .output();

@@ -276,9 +276,10 @@ impl Drop for Refused<'_> {
 
 impl Context {
     /// Publishes with confirms; a publish the broker refuses (a nack, a queue that cannot take it
-    /// now, or no confirm within `confirm_timeout`) is tried again with backoff for up to `publish_retry_for`, counted from the first
-    /// refusal. A lost channel is not retried here: its deliveries go back to the queue anyway.
-    /// A missing queue (`Unroutable`) is returned at once for the caller to decide.
+    /// now, or no confirm within `confirm_timeout`) is tried again with backoff for up to
+    /// `publish_retry_for`, counted from the first refusal. A lost channel is not retried here: its
+    /// deliveries go back to the queue anyway. A missing queue (`Unroutable`) is returned at once
+    /// for the caller to decide.
     pub(crate) async fn publish_patiently(
         &self,
         queue: &str,
