@@ -86,6 +86,8 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
         let refusal = refusal.err().unwrap_or(Refusal::Cancelled);
         return Box::pin(refuse(&ctx, delivery, &task, &arrival, refusal, &abandon)).await;
     };
+    // From here the task runs; the logbook holds records together while others are in progress.
+    let _in_progress = ctx.logbook.in_progress();
     // From here `kind` has a registered handler, so as a metric label its values stay few.
     if let Some(m) = &ctx.metrics {
         m.started.with_label_values(&[task.kind.as_str()]).inc();

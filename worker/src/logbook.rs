@@ -1,11 +1,13 @@
 //! The worker's side of `warren logs`: one attempt record per attempt of a task, appended to
 //! the logs stream with the attempt's outcome (before a retry is scheduled; alongside a result,
 //! both confirmed before the task is acknowledged). One writer task publishes them: the records
-//! that finish while it waits for a confirm go out together as one group (one message), so a busy
-//! worker costs the broker one stream message per confirm, not one per task. Recording is best
-//! effort: a task never fails because of the logs stream.
+//! that finish while it waits for a confirm go out together as one group (one message). While
+//! other tasks are in progress, a group is also held open until [`GROUP_INTERVAL`] after the last
+//! one went, so a busy worker costs the broker one stream message per interval, not one per task;
+//! a worker with nothing else in progress sends its record at once. Recording is best effort: a
+//! task never fails because of the logs stream.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,14 +28,30 @@ const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a record could not be written, how long the next ones are not tried (so a logs stream
 /// that is down costs tasks nothing, rather than a timeout each).
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// How long after a group went the next one is held open while other tasks are in progress.
+/// Each stream message costs RabbitMQ about 0.3 ms of CPU whatever its size (measured on 3.10), so
+/// a busy worker's records go in fewer, larger groups; a task's acknowledgement waits at most this
+/// much longer, and only while other tasks are in progress beside it.
+const GROUP_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Where this worker's attempt records go: the writer task of one session's publisher.
 #[derive(Debug)]
 pub(crate) struct Logbook {
     host: String,
     health: Arc<Health>,
+    /// Tasks admitted and not yet answered ([`Logbook::in_progress`]).
+    in_progress: Arc<AtomicUsize>,
     queue: mpsc::UnboundedSender<Waiting>,
     _writer: AbortOnDropHandle<()>,
+}
+
+/// A task in progress, counted until dropped, so the writer knows whether more records may come.
+pub(crate) struct InProgress(Arc<AtomicUsize>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Whether records can be written, and whether the worker already said they cannot.
@@ -63,14 +81,27 @@ impl Logbook {
     /// A logbook for records written on `host`, published through `publisher`.
     pub(crate) fn new(host: String, publisher: Publisher) -> Self {
         let health = Arc::new(Health::default());
+        let in_progress = Arc::new(AtomicUsize::new(0));
         let (queue, waiting) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write(publisher, Arc::clone(&health), waiting));
+        let writer = tokio::spawn(write(
+            publisher,
+            Arc::clone(&health),
+            Arc::clone(&in_progress),
+            waiting,
+        ));
         Self {
             host,
             health,
+            in_progress,
             queue,
             _writer: AbortOnDropHandle::new(writer),
         }
+    }
+
+    /// Counts a task as in progress (admitted to run, not yet answered) until the guard drops.
+    pub(crate) fn in_progress(&self) -> InProgress {
+        self.in_progress.fetch_add(1, Ordering::Relaxed);
+        InProgress(Arc::clone(&self.in_progress))
     }
 
     /// The record of `attempt`, encoded now (so the attempt's values can move on), or `None` while
@@ -124,15 +155,17 @@ impl Logbook {
     }
 }
 
-/// The writer: takes the first waiting entry and every other one waiting now (up to
-/// [`MAX_GROUP_BYTES`]), publishes them as one message, and tells their tasks once the broker
-/// confirmed it. While it waits, the next group gathers.
+/// The writer: takes the first waiting entry and gathers more (see [`group_ready`]), publishes
+/// them as one message, and tells their tasks once the broker confirmed it. While it waits, the
+/// next group gathers.
 async fn write(
     publisher: Publisher,
     health: Arc<Health>,
+    in_progress: Arc<AtomicUsize>,
     mut queue: mpsc::UnboundedReceiver<Waiting>,
 ) {
     let mut carried: Option<Waiting> = None;
+    let mut last_sent: Option<Instant> = None;
     loop {
         let first = match carried.take() {
             Some(first) => first,
@@ -141,17 +174,31 @@ async fn write(
                 None => return,
             },
         };
-        let mut bytes = first.0.body.len();
-        let mut group = vec![first];
-        while let Ok(next) = queue.try_recv() {
-            if bytes + next.0.body.len() > MAX_GROUP_BYTES {
-                carried = Some(next);
+        let hold_until = last_sent.map(|at| at + GROUP_INTERVAL);
+        let mut group = Group::new(first);
+        loop {
+            while carried.is_none()
+                && let Ok(next) = queue.try_recv()
+            {
+                carried = group.add(next).err();
+            }
+            // Tasks in progress beyond those in this group (which wait for it) may add to it.
+            let more_coming = in_progress.load(Ordering::Relaxed) > group.waiting.len();
+            if group_ready(carried.is_some(), more_coming, hold_until, Instant::now()) {
                 break;
             }
-            bytes += next.0.body.len();
-            group.push(next);
+            let Some(until) = hold_until else { break };
+            tokio::select! {
+                next = queue.recv() => match next {
+                    Some(next) => carried = group.add(next).err(),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(until.into()) => break,
+            }
         }
-        let (entries, waiting): (Vec<Entry>, Vec<oneshot::Sender<()>>) = group.into_iter().unzip();
+        last_sent = Some(Instant::now());
+        let (entries, waiting): (Vec<Entry>, Vec<oneshot::Sender<()>>) =
+            group.waiting.into_iter().unzip();
         // Records queued before a failure are not tried again one by one.
         if !health.paused() {
             health.publish(&publisher, entries).await;
@@ -160,6 +207,37 @@ async fn write(
             let _ = done.send(());
         }
     }
+}
+
+/// Entries gathered for one message, at most [`MAX_GROUP_BYTES`] of them.
+struct Group {
+    waiting: Vec<Waiting>,
+    bytes: usize,
+}
+
+impl Group {
+    fn new(first: Waiting) -> Self {
+        Self {
+            bytes: first.0.body.len(),
+            waiting: vec![first],
+        }
+    }
+
+    /// Adds `next`, or gives it back when it would make the group too large.
+    fn add(&mut self, next: Waiting) -> Result<(), Waiting> {
+        if self.bytes + next.0.body.len() > MAX_GROUP_BYTES {
+            return Err(next);
+        }
+        self.bytes += next.0.body.len();
+        self.waiting.push(next);
+        Ok(())
+    }
+}
+
+/// Whether a group goes now: it is full, or no other task is in progress (nothing more is
+/// coming), or the interval since the last group (`hold_until`; none yet: no wait) is over.
+fn group_ready(full: bool, more_coming: bool, hold_until: Option<Instant>, now: Instant) -> bool {
+    full || !more_coming || hold_until.is_none_or(|until| now >= until)
 }
 
 impl Health {
@@ -237,4 +315,32 @@ pub(crate) fn host_name() -> String {
                 .map(|h| h.trim().to_string())
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_waits_only_for_records_that_are_coming_and_not_past_the_interval() {
+        let now = Instant::now();
+        let later = now + GROUP_INTERVAL;
+        let earlier = now.checked_sub(GROUP_INTERVAL).unwrap_or(now);
+        // (full, more coming, hold until) -> goes now
+        let rows = [
+            ((false, true, Some(later)), false),
+            ((true, true, Some(later)), true),
+            ((false, false, Some(later)), true),
+            ((false, true, None), true),
+            ((false, true, Some(now)), true),
+            ((false, true, Some(earlier)), true),
+        ];
+        for ((full, more_coming, hold_until), want) in rows {
+            assert_eq!(
+                group_ready(full, more_coming, hold_until, now),
+                want,
+                "full {full}, more coming {more_coming}, hold until {hold_until:?}"
+            );
+        }
+    }
 }
