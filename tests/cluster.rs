@@ -111,12 +111,6 @@ fn lines_in(path: &std::path::Path) -> usize {
         .count()
 }
 
-/// The last `count` lines of `text`.
-fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(count)..].join("\n")
-}
-
 /// Tasks that were started more than once, over the workers' logs.
 fn started_twice(workers: &[WorkerProcess]) -> usize {
     let mut starts = std::collections::BTreeMap::<String, usize>::new();

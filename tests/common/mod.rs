@@ -351,6 +351,12 @@ where
     }
 }
 
+/// The last `count` lines of `text`, for a failure message.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
 /// Runs `warren submit --queue QUEUE --file FILE EXTRA...`.
 pub async fn submit_file(queue: &str, file: &Path, extra: &[&str]) -> Finished {
     let file = file.to_str().expect("utf-8 path");

@@ -128,9 +128,8 @@ impl PrivateBroker {
             .flatten()
         {
             let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
             tail.push_str(&format!("\n--- {} (last lines):\n", entry.path().display()));
-            tail.push_str(&lines[lines.len().saturating_sub(15)..].join("\n"));
+            tail.push_str(&super::last_lines(&text, 15));
         }
         tail
     }
