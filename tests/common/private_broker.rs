@@ -116,6 +116,26 @@ impl PrivateBroker {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+        // Ports picked free can be taken by another node booting meanwhile: then they answer for
+        // that node while this one failed to listen and stopped. Only the node itself can say it
+        // is up.
+        let started = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "await_startup"])
+            .output()
+            .expect("rabbitmqctl");
+        if !started.status.success() {
+            return Err(format!(
+                "ports {} and {} answer, but node {} is not running (another node holds them?): {}{}",
+                self.amqp_port,
+                self.management_port,
+                self.node,
+                String::from_utf8_lossy(&started.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or_default(),
+                self.log_tail()
+            ));
+        }
         Ok(())
     }
 
