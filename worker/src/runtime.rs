@@ -371,6 +371,7 @@ impl Worker {
             queue: cfg.queue.clone(),
             registry: self.registry.clone(),
             publisher,
+            idle_publishers: std::sync::Mutex::default(),
             connection: Arc::clone(&connection),
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
