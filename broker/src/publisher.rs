@@ -1,6 +1,9 @@
 //! Publishing with publisher confirms and `mandatory`: a message is only "sent" once RabbitMQ has
 //! taken responsibility for it, and a message no queue would take is an error, not a silent loss.
 
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel};
@@ -14,11 +17,14 @@ pub use crate::properties::{header_value, message_properties, with_header};
 
 /// A channel in confirm mode, publishing through the default exchange. Every message carries the
 /// connection's user as its AMQP `user_id`, which RabbitMQ verifies: consumers can trust who sent
-/// it (see [`verified_user`]).
+/// it (see [`verified_user`]). Clones share the channel, and any number of tasks may publish
+/// through them at once: each still learns the fate of its own message (see [`Publisher::send`]).
 #[derive(Clone, Debug)]
 pub struct Publisher {
     channel: Channel,
     user: ShortString,
+    /// Held while a publish is numbered and its frames queued; see [`Publisher::send`].
+    send_order: Arc<Mutex<()>>,
 }
 
 /// A publish sent but not yet confirmed; await [`PendingConfirm::confirmed`] to learn its fate.
@@ -36,6 +42,7 @@ impl Publisher {
             channel,
             user: ShortString::try_new(connection.status().username())
                 .unwrap_or_else(|_| ShortString::from("")),
+            send_order: Arc::default(),
         }
     }
 
@@ -68,6 +75,15 @@ impl Publisher {
     }
 
     /// Sends `body` to `queue` without waiting for the confirm, so many publishes can be in flight.
+    ///
+    /// A confirm names its message by a number, the publish's place on the channel. lapin gives
+    /// a publish its number and then queues its frames, without one lock over both, so two
+    /// threads publishing at once could send their frames in the other order than they were
+    /// numbered, and the broker's verdict on one message would resolve the other's confirm: a
+    /// message a queue refused (reject-publish) would pass for confirmed, and a task be
+    /// acknowledged with its result lost. lapin does both in the publish future's first poll,
+    /// so every poll of it runs under `send_order`; `tests/concurrent_confirms.rs` holds lapin
+    /// to that.
     pub async fn send(
         &self,
         queue: &str,
@@ -78,22 +94,28 @@ impl Publisher {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(""),
-                amqp_name(queue)?,
-                options,
-                body,
-                // A connection authenticated otherwise (EXTERNAL, a client certificate) has no
-                // user name here: the broker would refuse any user_id, so none is set.
-                if self.user.as_str().is_empty() {
-                    properties
-                } else {
-                    properties.with_user_id(self.user.clone())
-                },
-            )
-            .await?;
+        let mut publish = std::pin::pin!(self.channel.basic_publish(
+            ShortString::from(""),
+            amqp_name(queue)?,
+            options,
+            body,
+            // A connection authenticated otherwise (EXTERNAL, a client certificate) has no
+            // user name here: the broker would refuse any user_id, so none is set.
+            if self.user.as_str().is_empty() {
+                properties
+            } else {
+                properties.with_user_id(self.user.clone())
+            },
+        ));
+        let confirm = std::future::poll_fn(|cx| {
+            // Nothing panics while this is held, but a poisoned lock still orders publishes.
+            let _in_order = self
+                .send_order
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            publish.as_mut().poll(cx)
+        })
+        .await?;
         Ok(PendingConfirm {
             confirm,
             routing_key: queue.to_string(),
