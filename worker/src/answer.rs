@@ -292,7 +292,8 @@ impl Context {
             let attempt = async {
                 match &refused {
                     None => {
-                        self.publish_on_idle_channel(queue, body, properties.clone())
+                        self.publisher
+                            .publish(queue, body, properties.clone())
                             .await
                     }
                     // A quorum queue that refused a channel's publish (reject-publish) keeps
@@ -339,39 +340,6 @@ impl Context {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(REFUSED_BACKOFF_CAP);
         }
-    }
-
-    /// Publishes on a confirm channel with nothing else in flight, taken from the idle ones (or
-    /// opened), and gives it back once its publish is confirmed. RabbitMQ may acknowledge a
-    /// channel's publishes with `multiple` and only then reject one of them (a queue refusing
-    /// with reject-publish; pika#911): on a channel shared by concurrent publishes, that ack
-    /// would pass for a confirm of the rejected result, and its task would be acknowledged with
-    /// its result lost (seen in `tests/refused_results.rs`). One publish per channel at a time
-    /// makes every ack confirm exactly that message. A refused channel is closed, not reused.
-    async fn publish_on_idle_channel(
-        &self,
-        queue: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), BrokerError> {
-        let idle = self
-            .idle_publishers
-            .lock()
-            .ok()
-            .and_then(|mut idle| idle.pop());
-        let publisher = match idle {
-            Some(publisher) => publisher,
-            None => Publisher::open(&self.connection).await?,
-        };
-        let published = publisher.publish(queue, body, properties).await;
-        if published.is_ok() {
-            if let Ok(mut idle) = self.idle_publishers.lock() {
-                idle.push(publisher);
-            }
-        } else {
-            close_channel(publisher.channel(), "refused").await;
-        }
-        published
     }
 
     async fn publish_on_new_channel(

@@ -31,12 +31,7 @@ pub(crate) struct Context {
     pub worker: String,
     pub queue: String,
     pub registry: Registry,
-    /// The session's own channel: the retry queues' declares, and the logbook's record groups
-    /// (one at a time); results go through `idle_publishers`.
     pub publisher: Publisher,
-    /// Confirm channels with no publish in flight, for results, retries and dead letters
-    /// (`publish_on_idle_channel`); at most about one per task running at once.
-    pub idle_publishers: std::sync::Mutex<Vec<Publisher>>,
     /// The session's connection, for a fresh channel when publishes are refused.
     pub connection: Arc<lapin::Connection>,
     pub default_timeout: Duration,

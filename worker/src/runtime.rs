@@ -371,7 +371,6 @@ impl Worker {
             queue: cfg.queue.clone(),
             registry: self.registry.clone(),
             publisher,
-            idle_publishers: std::sync::Mutex::default(),
             connection: Arc::clone(&connection),
             default_timeout: cfg.default_timeout,
             max_message_bytes: cfg.max_message_bytes,
