@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::*;
@@ -1163,18 +1163,21 @@ async fn a_result_whose_confirm_does_not_come_is_sent_again_and_the_batch_comple
         &["--concurrency", "1", "--confirm-timeout", "1"],
         &[("WARREN_AMQP_URL", url.as_str())],
     );
+    let channels_before = settled_channels(&broker).await;
     let file = dir.join("tasks.jsonl");
     write_tasks(&file, &[json!({"kind": "sleep", "args": {"ms": 3000}})]);
     let submitted = submit_file(queue, &file, &["--amqp-url", &url]).await;
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
     let batch = submitted.stdout.trim().to_string();
     worker.wait_for_log("task started", 1, MINUTE).await;
-    // The node freezes while the task runs: its result is sent, and no confirm comes. (Shorter
-    // than the 10 s heartbeat, so the connection itself is not given up.)
+    // The node freezes while the task runs: its result is sent, and no confirm comes. It stays
+    // frozen a while longer, so the result's retries on fresh channels wait too. (All of it
+    // shorter than the 10 s heartbeat, so the connection itself is not given up.)
     broker.freeze(true);
     worker
         .wait_for_log("no publisher confirm within 1s", 1, MINUTE)
         .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     broker.freeze(false);
     let (_, results) =
         wait_into_with(&batch, &dir.join("results.jsonl"), &["--amqp-url", &url]).await;
@@ -1187,4 +1190,44 @@ async fn a_result_whose_confirm_does_not_come_is_sent_again_and_the_batch_comple
     worker
         .wait_for_log("RabbitMQ takes publishes again", 1, MINUTE)
         .await;
+    // Every retry's channel is closed again, a retry cut off by the confirm timeout included.
+    // (The management API counts channels every 5 s, so this waits for it to catch up.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut channels_after = open_channels(&broker).await;
+    while channels_after != channels_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        channels_after = open_channels(&broker).await;
+    }
+    assert_eq!(
+        channels_after, channels_before,
+        "the worker's channels before the freeze and after the batch (the collector has exited)"
+    );
+}
+
+/// [`open_channels`] once two counts a stats interval apart agree on some: the idle worker's.
+async fn settled_channels(broker: &common::private_broker::PrivateBroker) -> usize {
+    let mut last = open_channels(broker).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let now = open_channels(broker).await;
+        if now == last && now > 0 {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Channels open on `broker`, all connections together, as its management API counts them.
+async fn open_channels(broker: &common::private_broker::PrivateBroker) -> usize {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let listed = common::management_get_at(&broker.management_url(), "/api/channels")
+            .await
+            .and_then(|text| serde_json::from_str::<Vec<serde_json::Value>>(&text).ok());
+        match listed {
+            Some(channels) => return channels.len(),
+            None if Instant::now() < deadline => tokio::time::sleep(Duration::from_secs(1)).await,
+            None => panic!("the private node's management API does not answer"),
+        }
+    }
 }

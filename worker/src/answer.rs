@@ -307,8 +307,10 @@ impl Context {
                 }
             };
             // A confirm that never comes (seen once on a channel whose other publishes were
-            // being refused) would hold the task unanswered for good: past the wait it counts as
-            // a refusal, and the result goes again on a fresh channel.
+            // being refused, before `Publisher` ordered its publishes) would hold the task
+            // unanswered for good: past the wait it counts as a refusal, and the result goes
+            // again on a fresh channel. A fresh channel cut off here is closed by lapin when
+            // dropped (`tests/resilience.rs` counts the channels after such a retry).
             let published = tokio::time::timeout(self.confirm_timeout, attempt)
                 .await
                 .unwrap_or(Err(BrokerError::ConfirmTimeout(self.confirm_timeout)));
