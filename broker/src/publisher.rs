@@ -36,7 +36,8 @@ pub struct PendingConfirm {
 
 impl Publisher {
     /// Wraps a channel of `connection` that is already in confirm mode (see
-    /// `connection::confirm_channel`).
+    /// `connection::confirm_channel`). Publish on it only through this publisher and its clones:
+    /// another publisher of the same channel would not share its ordering (see [`Publisher::send`]).
     pub fn new(channel: Channel, connection: &lapin::Connection) -> Self {
         Self {
             channel,
@@ -59,7 +60,8 @@ impl Publisher {
         self.user.as_str()
     }
 
-    /// The underlying channel.
+    /// The underlying channel, for declares and reads; a publish on it directly would escape the
+    /// ordering of [`Publisher::send`].
     pub fn channel(&self) -> &Channel {
         &self.channel
     }

@@ -31,6 +31,9 @@ pub(crate) struct Context {
     pub worker: String,
     pub queue: String,
     pub registry: Registry,
+    /// The session's confirm channel, shared by every task: results, scheduled retries, dead
+    /// letters, the logbook's groups and the retry queues' declares (a refused publish's
+    /// retries open channels of their own).
     pub publisher: Publisher,
     /// The session's connection, for a fresh channel when publishes are refused.
     pub connection: Arc<lapin::Connection>,
