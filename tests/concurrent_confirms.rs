@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use warren_broker::publisher::Publisher;
@@ -122,6 +124,9 @@ async fn concurrent_publishes_on_one_publisher_each_get_their_own_verdict() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.abort();
+    let _ = setup
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let delivered = delivered.lock().expect("lock").clone();
     let lost: Vec<_> = confirmed.difference(&delivered).take(10).collect();
     let unconfirmed: Vec<_> = delivered.difference(&confirmed).take(10).collect();
