@@ -8,7 +8,11 @@
 //!
 //! Prints tasks/s, their ratio, round-trip latency p50/p99 of single sequential tasks, and the
 //! worker's idle resident memory and CPU per task. Environment: BENCH_TASKS (default 20000),
-//! BENCH_ROUNDS (500), BENCH_CONCURRENCY (64), BENCH_REPEATS (3).
+//! BENCH_ROUNDS (500), BENCH_CONCURRENCY (64), BENCH_REPEATS (3), and BENCH_CEILING_MESSAGES:
+//! `minimal` (default: a 7-byte body, persistent, nothing else) or `warren` (the ceiling sends a
+//! real Warren echo task and replies with a real Warren result, bodies and properties built by
+//! `warren_broker`, without decoding either), which tells the framework's cost from the cost of
+//! what Warren's messages carry.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -47,6 +51,100 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What the ceiling's tasks and replies carry (`BENCH_CEILING_MESSAGES`).
+struct CeilingMessages {
+    task_body: Vec<u8>,
+    /// The task's properties, but for `reply_to`, which each client sets to its reply queue.
+    task_properties: BasicProperties,
+    /// The reply's body; `None`: the task's own body echoed back.
+    reply_body: Option<Vec<u8>>,
+    reply_properties: BasicProperties,
+}
+
+static CEILING_MESSAGES: std::sync::OnceLock<CeilingMessages> = std::sync::OnceLock::new();
+
+/// The ceiling's messages, chosen in `main`.
+fn ceiling_messages() -> &'static CeilingMessages {
+    CEILING_MESSAGES.get().expect("chosen at the start of main")
+}
+
+/// Reads `BENCH_CEILING_MESSAGES`; returns its name for the report.
+fn choose_ceiling_messages() -> Result<&'static str, String> {
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    let (name, messages) = match std::env::var("BENCH_CEILING_MESSAGES").as_deref() {
+        Ok("warren") => ("warren", warren_shaped_messages()),
+        Ok("minimal") | Err(_) => (
+            "minimal",
+            CeilingMessages {
+                task_body: RAW_BODY.to_vec(),
+                task_properties: persistent.clone(),
+                reply_body: None,
+                reply_properties: persistent,
+            },
+        ),
+        Ok(other) => {
+            return Err(format!(
+                "BENCH_CEILING_MESSAGES={other}: expected minimal or warren"
+            ));
+        }
+    };
+    let _ = CEILING_MESSAGES.set(messages);
+    Ok(name)
+}
+
+/// An echo task and its result as `warren submit` and `warren worker` would send them, with the
+/// `user_id` their publisher adds.
+fn warren_shaped_messages() -> CeilingMessages {
+    use warren_broker::properties::{result_properties, task_properties};
+    use warren_broker::protocol::{self, PROTOCOL_VERSION, TaskEnvelope, TaskStatus};
+    let batch = protocol::new_id();
+    let token = protocol::new_token();
+    let now = protocol::timestamp(std::time::SystemTime::now());
+    let task = TaskEnvelope {
+        v: PROTOCOL_VERSION,
+        id: format!("{batch}-0"),
+        batch: batch.clone(),
+        seq: Some(0),
+        kind: "echo".into(),
+        args: json!({"i": 1}),
+        timeout_s: None,
+        labels: Default::default(),
+        reply_to: warren_broker::topology::result_queue(&batch),
+        submitted_at: Some(now.clone()),
+        max_retries: None,
+        retry_backoff_s: None,
+        expires_at: None,
+        token: Some(token.clone()),
+    };
+    let result = ResultEnvelope {
+        v: PROTOCOL_VERSION,
+        task_id: task.id.clone(),
+        batch,
+        seq: Some(0),
+        kind: "echo".into(),
+        status: TaskStatus::Succeeded,
+        output: json!({"i": 1}),
+        error: None,
+        worker: "bench-worker".into(),
+        attempt: 1,
+        labels: Default::default(),
+        started_at: now.clone(),
+        finished_at: now,
+        previous_errors: Vec::new(),
+        replayed: None,
+        token: Some(token),
+    };
+    let user = "guest";
+    CeilingMessages {
+        task_body: protocol::encode(&task),
+        task_properties: task_properties(&task)
+            .expect("an echo task's properties")
+            .with_user_id(user.into()),
+        reply_body: Some(protocol::encode(&result)),
+        reply_properties: result_properties(&result).with_user_id(user.into()),
+    }
+}
+
 /// Raw lapin: the echo "worker" of the ceiling.
 async fn raw_worker(conn: &Connection, queue: &str, prefetch: u16) -> lapin::Result<()> {
     let consume = conn.create_channel().await?;
@@ -70,13 +168,15 @@ async fn raw_worker(conn: &Connection, queue: &str, prefetch: u16) -> lapin::Res
             let publish = publish.clone();
             tokio::spawn(async move {
                 let reply_to = delivery.properties.reply_to().clone().unwrap_or_default();
-                let persistent = BasicProperties::default().with_delivery_mode(2);
+                let messages = ceiling_messages();
                 let options = BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 };
+                let body = messages.reply_body.as_deref().unwrap_or(&delivery.data);
+                let properties = messages.reply_properties.clone();
                 let confirm = publish
-                    .basic_publish("".into(), reply_to, options, &delivery.data, persistent)
+                    .basic_publish("".into(), reply_to, options, body, properties)
                     .await;
                 if let Ok(confirm) = confirm
                     && confirm.await.is_ok()
@@ -126,8 +226,9 @@ async fn raw_client(
             FieldTable::default(),
         )
         .await?;
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
+    let props = ceiling_messages()
+        .task_properties
+        .clone()
         .with_reply_to(replies.into());
     Ok((publish, consumer, props))
 }
@@ -144,7 +245,13 @@ async fn raw_publish(
         ..Default::default()
     };
     channel
-        .basic_publish("".into(), queue.into(), options, RAW_BODY, props.clone())
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            options,
+            &ceiling_messages().task_body,
+            props.clone(),
+        )
         .await
 }
 
@@ -258,9 +365,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
     let repeats = env_or("BENCH_REPEATS", 3).max(1);
     let tag = std::process::id();
+    let ceiling_messages = choose_ceiling_messages()?;
     println!(
         "pipeline benchmark: {tasks} echo tasks x {repeats} interleaved runs (median), \
-         {rounds} sequential round trips, concurrency {concurrency}"
+         {rounds} sequential round trips, concurrency {concurrency}, \
+         ceiling messages {ceiling_messages}"
     );
 
     // (a) the raw-lapin ceiling: its worker runs in this process, on its own connection.
