@@ -73,7 +73,7 @@ fn choose_ceiling_messages() -> Result<&'static str, String> {
     let persistent = BasicProperties::default().with_delivery_mode(2);
     let (name, messages) = match std::env::var("BENCH_CEILING_MESSAGES").as_deref() {
         Ok("warren") => ("warren", warren_shaped_messages()),
-        Ok("minimal") | Err(_) => (
+        Ok("minimal") | Err(std::env::VarError::NotPresent) => (
             "minimal",
             CeilingMessages {
                 task_body: RAW_BODY.to_vec(),
@@ -85,6 +85,11 @@ fn choose_ceiling_messages() -> Result<&'static str, String> {
         Ok(other) => {
             return Err(format!(
                 "BENCH_CEILING_MESSAGES={other}: expected minimal or warren"
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "BENCH_CEILING_MESSAGES: {e}; expected minimal or warren"
             ));
         }
     };
