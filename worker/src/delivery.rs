@@ -145,7 +145,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     });
     let finished = Finished {
         task: &task,
-        args: &args,
+        args,
         attempt,
         previous_errors: &arrival.previous_errors,
         status,

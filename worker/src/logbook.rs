@@ -68,7 +68,8 @@ type Waiting = (Entry, oneshot::Sender<()>);
 /// One finished attempt, as [`Logbook::entry`] takes it.
 pub(crate) struct Finished<'a> {
     pub task: &'a TaskEnvelope,
-    pub args: &'a Value,
+    /// The args the handler got; the record takes them.
+    pub args: Value,
     pub attempt: u32,
     pub previous_errors: &'a [TaskError],
     pub status: TaskStatus,
@@ -124,7 +125,7 @@ impl Logbook {
             status: attempt.status,
             error: attempt.error.cloned(),
             next: attempt.next,
-            args: attempt.args.clone(),
+            args: attempt.args,
             output: attempt.output.clone(),
             worker: worker.to_string(),
             host: self.host.clone(),

@@ -100,7 +100,7 @@ impl AttemptRecord {
                 cap_text(text, MAX_RECORD_STREAM_BYTES);
             }
         }
-        let args_bytes = serde_json::to_vec(&self.args).map_or(0, |a| a.len());
+        let args_bytes = json_length(&self.args);
         if args_bytes > MAX_RECORD_ARGS_BYTES {
             self.args = Value::String(format!(
                 "[the task's args, {args_bytes} bytes, are larger than a record keeps ({MAX_RECORD_ARGS_BYTES})]"
@@ -108,6 +108,22 @@ impl AttemptRecord {
         }
         self
     }
+}
+
+/// The length of `value` written as JSON, counted without writing it anywhere.
+fn json_length(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
 /// What stands for a value a record leaves out.
