@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use tracing::{debug, info, warn};
 use warren_broker::BrokerError;
@@ -73,7 +72,7 @@ pub(crate) async fn deliver_result(
             .await;
         }
     }
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = ctx.settler.ack(delivery).await {
         warn!(task_id = %result.task_id, "result published but the ack failed ({e}); the task may run again");
     }
 }
@@ -161,7 +160,7 @@ pub(crate) async fn reject_with_result(
     {
         Ok(()) => {
             ctx.count_dead_letter(&error.kind, delivery.data.len());
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            if let Err(e) = ctx.settler.ack(&delivery).await {
                 debug!("ack after dead-lettering failed ({e}); it will be dead-lettered again");
             }
         }
@@ -185,12 +184,7 @@ pub(crate) async fn give_back(ctx: &Context, delivery: &Delivery, task_id: &str,
         task_id,
         "{why}; returning the task to the queue to be run again"
     );
-    let _ = delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await;
+    let _ = ctx.settler.requeue(delivery).await;
     if let Some(m) = &ctx.metrics {
         m.returned.inc();
     }

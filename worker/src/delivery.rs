@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime};
 
 use futures_lite::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::BasicNackOptions;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -25,6 +24,7 @@ use crate::handler::{Handler, Registry, TIMEOUT_GRACE, Task, TaskFailure};
 use crate::logbook::{Finished, Logbook};
 use crate::metrics::WorkerMetrics;
 use crate::retry::{retry_wanted, schedule_retry};
+use crate::settle::Settler;
 
 /// What every delivery of a session shares.
 pub(crate) struct Context {
@@ -51,6 +51,8 @@ pub(crate) struct Context {
     pub refused: Arc<RefusedPublishes>,
     /// Where each attempt's record goes (`warren logs`).
     pub logbook: Logbook,
+    /// Acknowledges the session's deliveries, or gives them back: every verdict goes through it.
+    pub settler: Settler,
 }
 
 /// Processes one delivery to the end. `abandon` is cancelled when the delivery must be given back
@@ -212,7 +214,7 @@ async fn run_handler(
         () = cancelled.cancelled() => HandlerOutcome::Cancelled,
         () = abandon.cancelled() => {
             info!(task_id = %envelope.id, batch = %envelope.batch, "task abandoned unfinished; returning it to the queue");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = ctx.settler.requeue(delivery).await;
             if let Some(m) = &ctx.metrics {
                 m.returned.inc();
             }

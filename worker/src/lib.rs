@@ -17,6 +17,7 @@ mod logbook;
 pub mod metrics;
 mod retry;
 mod runtime;
+mod settle;
 
 pub use handler::{Handler, HandlerFuture, HandlerResult, Registry, Task, TaskFailure};
 pub use handlers::exec::ExecPolicy;

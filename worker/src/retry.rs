@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use tracing::{info, warn};
 use warren_broker::properties::{Arrival, retry_properties};
 use warren_broker::protocol::{self, TaskEnvelope, TaskError, TaskStatus};
@@ -67,7 +66,7 @@ pub(crate) async fn schedule_retry(
         .await;
     }
     info!(task_id = %task.id, batch = %task.batch, retry, of = task.max_retries.unwrap_or(0), "attempt failed ({}); retrying in {delay:.1?}", error.kind);
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = ctx.settler.ack(delivery).await {
         warn!(task_id = %task.id, "retry scheduled but the ack failed ({e}); the task may run again");
     }
 }

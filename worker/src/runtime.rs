@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ use crate::handler::{Handler, Registry};
 use crate::handlers::{self, exec::ExecPolicy};
 use crate::logbook::{Logbook, host_name};
 use crate::metrics::WorkerMetrics;
+use crate::settle::Settler;
 
 /// Default task time limit when a task does not set `timeout_s`.
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -380,6 +381,7 @@ impl Worker {
             confirm_timeout: cfg.confirm_timeout,
             refused: Arc::default(),
             logbook,
+            settler: Settler::spawn(channel.clone()),
         });
         *sessions += 1;
         if let Some(m) = metrics {
@@ -393,6 +395,7 @@ impl Worker {
         // At most `concurrency` tasks run; with a larger prefetch the rest wait for a slot.
         let slots = Arc::new(Semaphore::new(usize::from(cfg.concurrency)));
         let start = |d: Delivery| {
+            ctx.settler.arrived(&d);
             when_free(
                 Arc::clone(&slots),
                 stop.clone(),
@@ -473,12 +476,7 @@ async fn when_free(
     match permit {
         Some(_running) => delivery::process(ctx, delivery, abandon).await,
         None => {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let _ = ctx.settler.requeue(&delivery).await;
         }
     }
 }
