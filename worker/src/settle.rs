@@ -5,7 +5,7 @@
 //! its own verdict, and never held back waiting for a slower one below it: that one is
 //! acknowledged alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -46,18 +46,17 @@ struct Frame {
 }
 
 /// The frames that settle `due` (tag and verdict, in any order), given the deliveries not settled
-/// yet (`due` among them). Requeues go first, one each: a `multiple` ack sent before would have
+/// yet (`due` among them), which it takes out of `unsettled`: no copy per round. Requeues go first, one each: a `multiple` ack sent before would have
 /// taken them. Then the acks below every other unsettled delivery go as one `multiple` ack, and
 /// the rest one each. Tags not unsettled (settled before, or twice in `due`) get no frame.
-fn plan(unsettled: &BTreeSet<u64>, due: &[(u64, Verdict)]) -> Vec<Frame> {
-    let mut left = unsettled.clone();
+fn plan(unsettled: &mut BTreeSet<u64>, due: &[(u64, Verdict)]) -> Vec<Frame> {
     let mut frames = Vec::new();
     let mut acks = Vec::new();
     let mut sorted = due.to_vec();
     // Stable: of two verdicts on one delivery, the first to come is the one sent.
     sorted.sort_by_key(|&(tag, _)| tag);
     for (tag, verdict) in sorted {
-        if !left.remove(&tag) {
+        if !unsettled.remove(&tag) {
             continue;
         }
         match verdict {
@@ -71,7 +70,7 @@ fn plan(unsettled: &BTreeSet<u64>, due: &[(u64, Verdict)]) -> Vec<Frame> {
         }
     }
     // Every delivery below the lowest one still unsettled is settled or acked here.
-    let floor = left.first().copied().unwrap_or(u64::MAX);
+    let floor = unsettled.first().copied().unwrap_or(u64::MAX);
     let (together, alone): (Vec<u64>, Vec<u64>) = acks.into_iter().partition(|&t| t < floor);
     if let Some(&last) = together.last() {
         frames.push(Frame {
@@ -160,8 +159,8 @@ async fn settle_loop(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Req
             }
         }
         let due: Vec<(u64, Verdict)> = waiting.iter().map(|(t, v, _)| (*t, *v)).collect();
-        let frames = plan(&unsettled, &due);
-        let mut outcomes = Vec::with_capacity(due.len());
+        let frames = plan(&mut unsettled, &due);
+        let mut outcomes = HashMap::with_capacity(due.len());
         for frame in frames {
             let sent = match frame.verdict {
                 Verdict::Ack => {
@@ -179,15 +178,14 @@ async fn settle_loop(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Req
                 }
             };
             for tag in frame.settles {
-                unsettled.remove(&tag);
-                outcomes.push((tag, sent.clone().map_err(SettleError::from)));
+                outcomes.insert(tag, sent.clone().map_err(SettleError::from));
             }
         }
         for (tag, _, done) in waiting.drain(..) {
-            let outcome = match outcomes.iter().position(|(t, _)| *t == tag) {
-                Some(i) => outcomes.swap_remove(i).1,
-                None => Err(SettleError::AlreadySettled(tag)),
-            };
+            // Of two verdicts on one delivery, the first takes the outcome; the second was not sent.
+            let outcome = outcomes
+                .remove(&tag)
+                .unwrap_or(Err(SettleError::AlreadySettled(tag)));
             let _ = done.send(outcome);
         }
     }
@@ -255,8 +253,11 @@ mod tests {
             ("nothing due", vec![1, 2], vec![], vec![]),
         ];
         for (what, unsettled, due, want) in cases {
-            let unsettled: BTreeSet<u64> = unsettled.into_iter().collect();
-            assert_eq!(plan(&unsettled, &due), want, "{what}");
+            let mut unsettled: BTreeSet<u64> = unsettled.into_iter().collect();
+            let due_tags: BTreeSet<u64> = due.iter().map(|&(tag, _)| tag).collect();
+            let untouched: BTreeSet<u64> = unsettled.difference(&due_tags).copied().collect();
+            assert_eq!(plan(&mut unsettled, &due), want, "{what}");
+            assert_eq!(unsettled, untouched, "{what}: only what was due is settled");
         }
     }
 
