@@ -311,14 +311,18 @@ impl RawRoundTrips {
         })
     }
 
-    async fn round(&mut self) -> lapin::Result<Duration> {
+    async fn round(&mut self) -> lapin::Result<RoundTrip> {
         let started = Instant::now();
         raw_publish(&self.publish, &self.queue, &self.props)
             .await?
             .await?;
+        let confirmed = started.elapsed();
         let delivery = self.replies.next().await.expect("reply")?;
         delivery.ack(BasicAckOptions::default()).await?;
-        Ok(started.elapsed())
+        Ok(RoundTrip {
+            total: started.elapsed(),
+            confirmed,
+        })
     }
 }
 
@@ -464,9 +468,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for open in [off_open, on_open, late_open] {
         open.close().await?;
     }
-    for samples in [&mut raw_lat, &mut off_lat, &mut on_lat, &mut late_lat] {
-        samples.sort();
-    }
+    let parts: Vec<(&str, (f64, f64, f64))> = [
+        ("raw lapin ceiling", &raw_lat),
+        ("warren, metrics off", &off_lat),
+        ("warren, metrics on", &on_lat),
+    ]
+    .into_iter()
+    .map(|(name, trips)| (name, round_trip_parts(trips)))
+    .collect();
+    let [raw_lat, off_lat, on_lat, late_lat] = [raw_lat, off_lat, on_lat, late_lat].map(|trips| {
+        let mut totals: Vec<Duration> = trips.iter().map(|t| t.total).collect();
+        totals.sort();
+        totals
+    });
 
     if let Some(task) = scraper {
         task.abort();
@@ -522,6 +536,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(percentile(&late_lat, 0.5)),
         ms(percentile(&late_lat, 0.99)),
     );
+    println!(
+        "round trip p50s, ms: whole = the task's publish until its confirm + the wait for the \
+         result after it (each part's own p50)"
+    );
+    for (name, (total, confirmed, rest)) in &parts {
+        println!("{name:<24} {total:>6.3} = {confirmed:.3} + {rest:.3}");
+    }
     println!(
         "warren/ceiling (metrics on): throughput {:.2}x (target >= 0.9), p50 latency {:.2}x (target <= 1.0)",
         rate(&on_runs) / rate(&raw_runs),
@@ -707,6 +728,28 @@ async fn run_batch(
     Ok(started.elapsed())
 }
 
+/// One sequential round trip, and how long of it the task's publish took to be confirmed (the
+/// rest is the wait for the result: the worker and the result's way back).
+#[derive(Clone, Copy)]
+struct RoundTrip {
+    total: Duration,
+    confirmed: Duration,
+}
+
+/// The p50 of each part of `trips`, in ms: (total, until the task's confirm, after it).
+fn round_trip_parts(trips: &[RoundTrip]) -> (f64, f64, f64) {
+    let p50 = |part: &dyn Fn(&RoundTrip) -> Duration| {
+        let mut samples: Vec<Duration> = trips.iter().map(part).collect();
+        samples.sort();
+        ms(percentile(&samples, 0.5))
+    };
+    (
+        p50(&|t| t.total),
+        p50(&|t| t.confirmed),
+        p50(&|t| t.total - t.confirmed),
+    )
+}
+
 /// When an open batch's client acknowledges each result.
 #[derive(Clone, Copy)]
 enum Ack {
@@ -721,13 +764,17 @@ async fn open_batch_round(
     open: &mut OpenBatch,
     spec: &TaskSpec,
     ack: Ack,
-) -> Result<Duration, Box<dyn std::error::Error>> {
+) -> Result<RoundTrip, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let seq = open.submit(spec).await?;
+    let confirmed = started.elapsed();
     let result = open.next_result().await?;
     assert_eq!(result.seq, Some(seq));
     if let Ack::Handled = ack {
         open.acknowledge().await?;
     }
-    Ok(started.elapsed())
+    Ok(RoundTrip {
+        total: started.elapsed(),
+        confirmed,
+    })
 }
