@@ -22,7 +22,8 @@ use crate::delivery::Context;
 
 /// Publishes a result, then acknowledges the task. A result whose queue is gone (expired batch) is
 /// dead-lettered instead, so it is not lost either. `alongside` (the attempt's record) runs while
-/// the result's confirm is awaited, and is done before the ack: one round trip, not two.
+/// the result's confirm is awaited, and is done before the ack: one round trip, not two. It is
+/// first polled once the result is sent, so it adds nothing to the result's way.
 pub(crate) async fn deliver_result(
     ctx: &Context,
     delivery: &Delivery,
@@ -32,6 +33,7 @@ pub(crate) async fn deliver_result(
 ) {
     let body = protocol::encode(result);
     let (published, ()) = tokio::join!(
+        biased;
         ctx.publish_patiently(reply_to, &body, result_properties(result)),
         alongside
     );

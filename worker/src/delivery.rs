@@ -134,43 +134,47 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     let Attempt {
         status,
         output,
-        error,
+        mut error,
         permanent,
     } = attempt_of(outcome, &task.kind, &task.batch, timeout);
-    let retry = error.as_ref().filter(|_| {
-        retry_wanted(
-            status,
-            permanent,
-            task.max_retries.unwrap_or(0),
-            arrival.retries,
-        )
-    });
-    let finished = Finished {
+    let retry = retry_wanted(
+        status,
+        permanent,
+        task.max_retries.unwrap_or(0),
+        arrival.retries,
+    );
+    // The attempt's record, for the retry or the result (whose fields it then reads).
+    let finished = |next, output, error| Finished {
         task: &task,
         args,
         attempt,
         previous_errors: &arrival.previous_errors,
         status,
-        output: &output,
-        error: error.as_ref(),
+        output,
+        error,
         started_at,
-        next: if retry.is_some() {
-            AttemptNext::Retry
-        } else {
-            AttemptNext::Result
-        },
+        next,
     };
-    let entry = ctx.logbook.entry(&ctx.worker, finished);
-    let record = ctx.logbook.append(entry);
-    if let Some(error) = retry {
-        record.await;
+    if retry && let Some(error) = error.take() {
+        let record = finished(AttemptNext::Retry, &output, Some(&error));
+        ctx.logbook
+            .append(ctx.logbook.entry(&ctx.worker, record))
+            .await;
         tokio::select! {
-            () = Box::pin(schedule_retry(&ctx, &delivery, &task, &arrival, error)) => {}
+            () = Box::pin(schedule_retry(&ctx, &delivery, &task, &arrival, &error)) => {}
             () = abandon.cancelled() => {}
         }
         return;
     }
     let result = result_of(&ctx, &task, &arrival, started_at, status, output, error);
+    // Encoded only once polled, which `deliver_result` does after the result's publish is on
+    // its way: the record is not on the result's path.
+    let record = async {
+        let record = finished(AttemptNext::Result, &result.output, result.error.as_ref());
+        ctx.logbook
+            .append(ctx.logbook.entry(&ctx.worker, record))
+            .await;
+    };
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
     if let Some(m) = &ctx.metrics {
         m.finished

@@ -366,7 +366,9 @@ impl Worker {
             .consume(&channel, tag.clone(), metrics, unavailable_since)
             .await?;
         info!(queue = %cfg.queue, concurrency = cfg.concurrency, prefetch, worker = %cfg.name, url = %cfg.amqp.redacted_url(), "consuming");
-        let logbook = Logbook::new(host_name(), publisher.clone());
+        // A task waiting for its record holds its slot and its unacknowledged delivery.
+        let slots = usize::from(cfg.concurrency.min(prefetch));
+        let logbook = Logbook::new(host_name(), publisher.clone(), slots);
         let ctx = Arc::new(Context {
             worker: cfg.name.clone(),
             queue: cfg.queue.clone(),

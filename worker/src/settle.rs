@@ -6,6 +6,7 @@
 //! acknowledged alone.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -89,34 +90,41 @@ fn plan(unsettled: &mut BTreeSet<u64>, due: &[(u64, Verdict)]) -> Vec<Frame> {
     frames
 }
 
-enum Request {
-    /// A delivery has arrived: it is unsettled until its verdict comes.
-    Arrived(u64),
-    Settle {
-        tag: u64,
-        verdict: Verdict,
-        done: oneshot::Sender<Result<(), SettleError>>,
-    },
+/// A verdict on one delivery, and who to tell once its frame is handed to the connection.
+struct Request {
+    tag: u64,
+    verdict: Verdict,
+    done: oneshot::Sender<Result<(), SettleError>>,
 }
+
+/// The deliveries of the channel not settled yet.
+type Unsettled = Arc<Mutex<BTreeSet<u64>>>;
 
 /// Settles the deliveries of one consumer channel, whose deliveries all pass through
 /// [`Settler::arrived`]. Clones share it; it stops when the last one is dropped.
 #[derive(Clone)]
 pub(crate) struct Settler {
     requests: mpsc::UnboundedSender<Request>,
+    /// Shared with the settling task: an arrival is recorded here at once, without waking it
+    /// (a wake-up of another thread for every delivery, on the way to running its task).
+    unsettled: Unsettled,
 }
 
 impl Settler {
     /// Starts settling `channel`'s deliveries.
     pub(crate) fn spawn(channel: Channel) -> Self {
         let (requests, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(settle_loop(channel, incoming));
-        Self { requests }
+        let unsettled = Unsettled::default();
+        tokio::spawn(settle_loop(channel, Arc::clone(&unsettled), incoming));
+        Self {
+            requests,
+            unsettled,
+        }
     }
 
     /// Records a delivery as unsettled. Call it before anything can settle the delivery.
     pub(crate) fn arrived(&self, delivery: &Delivery) {
-        let _ = self.requests.send(Request::Arrived(delivery.delivery_tag));
+        lock(&self.unsettled).insert(delivery.delivery_tag);
     }
 
     /// Acknowledges a delivery; returns once the frame is handed to the connection.
@@ -131,7 +139,7 @@ impl Settler {
 
     async fn settle(&self, delivery: &Delivery, verdict: Verdict) -> Result<(), SettleError> {
         let (done, answer) = oneshot::channel();
-        let request = Request::Settle {
+        let request = Request {
             tag: delivery.delivery_tag,
             verdict,
             done,
@@ -145,21 +153,22 @@ impl Settler {
 
 /// Takes what is due (everything waiting when it wakes), plans its frames and sends them in
 /// order; what falls due meanwhile is the next round's.
-async fn settle_loop(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Request>) {
-    let mut unsettled = BTreeSet::new();
+async fn settle_loop(
+    channel: Channel,
+    unsettled: Unsettled,
+    mut incoming: mpsc::UnboundedReceiver<Request>,
+) {
     let mut waiting = Vec::new();
     while let Some(first) = incoming.recv().await {
         let mut next = Some(first);
-        while let Some(request) = next.take().or_else(|| incoming.try_recv().ok()) {
-            match request {
-                Request::Arrived(tag) => {
-                    unsettled.insert(tag);
-                }
-                Request::Settle { tag, verdict, done } => waiting.push((tag, verdict, done)),
-            }
+        while let Some(Request { tag, verdict, done }) =
+            next.take().or_else(|| incoming.try_recv().ok())
+        {
+            waiting.push((tag, verdict, done));
         }
         let due: Vec<(u64, Verdict)> = waiting.iter().map(|(t, v, _)| (*t, *v)).collect();
-        let frames = plan(&mut unsettled, &due);
+        // Every delivery due arrived before its verdict was asked for, so it is in the set.
+        let frames = plan(&mut lock(&unsettled), &due);
         let mut outcomes = HashMap::with_capacity(due.len());
         for frame in frames {
             let sent = match frame.verdict {
@@ -189,6 +198,12 @@ async fn settle_loop(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Req
             let _ = done.send(outcome);
         }
     }
+}
+
+/// The unsettled set; each change to it is one insert or a `plan`, so a panic elsewhere leaves it
+/// whole.
+fn lock(unsettled: &Unsettled) -> MutexGuard<'_, BTreeSet<u64>> {
+    unsettled.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
