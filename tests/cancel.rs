@@ -40,7 +40,11 @@ async fn a_cancelled_batch_stops_running_tasks_skips_queued_ones_and_wait_ends()
     assert_eq!(submitted.code, Some(0), "{}", submitted.stderr);
     let batch = submitted.stdout.trim().to_string();
     worker.wait_for_log("task started", 2, MINUTE).await;
-    assert!(running(&tag));
+    // "task started" is logged before the command is spawned: wait for the commands themselves.
+    eventually(MINUTE, "the commands to be running", || async {
+        running(&tag).then_some(())
+    })
+    .await;
     let cancelled = run_warren(&["cancel", &batch], None, MINUTE).await;
     assert_eq!(cancelled.code, Some(0), "{}", cancelled.stderr);
     let waited = run_warren(&["wait", &batch], None, MINUTE).await;
