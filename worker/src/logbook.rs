@@ -7,7 +7,7 @@
 //! costs the broker one stream message per interval, not one per task, and a steady stream of
 //! one task at a time about one per interval too. A record goes at once when none went in the
 //! last interval, or when every slot is taken by a task waiting for its record (holding it would
-//! only hold up the next task). Recording is best effort: a task never fails because of the logs
+//! only hold up the next task), or when it is a failure's and no other task is in progress. Recording is best effort: a task never fails because of the logs
 //! stream.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -146,6 +146,7 @@ impl Logbook {
         .capped();
         Some(Entry {
             body: protocol::encode(&record),
+            failed: record.status != TaskStatus::Succeeded,
             task_id: record.task_id,
         })
     }
@@ -196,6 +197,7 @@ async fn write(
                 in_progress.load(Ordering::Relaxed),
                 group.waiting.len(),
                 slots,
+                group.failure,
             );
             if group_ready(carried.is_some(), more_coming, hold_until, Instant::now()) {
                 break;
@@ -226,12 +228,15 @@ async fn write(
 struct Group {
     waiting: Vec<Waiting>,
     bytes: usize,
+    /// Holds the record of an attempt that did not succeed.
+    failure: bool,
 }
 
 impl Group {
     fn new(first: Waiting) -> Self {
         Self {
             bytes: first.0.body.len(),
+            failure: first.0.failed,
             waiting: vec![first],
         }
     }
@@ -242,6 +247,7 @@ impl Group {
             return Err(next);
         }
         self.bytes += next.0.body.len();
+        self.failure |= next.0.failed;
         self.waiting.push(next);
         Ok(())
     }
@@ -250,9 +256,11 @@ impl Group {
 /// Whether more records may join a group of `grouped` while `running` tasks of `slots` are in
 /// progress: tasks in progress beyond those in the group (which wait for it) may add to it, and
 /// so may a task yet to come while a slot is free. With every slot taken by a task waiting for
-/// the group, holding it would only hold up the next task.
-fn more_coming(running: usize, grouped: usize, slots: usize) -> bool {
-    running > grouped || running < slots
+/// the group, holding it would only hold up the next task. A group with a failure's record is
+/// not held for a task yet to come: that record is what someone reads next (`warren run`'s
+/// summary of the failed items, right after the last result; `warren logs --failed`).
+fn more_coming(running: usize, grouped: usize, slots: usize, failure: bool) -> bool {
+    running > grouped || (running < slots && !failure)
 }
 
 /// Whether a group goes now: it is full, or no more records may come ([`more_coming`]), or the
@@ -306,6 +314,8 @@ impl Health {
 pub(crate) struct Entry {
     body: Vec<u8>,
     task_id: String,
+    /// The attempt did not succeed: its record is read soon (a run's summary, `--failed`).
+    failed: bool,
 }
 
 impl Health {
@@ -344,21 +354,23 @@ mod tests {
 
     #[test]
     fn records_may_come_while_other_tasks_run_or_a_slot_is_free() {
-        // (running, in the group, slots) -> more may come
+        // (running, in the group, slots, a failure in the group) -> more may come
         let rows = [
-            ((1, 1, 1), false),
-            ((1, 1, 64), true),
-            ((2, 1, 2), true),
-            ((2, 2, 2), false),
-            ((64, 64, 64), false),
-            ((64, 10, 64), true),
-            ((0, 1, 4), true),
+            ((1, 1, 1, false), false),
+            ((1, 1, 64, false), true),
+            ((1, 1, 64, true), false),
+            ((2, 1, 2, false), true),
+            ((2, 1, 64, true), true),
+            ((2, 2, 2, false), false),
+            ((64, 64, 64, false), false),
+            ((64, 10, 64, false), true),
+            ((0, 1, 4, false), true),
         ];
-        for ((running, grouped, slots), want) in rows {
+        for ((running, grouped, slots, failure), want) in rows {
             assert_eq!(
-                more_coming(running, grouped, slots),
+                more_coming(running, grouped, slots, failure),
                 want,
-                "{running} running, {grouped} grouped, {slots} slots"
+                "{running} running, {grouped} grouped, {slots} slots, failure {failure}"
             );
         }
     }
