@@ -23,7 +23,7 @@ use crate::delivery::Context;
 /// Publishes a result, then acknowledges the task. A result whose queue is gone (expired batch) is
 /// dead-lettered instead, so it is not lost either. `alongside` (the attempt's record) runs while
 /// the result's confirm is awaited, and is done before the ack: one round trip, not two. It is
-/// first polled once the result is sent, so it adds nothing to the result's way.
+/// first polled once the result's publish is queued, so it adds nothing to the result's way.
 pub(crate) async fn deliver_result(
     ctx: &Context,
     delivery: &Delivery,

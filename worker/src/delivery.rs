@@ -157,9 +157,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     };
     if retry && let Some(error) = error.take() {
         let record = finished(AttemptNext::Retry, &output, Some(&error));
-        ctx.logbook
-            .append(ctx.logbook.entry(&ctx.worker, record))
-            .await;
+        ctx.logbook.record(&ctx.worker, record).await;
         tokio::select! {
             () = Box::pin(schedule_retry(&ctx, &delivery, &task, &arrival, &error)) => {}
             () = abandon.cancelled() => {}
@@ -171,9 +169,7 @@ pub(crate) async fn process(ctx: Arc<Context>, delivery: Delivery, abandon: Canc
     // its way: the record is not on the result's path.
     let record = async {
         let record = finished(AttemptNext::Result, &result.output, result.error.as_ref());
-        ctx.logbook
-            .append(ctx.logbook.entry(&ctx.worker, record))
-            .await;
+        ctx.logbook.record(&ctx.worker, record).await;
     };
     info!(task_id = %task.id, batch = %task.batch, status = status.as_str(), "task finished");
     if let Some(m) = &ctx.metrics {

@@ -113,9 +113,16 @@ impl Logbook {
         InProgress(Arc::clone(&self.in_progress))
     }
 
-    /// The record of `attempt`, encoded now (so the attempt's values can move on), or `None` while
-    /// records are paused after a failure. [`Logbook::append`] writes it.
-    pub(crate) fn entry(&self, worker: &str, attempt: Finished<'_>) -> Option<Entry> {
+    /// Writes the record of `attempt` (run by `worker`) to the logs stream and waits until the
+    /// broker confirmed it; see [`Logbook::append`]. Nothing is written while records are paused
+    /// after a failure.
+    pub(crate) async fn record(&self, worker: &str, attempt: Finished<'_>) {
+        let entry = self.entry(worker, attempt);
+        self.append(entry).await;
+    }
+
+    /// The record of `attempt`, encoded, or `None` while records are paused after a failure.
+    fn entry(&self, worker: &str, attempt: Finished<'_>) -> Option<Entry> {
         if self.health.paused() {
             debug!(task_id = %attempt.task.id, "attempt record not kept: the logs stream failed a moment ago");
             return None;
@@ -153,7 +160,7 @@ impl Logbook {
 
     /// Appends an entry to the logs stream and waits until the broker confirmed it (at most
     /// [`RECORD_TIMEOUT`] after the writer sent it). A failure is logged by the writer and ignored.
-    pub(crate) async fn append(&self, entry: Option<Entry>) {
+    async fn append(&self, entry: Option<Entry>) {
         let Some(entry) = entry else {
             return;
         };
@@ -311,7 +318,7 @@ impl Health {
 }
 
 /// An attempt's record, encoded for the logs stream.
-pub(crate) struct Entry {
+struct Entry {
     body: Vec<u8>,
     task_id: String,
     /// The attempt did not succeed: its record is read soon (a run's summary, `--failed`).
