@@ -573,6 +573,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sorted[0],
         sorted[sorted.len() - 1]
     );
+    // Metrics off followed the ceiling's run in even rounds, metrics on in odd ones.
+    let place = |runs: &[Duration], first: usize| {
+        let picked: Vec<Duration> = runs.iter().skip(first).step_by(2).copied().collect();
+        if picked.is_empty() {
+            "-".to_string()
+        } else {
+            rates(&picked)
+        }
+    };
+    println!(
+        "warren tasks/s by place in the round: right after the ceiling's run: off {}; on {}. \
+         After the other warren run: off {}; on {}",
+        place(&off_runs, 0),
+        place(&on_runs, 1),
+        place(&off_runs, 1),
+        place(&on_runs, 0),
+    );
     println!(
         "metrics on/off: throughput {:.3}x, p50 latency {:.3}x (target: within 5%)",
         rate(&on_runs) / rate(&off_runs),
