@@ -3,8 +3,9 @@
 //! (a) Ceiling: tasks published with confirms to a quorum queue; a consumer with manual acks
 //!     publishes a reply with confirms to a quorum reply queue and then acks; the client consumes
 //!     the replies. No framework.
-//! (b) Warren: one `warren worker` process; `echo` tasks submitted and collected through the
-//!     submitter library (batch path for throughput, open-batch path for latency).
+//! (b) Warren: `warren worker` processes, one with metrics off and one with them on; `echo` tasks
+//!     submitted and collected through the submitter library (batch path for throughput,
+//!     open-batch path for latency).
 //!
 //! Prints tasks/s, their ratio, round-trip latency p50/p99 of single sequential tasks, and the
 //! worker's idle resident memory and CPU per task. Environment: BENCH_TASKS (default 20000),

@@ -7,8 +7,8 @@
 //! costs the broker one stream message per interval, not one per task, and a steady stream of
 //! one task at a time about one per interval too. A record goes at once when none went in the
 //! last interval, or when every slot is taken by a task waiting for its record (holding it would
-//! only hold up the next task), or when it is a failure's and no other task is in progress. Recording is best effort: a task never fails because of the logs
-//! stream.
+//! only hold up the next task), or when it is a failure's and no other task is in progress.
+//! Recording is best effort: a task never fails because of the logs stream.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -47,9 +47,10 @@ struct Frame {
 }
 
 /// The frames that settle `due` (tag and verdict, in any order), given the deliveries not settled
-/// yet (`due` among them), which it takes out of `unsettled`: no copy per round. Requeues go first, one each: a `multiple` ack sent before would have
-/// taken them. Then the acks below every other unsettled delivery go as one `multiple` ack, and
-/// the rest one each. Tags not unsettled (settled before, or twice in `due`) get no frame.
+/// yet (`due` among them), which it takes out of `unsettled`: no copy per round. Requeues go
+/// first, one each: a `multiple` ack sent before would have taken them. Then the acks below every
+/// other unsettled delivery go as one `multiple` ack, and the rest one each. Tags not unsettled
+/// (settled before, or twice in `due`) get no frame.
 fn plan(unsettled: &mut BTreeSet<u64>, due: &[(u64, Verdict)]) -> Vec<Frame> {
     let mut frames = Vec::new();
     let mut acks = Vec::new();
