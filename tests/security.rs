@@ -257,7 +257,7 @@ async fn a_forged_result_is_not_taken_and_the_real_one_is() {
     }
     let _ = conn.close(200, "bye".into()).await;
     let _worker = WorkerProcess::start(&queue, &dir, &[]);
-    let (_, results) = wait_into(&batch, &dir.join("results.jsonl")).await;
+    let (waited, results) = wait_into(&batch, &dir.join("results.jsonl")).await;
     assert_eq!(results.len(), 3, "{results:?}");
     for r in &results {
         assert_ne!(r["worker"], "mallory", "a forged result was taken: {r}");
@@ -272,7 +272,11 @@ async fn a_forged_result_is_not_taken_and_the_real_one_is() {
     let (conn, channel) = raw_channel().await;
     let dead = drain(&channel, &format!("{queue}.dead")).await;
     let _ = conn.close(200, "bye".into()).await;
-    assert_eq!(dead.len(), 3, "the forged results are dead-lettered");
+    assert_eq!(
+        dead.len(),
+        3,
+        "the forged results are dead-lettered; warren wait said:\n{waited}"
+    );
     let mut details: Vec<String> = dead
         .iter()
         .map(|d| {
