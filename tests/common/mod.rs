@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use tokio::process::{Child, Command};
@@ -286,7 +286,13 @@ pub async fn raw_channel() -> (Connection, Channel) {
 /// Publishes `body` to `queue` as a persistent message with no properties (as anyone allowed to
 /// publish there could), and waits for the broker to take it.
 pub async fn publish_raw(channel: &Channel, queue: &str, body: &[u8]) {
+    // Without confirm mode the confirm below resolves at once, and a message still on its way to
+    // a quorum queue can be dropped when the test closes the connection right after.
     channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let confirmation = channel
         .basic_publish(
             "".into(),
             queue.into(),
@@ -298,6 +304,10 @@ pub async fn publish_raw(channel: &Channel, queue: &str, body: &[u8]) {
         .unwrap()
         .await
         .unwrap();
+    assert!(
+        confirmation.is_ack(),
+        "the broker refused a message to '{queue}'"
+    );
 }
 
 pub async fn drain(channel: &Channel, queue: &str) -> Vec<lapin::message::Delivery> {
